@@ -1,0 +1,47 @@
+"""hf_grass: which training documents made the model say this?
+
+Per-example gradients compressed with FactGraSS inside the Hugging Face Trainer, cached on disk,
+and influence scores for any prompt. The public names are imported lazily so that
+``import hf_grass.compressors`` does not pull in transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "GraSSConfig": "hf_grass.config",
+    "GradientCache": "hf_grass.cache",
+    "GraSSCallback": "hf_grass.callbacks",
+    "AttributionTrainer": "hf_grass.trainer",
+    "find_influential": "hf_grass.query",
+    "InfluenceResult": "hf_grass.query",
+    "InfluentialDocument": "hf_grass.query",
+}
+
+__all__ = [
+    "AttributionTrainer",
+    "GraSSCallback",
+    "GraSSConfig",
+    "GradientCache",
+    "InfluenceResult",
+    "InfluentialDocument",
+    "__version__",
+    "find_influential",
+]
+
+if TYPE_CHECKING:
+    from hf_grass.cache import GradientCache
+    from hf_grass.callbacks import GraSSCallback
+    from hf_grass.config import GraSSConfig
+    from hf_grass.query import InfluenceResult, InfluentialDocument, find_influential
+    from hf_grass.trainer import AttributionTrainer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_grass' has no attribute {name!r}")

@@ -1,0 +1,287 @@
+"""The attribution pass: examples -> per-example compressed gradients -> a gradient cache on disk.
+
+Shard ``s`` covers examples ``[s * shard_size, (s + 1) * shard_size)``; in a multi-process run
+rank ``r`` computes the shards with ``s % world_size == r``, so every rank writes whole shards of
+its own and no sampler padding can duplicate an example. Batches never cross a shard boundary,
+which makes a resumed run bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
+from hf_grass.cache.stats import ModuleSpec, StatsAccumulator, fit_eigenbasis
+from hf_grass.cache.writer import CacheWriter, num_shards
+from hf_grass.capture.engine import GradientComputer, NonFiniteError
+from hf_grass.capture.hooks import CaptureRequest
+from hf_grass.capture.loss import supervised_tokens
+from hf_grass.data import ExampleSource, collate
+
+logger = logging.getLogger("transformers.hf_grass")
+
+
+@dataclass
+class Distributed:
+    """The process group of a multi-process pass (single process by default).
+
+    ``torch.distributed`` must already be initialised when ``world_size > 1`` (Accelerate and
+    torchrun do it); the sums reduced here are small float64 tensors.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.world_size == 1:
+            return tensors
+        out = {}
+        for key in sorted(tensors):  # same order on every rank
+            t = tensors[key].clone()
+            torch.distributed.all_reduce(t)
+            out[key] = t
+        return out
+
+
+def module_specs(computer: GradientComputer) -> list[ModuleSpec]:
+    specs = []
+    for t in computer.targets:
+        c = computer.compressors[t.name]
+        specs.append(ModuleSpec(t.name, c.output_dim, getattr(c, "m_in", 0), getattr(c, "m_out", 0)))
+    return specs
+
+
+def module_entries(computer: GradientComputer) -> list[dict[str, Any]]:
+    entries = []
+    for t in computer.targets:
+        c = computer.compressors[t.name]
+        start, stop = computer.offsets[t.name]
+        entry = {
+            "name": t.name,
+            "d_in": t.d_in,
+            "d_out": t.d_out,
+            "bias": t.bias,
+            "offset": start,
+            "dim": stop - start,
+        }
+        if c.factorised:
+            entry.update(m_in=c.m_in, m_out=c.m_out)  # type: ignore[attr-defined]
+        entries.append(entry)
+    return entries
+
+
+def model_fingerprint(
+    computer: GradientComputer, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Class, name/path, revision, target shapes and a hash of the target weights.
+
+    The weight hash reads the first 4096 values of each target weight, enough to tell a trained
+    model from its base without hashing gigabytes. ``gather`` returns a full weight under ZeRO-3.
+    """
+    model = computer.model
+    cfg = getattr(model, "config", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base_cfg = getattr(base, "config", cfg)
+    digest = hashlib.sha256()
+    shapes = hashlib.sha256()
+    for t in computer.targets:
+        weight = t.module.weight
+        weight = gather(weight) if gather is not None else weight
+        digest.update(weight.detach().reshape(-1)[:4096].to("cpu", torch.float64).numpy().tobytes())
+        shapes.update(f"{t.name}:{t.d_out}x{t.d_in}:{t.bias};".encode())
+    return {
+        "class": type(model).__name__,
+        "name_or_path": getattr(base_cfg, "_name_or_path", None) or None,
+        "revision": getattr(base_cfg, "_commit_hash", None),
+        "modules_sha256": shapes.hexdigest()[:16],
+        "weights_sha256": digest.hexdigest()[:16],
+    }
+
+
+def _batches(indices: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def build_cache(
+    computer: GradientComputer,
+    source: ExampleSource,
+    cache_dir: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    pad_token_id: int | None = 0,
+    padding_side: str = "right",
+    dist: Distributed | None = None,
+    model_info: dict[str, Any] | None = None,
+    disable_progress: bool = False,
+) -> Path:
+    """Run the attribution pass over ``source`` and write (or resume) the cache in ``cache_dir``."""
+    dist = dist or Distributed()
+    config = computer.config
+    n = len(source)
+    header = {
+        "model": model_info or model_fingerprint(computer),
+        "modules": module_entries(computer),
+        "dim": computer.total_dim,
+        "num_examples": n,
+        "dataset": source.fingerprint(),
+        "library_version": _version(),
+    }
+    writer = CacheWriter(cache_dir, config, header, dist.rank, dist.world_size)
+    specs = module_specs(computer)
+
+    def run_batch(idx: list[int], request: CaptureRequest):
+        """(kept indices, their examples, skipped indices, gradients or None)."""
+        examples = [source.example(i) for i in idx]
+        batch = collate(examples, pad_token_id, padding_side)
+        counts = supervised_tokens(batch["labels"], batch.get("attention_mask"))
+        keep = [k for k in range(len(idx)) if counts[k] > 0]
+        skipped = [idx[k] for k in range(len(idx)) if counts[k] == 0]
+        if skipped:
+            logger.warning(
+                "Skipping examples %s: they have no supervised tokens (all labels are -100).", skipped
+            )
+        if not keep:
+            return [], [], skipped, None
+        if len(keep) < len(idx):
+            examples = [examples[k] for k in keep]
+            batch = collate(examples, pad_token_id, padding_side)
+        try:
+            grads = computer.compute(batch, request)
+        except NonFiniteError as err:
+            bad = [idx[keep[r]] for r in err.rows]
+            raise ValueError(
+                f"non-finite {err.what} for training example index {bad[0]} (all: {bad}); check that "
+                "example and the model's numerics (e.g. fp16 overflow)."
+            ) from None
+        return [idx[k] for k in keep], examples, skipped, grads
+
+    try:
+        writer.cleanup_orphans()
+        eigenbasis = None
+        if config.preconditioner == "ekfac":
+            eigenbasis = _warmup(computer, writer, specs, dist, run_batch, batch_size, n, disable_progress)
+        stats = None
+        if config.preconditioner != "identity":
+            stats = StatsAccumulator(specs, config.preconditioner, eigenbasis, device=computer.device)
+            if writer.stats_file is not None:
+                if not writer.stats_file.exists():
+                    raise CacheError(
+                        f"{writer.stats_file} is missing; delete {cache_dir} and rebuild the cache"
+                    )
+                stats.load_state_dict(mmap_tensors(writer.stats_file))
+        mine = [s for s in range(num_shards(n, config.shard_size)) if s % dist.world_size == dist.rank]
+        todo = [s for s in mine if s not in writer.completed]
+        if len(todo) < len(mine):
+            logger.info(
+                "Gradient cache %s: %d of %d shards done, resuming.",
+                cache_dir,
+                len(mine) - len(todo),
+                len(mine),
+            )
+        request = CaptureRequest(rows=True, **(stats.request_kwargs if stats else {}))
+        total = sum(min(config.shard_size, n - s * config.shard_size) for s in todo)
+        with (
+            computer.session(),
+            tqdm(
+                total=total,
+                desc="hf-grass: caching gradients",
+                unit="ex",
+                disable=disable_progress or total == 0,
+            ) as bar,
+        ):
+            for shard in todo:
+                start = shard * config.shard_size
+                indices = list(range(start, min(start + config.shard_size, n)))
+                kept, rows, docs, skipped = [], [], [], []
+                for idx in _batches(indices, batch_size):
+                    ids, examples, skip, grads = run_batch(idx, request)
+                    skipped += skip
+                    bar.update(len(idx))
+                    if grads is None:
+                        continue
+                    if stats is not None:
+                        stats.update(
+                            grads.rows, grads.factor_grads, grads.cov_in, grads.cov_out, grads.tokens
+                        )
+                    kept += ids
+                    rows.append(grads.rows.to(config.torch_dtype).cpu())
+                    docs += [
+                        {"index": i, "text": ex.get("text"), "id": ex.get("id")}
+                        for i, ex in zip(ids, examples)
+                    ]
+                block = (
+                    torch.cat(rows) if rows else torch.empty(0, computer.total_dim, dtype=config.torch_dtype)
+                )
+                writer.commit_shard(shard, kept, block, docs, skipped, stats.state_dict() if stats else None)
+        writer.finish(complete=True)
+        dist.barrier()
+        if dist.world_size > 1 and dist.rank == 0:
+            writer.merge()
+        dist.barrier()
+    finally:
+        writer.close()
+    return Path(cache_dir)
+
+
+def _warmup(
+    computer, writer, specs, dist, run_batch, batch_size, n, disable_progress
+) -> dict[str, torch.Tensor]:
+    """K-FAC eigenbasis from the covariances of the first ``ekfac_sample_size`` examples."""
+    entry = writer.eigenbasis_entry()
+    path = writer.eigenbasis_path
+    if entry is not None and path.exists():
+        if sha256_file(path) != entry["sha256"]:
+            raise CacheError(f"{path} does not match its checksum; delete the cache directory and rebuild")
+        return {k: v.clone() for k, v in mmap_tensors(path).items()}
+    sample = list(range(dist.rank, min(n, computer.config.ekfac_sample_size), dist.world_size))
+    sums: dict[str, torch.Tensor] = {}
+    request = CaptureRequest(rows=False, covariances=True)
+    with (
+        computer.session(),
+        tqdm(
+            total=len(sample), desc="hf-grass: fitting K-FAC eigenbasis", unit="ex", disable=disable_progress
+        ) as bar,
+    ):
+        for idx in _batches(sample, batch_size):
+            _, _, _, grads = run_batch(idx, request)
+            bar.update(len(idx))
+            if grads is None:
+                continue
+            for name, value in grads.cov_in.items():
+                sums[f"{name}::cov_in"] = sums.get(f"{name}::cov_in", 0) + value.cpu()
+                sums[f"{name}::cov_out"] = sums.get(f"{name}::cov_out", 0) + grads.cov_out[name].cpu()
+    for spec in specs:  # modules without any gradient in the sample still need a (trivial) basis
+        sums.setdefault(f"{spec.name}::cov_in", torch.zeros(spec.m_in, spec.m_in, dtype=torch.float64))
+        sums.setdefault(f"{spec.name}::cov_out", torch.zeros(spec.m_out, spec.m_out, dtype=torch.float64))
+    sums = dist.all_reduce_sum(sums)
+    basis = fit_eigenbasis(
+        specs,
+        {s.name: sums[f"{s.name}::cov_in"] for s in specs},
+        {s.name: sums[f"{s.name}::cov_out"] for s in specs},
+    )
+    if dist.rank == 0:
+        save_tensors(path, basis)
+    dist.barrier()
+    writer.record_eigenbasis(sha256_file(path))
+    # every rank uses rank 0's file, so the basis is bit-identical across processes
+    return {k: v.clone() for k, v in mmap_tensors(path).items()}
+
+
+def _version() -> str:
+    from hf_grass import __version__
+
+    return __version__

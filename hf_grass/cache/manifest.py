@@ -1,0 +1,158 @@
+"""The cache manifest: schema, validation and merging of per-process parts.
+
+Layout of a cache directory::
+
+    manifest.json                  what readers read (merged view of all parts)
+    parts/rank{r}-of{W}.json       each writer process's own manifest, rewritten after every shard
+    shards/shard-{id:06d}.safetensors   "grads" [rows, dim] (storage dtype), "indices" [rows] int64
+    shards/shard-{id:06d}.jsonl    the documents of those rows: {"index", "text", "id"}
+    stats/rank{r}-{seq:06d}.safetensors running float64 sums for the preconditioner
+    eigenbasis.safetensors         warm-up K-FAC eigenvectors (ekfac only)
+    preconditioner/                fitted preconditioners (eigendecompositions), written on first use
+
+Shard ``s`` holds dataset examples ``[s * shard_size, (s + 1) * shard_size)`` minus skipped ones, so
+the content does not depend on how many processes wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from hf_grass.cache.files import CacheError
+
+FORMAT = "hf-grass-gradient-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTS_DIR = "parts"
+
+_REQUIRED = {
+    "format": str,
+    "format_version": int,
+    "config": dict,
+    "config_hash": str,
+    "model": dict,
+    "modules": list,
+    "dim": int,
+    "dtype": str,
+    "num_examples": int,
+    "shard_size": int,
+    "world_size": int,
+    "shards": list,
+    "stats": list,
+    "complete": bool,
+}
+_SHARD_FIELDS = {
+    "id": int,
+    "file": str,
+    "docs": str,
+    "rows": int,
+    "sha256": str,
+    "docs_sha256": str,
+    "skipped": list,
+}
+_MODULE_FIELDS = {"name": str, "d_in": int, "d_out": int, "bias": bool, "offset": int, "dim": int}
+
+
+def part_name(rank: int, world_size: int) -> str:
+    return f"{PARTS_DIR}/rank{rank}-of{world_size}.json"
+
+
+def shard_names(shard_id: int) -> tuple[str, str]:
+    return f"shards/shard-{shard_id:06d}.safetensors", f"shards/shard-{shard_id:06d}.jsonl"
+
+
+def safe_path(root: Path, rel: str) -> Path:
+    """Resolve a manifest path, refusing anything outside the cache directory."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        raise CacheError(f"manifest names an invalid path {rel!r}")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or any(part in ("..", "") for part in pure.parts):
+        raise CacheError(f"manifest names a path outside the cache directory: {rel!r}; refusing to read it")
+    full = (root / pure).resolve()
+    if root.resolve() not in full.parents:
+        raise CacheError(f"manifest names a path outside the cache directory: {rel!r}; refusing to read it")
+    return full
+
+
+def validate_manifest(manifest: Any, root: Path) -> dict[str, Any]:
+    """Check the schema, types, sizes and paths of a manifest before any array is read."""
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{root / MANIFEST} is not a JSON object")
+    for key, typ in _REQUIRED.items():
+        if key not in manifest:
+            raise CacheError(
+                f"{root / MANIFEST} lacks the field {key!r}; it is not an hf-grass cache or is damaged"
+            )
+        if not isinstance(manifest[key], typ) or (typ is int and isinstance(manifest[key], bool)):
+            raise CacheError(f"{root / MANIFEST}: field {key!r} has the wrong type")
+    if manifest["format"] != FORMAT:
+        raise CacheError(f"{root} is not an hf-grass gradient cache (format {manifest['format']!r})")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise CacheError(
+            f"{root} was written by a newer hf-grass (format {manifest['format_version']}); upgrade hf-grass"
+        )
+    if manifest["dtype"] not in ("float16", "bfloat16", "float32"):
+        raise CacheError(f"{root / MANIFEST}: unsupported dtype {manifest['dtype']!r}")
+    offset = 0
+    for module in manifest["modules"]:
+        _check_fields(module, _MODULE_FIELDS, root, "module")
+        if module["offset"] != offset or module["dim"] <= 0:
+            raise CacheError(f"{root / MANIFEST}: module offsets are inconsistent at {module['name']!r}")
+        offset += module["dim"]
+    if offset != manifest["dim"]:
+        raise CacheError(f"{root / MANIFEST}: module dims add up to {offset}, not dim={manifest['dim']}")
+    seen: set[int] = set()
+    for shard in manifest["shards"]:
+        _check_fields(shard, _SHARD_FIELDS, root, "shard")
+        if shard["id"] in seen or shard["rows"] < 0 or shard["rows"] > manifest["shard_size"]:
+            raise CacheError(f"{root / MANIFEST}: shard {shard['id']} is listed twice or has an invalid size")
+        seen.add(shard["id"])
+        safe_path(root, shard["file"])
+        safe_path(root, shard["docs"])
+    for entry in manifest["stats"]:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("file"), str)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise CacheError(f"{root / MANIFEST}: invalid stats entry {entry!r}")
+        safe_path(root, entry["file"])
+    if manifest.get("eigenbasis") is not None:
+        basis = manifest["eigenbasis"]
+        if not isinstance(basis, dict) or not isinstance(basis.get("file"), str):
+            raise CacheError(f"{root / MANIFEST}: invalid eigenbasis entry")
+        safe_path(root, basis["file"])
+    return manifest
+
+
+def _check_fields(obj: Any, fields: dict[str, type], root: Path, what: str) -> None:
+    if not isinstance(obj, dict):
+        raise CacheError(f"{root / MANIFEST}: a {what} entry is not an object")
+    for key, typ in fields.items():
+        if not isinstance(obj.get(key), typ) or (typ is int and isinstance(obj.get(key), bool)):
+            raise CacheError(f"{root / MANIFEST}: a {what} entry has a missing or invalid {key!r}")
+
+
+def load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as err:
+        raise CacheError(
+            f"{path} does not parse as JSON ({err}); it is damaged. If it is a part or the manifest of an "
+            "unfinished build, delete it and rebuild (completed shards are re-checked against their files)."
+        ) from None
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One manifest from the per-process parts (shards sorted by id, stats by rank)."""
+    if not parts:
+        raise ValueError("no parts to merge")
+    merged = {k: v for k, v in parts[0].items() if k not in ("shards", "stats", "rank", "complete")}
+    merged["shards"] = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["id"])
+    merged["stats"] = sorted((s for p in parts for s in p["stats"]), key=lambda s: s["rank"])
+    merged["complete"] = all(p["complete"] for p in parts)
+    merged["num_rows"] = sum(s["rows"] for s in merged["shards"])
+    return merged

@@ -1,0 +1,233 @@
+"""`GradientCache`: read a cache directory memory-mapped, shard by shard.
+
+Opening validates the manifest (schema, sizes, paths inside the directory) and each shard's header
+and size before any array is read; ``verify()`` (run by ``from_pretrained``) also checks every file's
+sha256. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_grass.cache.files import CacheError, mmap_tensors, read_header, sha256_file
+from hf_grass.cache.manifest import MANIFEST, load_json, safe_path, validate_manifest
+from hf_grass.config import GraSSConfig
+
+logger = logging.getLogger("transformers.hf_grass")
+
+
+class GradientCache:
+    """A gradient cache on disk.
+
+    Args:
+        path: the cache directory.
+        verify: also check the sha256 of every file now (slow for big caches; sizes and headers are
+            always checked).
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = False):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            hint = (
+                " (an unfinished multi-process build: run it again to finish)"
+                if (self.path / "parts").is_dir()
+                else ""
+            )
+            raise FileNotFoundError(f"no gradient cache at {self.path}: {manifest_path} does not exist{hint}")
+        self.manifest: dict[str, Any] = validate_manifest(load_json(manifest_path), self.path)
+        self.config = GraSSConfig.from_dict(self.manifest["config"])
+        self._shard_paths = [safe_path(self.path, s["file"]) for s in self.shards]
+        for shard, shard_path in zip(self.shards, self._shard_paths):
+            self._check_shard_header(shard, shard_path)
+        if not self.manifest["complete"]:
+            logger.warning("Gradient cache %s is incomplete (%d rows so far).", self.path, self.num_rows)
+        if verify:
+            self.verify()
+
+    # ---- description ----------------------------------------------------------------------------
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.manifest["shards"]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["dim"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.torch_dtype
+
+    @property
+    def modules(self) -> list[dict[str, Any]]:
+        return self.manifest["modules"]
+
+    @property
+    def module_names(self) -> list[str]:
+        return [m["name"] for m in self.modules]
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return self.manifest["model"]
+
+    @property
+    def skipped(self) -> list[int]:
+        return [i for s in self.shards for i in s["skipped"]]
+
+    def summary(self) -> dict[str, Any]:
+        size = sum(p.stat().st_size for p in self._shard_paths)
+        return {
+            "path": str(self.path),
+            "rows": self.num_rows,
+            "examples": self.manifest["num_examples"],
+            "skipped": len(self.skipped),
+            "complete": self.manifest["complete"],
+            "compressor": self.config.compressor,
+            "proj_dim": self.config.proj_dim,
+            "modules": len(self.modules),
+            "dim": self.dim,
+            "dtype": self.config.dtype,
+            "preconditioner": self.config.preconditioner,
+            "seed": self.config.seed,
+            "shards": len(self.shards),
+            "bytes": size,
+            "model": self.model_info,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientCache({str(self.path)!r}, rows={self.num_rows}, dim={self.dim}, "
+            f"compressor={self.config.compressor!r}, dtype={self.config.dtype})"
+        )
+
+    # ---- integrity ------------------------------------------------------------------------------
+
+    def _check_shard_header(self, shard: dict[str, Any], path: Path) -> None:
+        if not path.is_file():
+            raise CacheError(
+                f"shard file {path} is missing; rebuild shard {shard['id']} (run the build again on this "
+                "cache after deleting its entry, or rebuild the cache)"
+            )
+        header, _ = read_header(path)
+        grads, indices = header.get("grads"), header.get("indices")
+        if grads is None or indices is None:
+            raise CacheError(f"{path} lacks the 'grads' or 'indices' tensor; rebuild shard {shard['id']}")
+        expected_dtype = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[self.manifest["dtype"]]
+        if grads["shape"] != [shard["rows"], self.dim] or grads["dtype"] != expected_dtype:
+            raise CacheError(
+                f"{path} holds {grads['dtype']}{grads['shape']}, but the manifest says "
+                f"{expected_dtype}[{shard['rows']}, {self.dim}]; rebuild shard {shard['id']}"
+            )
+        if indices["shape"] != [shard["rows"]] or indices["dtype"] != "I64":
+            raise CacheError(f"{path} has an invalid 'indices' tensor; rebuild shard {shard['id']}")
+
+    def files(self) -> list[tuple[Path, str]]:
+        """Every data file with its expected sha256."""
+        out = []
+        for shard, path in zip(self.shards, self._shard_paths):
+            out.append((path, shard["sha256"]))
+            out.append((safe_path(self.path, shard["docs"]), shard["docs_sha256"]))
+        for entry in self.manifest["stats"]:
+            out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
+        if self.manifest.get("eigenbasis"):
+            entry = self.manifest["eigenbasis"]
+            out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
+        return out
+
+    def verify(self) -> None:
+        """Check every file against its sha256; raises ``CacheError`` naming the first bad file."""
+        for path, expected in self.files():
+            if not path.is_file():
+                raise CacheError(f"{path} is missing from the cache; rebuild it (or pull the cache again)")
+            if sha256_file(path) != expected:
+                raise CacheError(
+                    f"{path} does not match its sha256 in the manifest: it is corrupt or was altered. "
+                    "Rebuild that shard (delete it and its manifest entry and resume the build) or pull the cache again."
+                )
+
+    # ---- data -----------------------------------------------------------------------------------
+
+    def iter_shards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields ``(indices [rows] int64, grads [rows, dim])`` per shard, memory-mapped."""
+        for path in self._shard_paths:
+            tensors = mmap_tensors(path)
+            yield tensors["indices"], tensors["grads"]
+
+    @cached_property
+    def indices(self) -> torch.Tensor:
+        """Dataset index of every row, in row order."""
+        parts = [mmap_tensors(p)["indices"].clone() for p in self._shard_paths]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def load(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All rows in memory (small caches and tests): ``[num_rows, dim]``."""
+        blocks = [grads.to(dtype) for _, grads in self.iter_shards()]
+        return torch.cat(blocks) if blocks else torch.empty(0, self.dim, dtype=dtype)
+
+    def module_slice(self, name: str) -> slice:
+        for m in self.modules:
+            if m["name"] == name:
+                return slice(m["offset"], m["offset"] + m["dim"])
+        raise KeyError(f"module {name!r} is not in this cache; it has {self.module_names[:10]}...")
+
+    def documents(self, indices: list[int] | None = None) -> dict[int, dict[str, Any]]:
+        """``{index: {"index", "text", "id"}}`` for the given dataset indices (all when None)."""
+        wanted = None if indices is None else set(int(i) for i in indices)
+        out: dict[int, dict[str, Any]] = {}
+        for shard in self.shards:
+            first, last = shard.get("first_index"), shard.get("last_index")
+            if wanted is not None and (first is None or not any(first <= i <= last for i in wanted)):
+                continue
+            with open(safe_path(self.path, shard["docs"]), encoding="utf-8") as fh:
+                for line in fh:
+                    doc = json.loads(line)
+                    if wanted is None or doc["index"] in wanted:
+                        out[doc["index"]] = doc
+        return out
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """The preconditioner sums, added over the writer processes (float64)."""
+        total: dict[str, torch.Tensor] = {}
+        for entry in self.manifest["stats"]:
+            for key, value in mmap_tensors(safe_path(self.path, entry["file"])).items():
+                total[key] = total[key] + value if key in total else value.clone()
+        return total
+
+    def eigenbasis(self) -> dict[str, torch.Tensor] | None:
+        entry = self.manifest.get("eigenbasis")
+        if not entry:
+            return None
+        return {k: v.clone() for k, v in mmap_tensors(safe_path(self.path, entry["file"])).items()}
+
+    # ---- Hub ------------------------------------------------------------------------------------
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload this cache to a Hugging Face *dataset* repo (see ``hf_grass.cache.hub``)."""
+        from hf_grass.cache.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, repo_id_or_path: str | os.PathLike, revision: str | None = None, **kwargs: Any
+    ) -> GradientCache:
+        """Open a local cache directory, or download one from the Hub and verify every checksum."""
+        from hf_grass.cache.hub import load_cache
+
+        return load_cache(repo_id_or_path, revision=revision, **kwargs)

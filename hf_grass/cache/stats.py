@@ -1,0 +1,130 @@
+"""Running float64 statistics gathered during the pass, from which the preconditioners are fitted.
+
+- ``fim``: per module ``sum_i g_i g_i^T`` of the compressed rows ``[k, k]``.
+- ``kfac``/``ekfac``: per module the token sums of ``x' x'^T`` and ``delta' delta'^T`` in the
+  factor space (masked inputs / output gradients for factgrass, projected ones for logra), and the
+  token count. ``ekfac`` also sums ``(Q_out^T G'_i Q_in)^2`` per example: the corrected eigenvalues
+  in the eigenbasis of a warm-up fit (``eigenbasis``).
+
+All sums are plain tensors in a ``state_dict`` so they are checkpointed with every shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    name: str
+    dim: int  # compressed dimension k
+    m_in: int = 0  # factor-space widths (0: not factorised)
+    m_out: int = 0
+
+
+def covariance_keys(name: str) -> tuple[str, str, str]:
+    return f"{name}::cov_in", f"{name}::cov_out", f"{name}::tokens"
+
+
+class StatsAccumulator:
+    def __init__(
+        self,
+        modules: list[ModuleSpec],
+        preconditioner: str,
+        eigenbasis: dict[str, torch.Tensor] | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.modules = modules
+        self.preconditioner = preconditioner
+        self.eigenbasis = eigenbasis
+        if preconditioner == "ekfac" and eigenbasis is None:
+            raise ValueError("ekfac statistics need the warm-up eigenbasis")
+        self.device = torch.device(device)
+        self.sums: dict[str, torch.Tensor] = {"examples": torch.zeros((), dtype=torch.float64)}
+        f64 = {"dtype": torch.float64, "device": self.device}
+        for m in modules:
+            if preconditioner == "fim":
+                self.sums[f"{m.name}::fisher"] = torch.zeros(m.dim, m.dim, **f64)
+            if preconditioner in ("kfac", "ekfac"):
+                k_in, k_out, k_tok = covariance_keys(m.name)
+                self.sums[k_in] = torch.zeros(m.m_in, m.m_in, **f64)
+                self.sums[k_out] = torch.zeros(m.m_out, m.m_out, **f64)
+                self.sums[k_tok] = torch.zeros((), **f64)
+            if preconditioner == "ekfac":
+                self.sums[f"{m.name}::lambda"] = torch.zeros(m.m_out, m.m_in, **f64)
+        self.offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for m in modules:
+            self.offsets[m.name] = (start, start + m.dim)
+            start += m.dim
+
+    @property
+    def request_kwargs(self) -> dict[str, bool]:
+        """What the capture must compute for these statistics."""
+        return {
+            "factor_grads": self.preconditioner == "ekfac",
+            "covariances": self.preconditioner in ("kfac", "ekfac"),
+        }
+
+    def update(
+        self,
+        rows: torch.Tensor,
+        factor_grads: dict[str, torch.Tensor],
+        cov_in: dict[str, torch.Tensor],
+        cov_out: dict[str, torch.Tensor],
+        tokens: dict[str, int],
+    ) -> None:
+        """Add one batch (all of its examples count)."""
+        self.sums["examples"] += rows.shape[0]
+        for m in self.modules:
+            if self.preconditioner == "fim":
+                start, stop = self.offsets[m.name]
+                block = rows[:, start:stop].to(self.device, torch.float64)
+                self.sums[f"{m.name}::fisher"] += block.T @ block
+            if self.preconditioner in ("kfac", "ekfac") and m.name in cov_in:
+                k_in, k_out, k_tok = covariance_keys(m.name)
+                self.sums[k_in] += cov_in[m.name].to(self.device)
+                self.sums[k_out] += cov_out[m.name].to(self.device)
+                self.sums[k_tok] += tokens[m.name]
+            if self.preconditioner == "ekfac" and m.name in factor_grads:
+                assert self.eigenbasis is not None
+                q_in = self.eigenbasis[f"{m.name}::q_in"].to(self.device)
+                q_out = self.eigenbasis[f"{m.name}::q_out"].to(self.device)
+                gp = factor_grads[m.name].to(self.device, torch.float64)
+                rotated = q_out.T @ gp @ q_in
+                self.sums[f"{m.name}::lambda"] += rotated.square().sum(dim=0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.sums.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.sums) - set(state)
+        extra = set(state) - set(self.sums)
+        if missing or extra:
+            raise ValueError(
+                f"statistics do not match this cache: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
+            )
+        for k in self.sums:
+            if state[k].shape != self.sums[k].shape:
+                raise ValueError(
+                    f"statistic {k} has shape {tuple(state[k].shape)}, expected {tuple(self.sums[k].shape)}"
+                )
+            self.sums[k] = state[k].to(self.device, torch.float64).clone()
+
+
+def fit_eigenbasis(
+    modules: list[ModuleSpec], cov_in: dict[str, torch.Tensor], cov_out: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Eigenvectors of the warm-up covariances, per module (``name::q_in``, ``name::q_out``)."""
+    basis: dict[str, torch.Tensor] = {}
+    for m in modules:
+        basis[f"{m.name}::q_in"] = torch.linalg.eigh(_symmetrise(cov_in[m.name]))[1]
+        basis[f"{m.name}::q_out"] = torch.linalg.eigh(_symmetrise(cov_out[m.name]))[1]
+    return basis
+
+
+def _symmetrise(mat: torch.Tensor) -> torch.Tensor:
+    mat = mat.to(torch.float64).cpu()
+    return (mat + mat.T) / 2

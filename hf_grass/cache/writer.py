@@ -1,0 +1,266 @@
+"""`CacheWriter`: shard-by-shard, crash-safe writing of a gradient cache by one process.
+
+Every shard is committed in this order: shard tensors, shard documents, running statistics (each
+written to a temp file, fsynced and renamed), then this process's manifest part (atomic rename),
+then the previous statistics file is deleted. A crash at any point leaves the part pointing at
+complete, checksummed files; files written after the last part update are ignored and overwritten
+on resume. A lock file per rank prevents two uncoordinated writers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_grass.cache.files import (
+    CacheError,
+    FileLock,
+    atomic_write_bytes,
+    atomic_write_json,
+    save_tensors,
+    sha256_bytes,
+)
+from hf_grass.cache.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    PARTS_DIR,
+    load_json,
+    merge_parts,
+    part_name,
+    shard_names,
+)
+from hf_grass.config import GraSSConfig
+
+# Child of the `transformers` logger: `transformers.logging.set_verbosity_info()` shows our
+# resume/skip messages too, and capture/cache stay free of a transformers import.
+logger = logging.getLogger("transformers.hf_grass")
+
+
+def num_shards(num_examples: int, shard_size: int) -> int:
+    return -(-num_examples // shard_size)
+
+
+class CacheWriter:
+    """Writes (or resumes) the shards of one rank.
+
+    Args:
+        cache_dir: the cache directory (created if needed).
+        config: the run's configuration; its ``cache_hash`` must match an existing cache.
+        header: the identity of the run, recorded in the manifest and compared on resume:
+            ``model`` (fingerprint dict), ``modules`` (list of module dicts), ``dim``,
+            ``num_examples`` and ``dataset`` (fingerprint string).
+        rank, world_size: this process and the number of writers.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        config: GraSSConfig,
+        header: dict[str, Any],
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.root = Path(cache_dir)
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        for sub in ("shards", "stats", PARTS_DIR):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(self.root / f".lock-rank{rank}").acquire()
+        try:
+            self.part = self._open_part(header)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    # ---- opening / resuming ---------------------------------------------------------------------
+
+    def _new_part(self, header: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "config_hash": self.config.cache_hash(),
+            "dtype": self.config.dtype,
+            "shard_size": self.config.shard_size,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "shards": [],
+            "stats": [],
+            "eigenbasis": None,
+            "complete": False,
+            **header,
+        }
+
+    def _open_part(self, header: dict[str, Any]) -> dict[str, Any]:
+        existing = sorted((self.root / PARTS_DIR).glob("rank*-of*.json"))
+        others = [p for p in existing if not p.name.endswith(f"-of{self.world_size}.json")]
+        if others:
+            raise CacheError(
+                f"{self.root} was written by {others[0].name.split('-of')[1].split('.')[0]} processes; resume it "
+                f"with the same number of processes (now {self.world_size}), or use a new cache_dir."
+            )
+        path = self.root / part_name(self.rank, self.world_size)
+        fresh = self._new_part(header)
+        if not path.exists():
+            manifest = self.root / MANIFEST
+            if manifest.exists() and not existing:
+                # a cache from elsewhere (or a deleted parts/ folder): still refuse to mix
+                self._check_compatible(load_json(manifest), fresh, manifest)
+                raise CacheError(
+                    f"{self.root} holds a finished cache without writer parts; use a new cache_dir to build again."
+                )
+            return fresh
+        part = load_json(path)
+        self._check_compatible(part, fresh, path)
+        part["complete"] = False
+        if part["shards"]:
+            logger.info(
+                "Resuming gradient cache %s (rank %d): %d shards already complete.",
+                self.root,
+                self.rank,
+                len(part["shards"]),
+            )
+        return part
+
+    def _check_compatible(self, old: dict[str, Any], new: dict[str, Any], where: Path) -> None:
+        checks = [
+            ("config_hash", "configuration (compressor, proj_dim, seed, targets, dtype, ...)"),
+            ("model", "model (class, name, weights or module shapes)"),
+            ("modules", "target modules"),
+            ("dim", "gradient dimension"),
+            ("num_examples", "dataset size"),
+            ("dataset", "dataset content"),
+        ]
+        for key, what in checks:
+            if old.get(key) != new.get(key):
+                detail = ""
+                if key == "config_hash":
+                    changed = sorted(
+                        k for k, v in self.config.cache_dict().items() if old.get("config", {}).get(k) != v
+                    )
+                    detail = f" (changed: {', '.join(changed)})" if changed else ""
+                raise CacheError(
+                    f"{where} was written with another {what}{detail}; refusing to mix it with this run. "
+                    "Use a new cache_dir, or delete the old cache."
+                )
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    @property
+    def completed(self) -> set[int]:
+        return {s["id"] for s in self.part["shards"]}
+
+    @property
+    def stats_file(self) -> Path | None:
+        mine = [s for s in self.part["stats"] if s["rank"] == self.rank]
+        return self.root / mine[0]["file"] if mine else None
+
+    def eigenbasis_entry(self) -> dict[str, Any] | None:
+        return self.part.get("eigenbasis")
+
+    @property
+    def eigenbasis_path(self) -> Path:
+        return self.root / "eigenbasis.safetensors"
+
+    def record_eigenbasis(self, digest: str) -> None:
+        self.part["eigenbasis"] = {"file": "eigenbasis.safetensors", "sha256": digest}
+        self._write_part()
+
+    # ---- committing ------------------------------------------------------------------------------
+
+    def commit_shard(
+        self,
+        shard_id: int,
+        indices: list[int],
+        rows: torch.Tensor,
+        docs: list[dict[str, Any]],
+        skipped: list[int],
+        stats: dict[str, torch.Tensor] | None,
+    ) -> None:
+        """Write one complete shard (rows already in the storage dtype) and checkpoint the stats."""
+        if rows.shape[0] != len(indices) or len(docs) != len(indices):
+            raise ValueError("rows, indices and docs of a shard must have the same length")
+        tensor_file, docs_file = shard_names(shard_id)
+        digest = save_tensors(
+            self.root / tensor_file,
+            {"grads": rows.contiguous(), "indices": torch.tensor(indices, dtype=torch.int64)},
+        )
+        blob = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode()
+        atomic_write_bytes(self.root / docs_file, blob)
+        entry = {
+            "id": shard_id,
+            "file": tensor_file,
+            "docs": docs_file,
+            "rows": len(indices),
+            "sha256": digest,
+            "docs_sha256": sha256_bytes(blob),
+            "skipped": skipped,
+            "first_index": indices[0] if indices else None,
+            "last_index": indices[-1] if indices else None,
+        }
+        old_stats = self.stats_file
+        if stats is not None:
+            seq = len(self.part["shards"]) + 1
+            stats_rel = f"stats/rank{self.rank}-{seq:06d}.safetensors"
+            stats_digest = save_tensors(self.root / stats_rel, stats)
+            self.part["stats"] = [s for s in self.part["stats"] if s["rank"] != self.rank] + [
+                {"file": stats_rel, "sha256": stats_digest, "rank": self.rank}
+            ]
+        self.part["shards"] = [s for s in self.part["shards"] if s["id"] != shard_id] + [entry]
+        self.part["shards"].sort(key=lambda s: s["id"])
+        self._write_part()
+        if (
+            old_stats is not None
+            and stats is not None
+            and old_stats != self.stats_file
+            and old_stats.exists()
+        ):
+            old_stats.unlink()
+
+    def _write_part(self) -> None:
+        atomic_write_json(self.root / part_name(self.rank, self.world_size), self.part)
+        if self.world_size == 1:
+            atomic_write_json(self.root / MANIFEST, merge_parts([self.part]))
+
+    def finish(self, complete: bool) -> None:
+        """Mark this rank's part complete (rank 0 merges all parts once every rank has finished)."""
+        self.part["complete"] = complete
+        self._write_part()
+
+    def merge(self) -> dict[str, Any]:
+        """Rank 0, after a barrier: write ``manifest.json`` from every rank's part."""
+        parts = [load_json(self.root / part_name(r, self.world_size)) for r in range(self.world_size)]
+        manifest = merge_parts(parts)
+        atomic_write_json(self.root / MANIFEST, manifest)
+        return manifest
+
+    def cleanup_orphans(self) -> None:
+        """Remove temp files and stats files of this rank that no part references (after a crash)."""
+        referenced = {s["file"] for s in self.part["stats"]}
+        for path in (self.root / "stats").glob(f"rank{self.rank}-*.safetensors"):
+            if f"stats/{path.name}" not in referenced:
+                path.unlink(missing_ok=True)
+        for path in self.root.rglob(".*.tmp-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.lock.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

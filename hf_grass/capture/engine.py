@@ -1,0 +1,196 @@
+"""`GradientComputer`: batches in, per-example compressed gradients out.
+
+It owns the target modules, their compressors and the hooks. ``session()`` puts the model in
+attribution mode for the duration of a pass: eval mode (no dropout), every parameter's
+``requires_grad`` switched off (so the backward computes activation gradients only, never weight
+gradients) and the hooks attached; all of it is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hf_grass.capture.hooks import CaptureRequest, GradientCapture
+from hf_grass.capture.loss import per_example_loss
+from hf_grass.capture.targets import TargetModule, find_target_modules
+from hf_grass.compressors import build_compressor
+from hf_grass.compressors.base import Compressor
+from hf_grass.config import GraSSConfig
+
+
+class NonFiniteError(ValueError):
+    """A loss or gradient of some examples is NaN/inf; ``rows`` are their positions in the batch."""
+
+    def __init__(self, what: str, rows: list[int]):
+        super().__init__(f"non-finite {what} in batch rows {rows}")
+        self.what = what
+        self.rows = rows
+
+
+@dataclass
+class BatchGradients:
+    losses: torch.Tensor  # [B] float32
+    rows: torch.Tensor | None = None  # [B, total_dim] float32 (float64 models: float64), modules in order
+    factor_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, m_out, m_in]
+    cov_in: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_in, m_in] float64 sums
+    cov_out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_out, m_out] float64 sums
+    tokens: dict[str, int] = field(default_factory=dict)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DeepSpeed / compile wrappers so module names do not depend on the launcher.
+
+    Module names seed the projections, so they must be the same in every process and launcher.
+    """
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        else:
+            return model
+
+
+def _forward_signature(model: nn.Module) -> inspect.Signature:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward)
+
+
+class GradientComputer:
+    """Per-example compressed gradients of a model's target modules.
+
+    Args:
+        model: the model (wrappers are unwrapped for naming; forward runs on the unwrapped model,
+            which under DeepSpeed ZeRO-3 still gathers parameters through its module hooks).
+        config: compressor and target configuration.
+        targets: explicit targets (default: ``find_target_modules`` from the config).
+        device: where compressors live (default: the model's first parameter's device).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: GraSSConfig,
+        targets: list[TargetModule] | None = None,
+        device: torch.device | str | None = None,
+    ):
+        self.model = unwrap_model(model)
+        self.config = config
+        self.targets = targets or find_target_modules(
+            self.model, config.target_modules, config.exclude_modules
+        )
+        if device is None:
+            param = next(self.model.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.compressors: dict[str, Compressor] = {
+            t.name: build_compressor(config, t.name, d_in=t.d_in, d_out=t.d_out, bias=t.bias).to(self.device)
+            for t in self.targets
+        }
+        self.offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for t in self.targets:
+            stop = start + self.compressors[t.name].output_dim
+            self.offsets[t.name] = (start, stop)
+            start = stop
+        self.total_dim = start
+        self.capture = GradientCapture(self.targets, self.compressors)
+        sig = _forward_signature(self.model)
+        self._accepts_position_ids = "position_ids" in sig.parameters
+
+    @property
+    def module_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[GradientComputer]:
+        """Attribution mode: eval, parameters frozen, hooks attached; restored on exit."""
+        model = self.model
+        was_training = model.training
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            with self.capture:
+                yield self
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            model.train(was_training)
+            self.capture.reset()
+
+    def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the forward gets: tokens, mask, position ids (so left padding changes nothing), and
+        labels only for classification (a causal LM would otherwise compute a batch-mean loss we
+        do not use)."""
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("labels", "index")}
+        labels = batch.get("labels")
+        if labels is not None and labels.dim() == 1:
+            inputs["labels"] = labels.to(self.device)
+        mask = batch.get("attention_mask")
+        if mask is not None and self._accepts_position_ids and "position_ids" not in inputs:
+            mask = mask.to(self.device).long()
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return inputs
+
+    def compute(
+        self, batch: Mapping[str, torch.Tensor], request: CaptureRequest | None = None
+    ) -> BatchGradients:
+        """Forward + backward of one batch under ``session()``; returns what ``request`` asks for."""
+        request = request or CaptureRequest()
+        if not self.capture._handles:
+            raise RuntimeError("GradientComputer.compute must run inside `with computer.session():`")
+        capture = self.capture
+        capture.reset()
+        capture.request = request
+        mask = batch.get("attention_mask")
+        capture.token_mask = mask.to(self.device).bool() if mask is not None else None
+        labels = batch["labels"].to(self.device)
+        with torch.enable_grad():
+            outputs = self.model(**self.model_inputs(batch))
+            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+            losses = per_example_loss(logits, labels, self.config.loss_reduction, capture.token_mask)
+            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+            if bad:
+                raise NonFiniteError("loss", bad)
+            if losses.requires_grad:
+                losses.sum().backward()
+        state = capture.state
+        result = BatchGradients(
+            losses=losses.detach().float(),
+            factor_grads=state.factor_grads,
+            cov_in=state.cov_in,
+            cov_out=state.cov_out,
+            tokens=state.tokens,
+        )
+        batch_size = labels.shape[0]
+        if request.rows:
+            dtype = (
+                torch.float64 if any(r.dtype == torch.float64 for r in state.rows.values()) else torch.float32
+            )
+            rows = torch.zeros(batch_size, self.total_dim, dtype=dtype, device=self.device)
+            for name, (start, stop) in self.offsets.items():
+                if name in state.rows:  # a module the forward never reached has zero gradient
+                    rows[:, start:stop] = state.rows[name]
+            bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
+            if bad:
+                raise NonFiniteError("gradient", bad)
+            result.rows = rows
+        if request.factor_grads:
+            for name in self.module_names:
+                if name not in result.factor_grads:
+                    comp = self.compressors[name]
+                    result.factor_grads[name] = torch.zeros(
+                        batch_size,
+                        comp.m_out,
+                        comp.m_in,
+                        device=self.device,  # type: ignore[attr-defined]
+                    )
+        capture.reset()
+        return result

@@ -1,0 +1,146 @@
+"""Hooks that turn one forward/backward into per-example compressed gradients.
+
+A forward hook keeps the module's detached input and registers a hook on the output tensor; when
+the output gradient ``delta`` arrives in the backward pass, the per-example compressed gradient is
+computed right away and the input reference is dropped, so activations are freed as early as in a
+normal backward. Parameter gradients are never touched: nothing is written to ``param.grad`` and
+the forward's output is returned unchanged (or, when it does not require grad, as a detached leaf
+that does, so that the backward reaches this module even with every parameter frozen).
+
+A module called several times in one forward adds up its contributions, which is exact because the
+gradient is a sum over calls and every compressor is linear.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from hf_grass.capture.targets import TargetModule
+from hf_grass.compressors.base import Compressor, FactorisedCompressor
+
+
+def as_3d(t: torch.Tensor) -> torch.Tensor:
+    """``[B, ..., d]`` -> ``[B, T, d]`` (a 2-D ``[B, d]`` input is one token per example)."""
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    if t.dim() == 3:
+        return t
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+@dataclass
+class CaptureRequest:
+    """What the hooks compute for the current batch."""
+
+    rows: bool = True  # compressed per-example gradients [B, k] per module
+    factor_grads: bool = False  # factor-space per-example gradients [B, m_out, m_in] (factorised only)
+    covariances: bool = False  # token sums of x' x'^T and delta' delta'^T in factor space (float64)
+
+
+@dataclass
+class CaptureState:
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    factor_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    cov_in: dict[str, torch.Tensor] = field(default_factory=dict)
+    cov_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+
+class GradientCapture:
+    """Context manager that installs the capture hooks on the target modules.
+
+    Set ``request`` and ``token_mask`` (``[B, T]`` bool, the tokens whose inputs count in the
+    covariances) before each forward, read ``state`` after the backward, and ``reset()`` in between.
+    """
+
+    def __init__(self, targets: list[TargetModule], compressors: dict[str, Compressor]):
+        self.targets = targets
+        self.compressors = compressors
+        self.request = CaptureRequest()
+        self.token_mask: torch.Tensor | None = None
+        self.state = CaptureState()
+        self._handles: list[RemovableHandle] = []
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def attach(self) -> GradientCapture:
+        if self._handles:
+            raise RuntimeError("GradientCapture is already attached")
+        for target in self.targets:
+            hook = functools.partial(self._forward_hook, target)
+            self._handles.append(target.module.register_forward_hook(hook))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> GradientCapture:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        self.state = CaptureState()
+
+    # ---- hooks ----------------------------------------------------------------------------------
+
+    def _forward_hook(
+        self, target: TargetModule, module: nn.Module, inputs: tuple, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            return None  # e.g. generation under no_grad: nothing to capture
+        replaced = None
+        if not output.requires_grad:
+            # every parameter is frozen during the pass, so the first captured module's output is
+            # not part of any graph yet: make it a leaf that requires grad (the backward then stops
+            # here, which is exactly the work needed)
+            output = replaced = output.detach().requires_grad_(True)
+        x = inputs[0].detach()
+        output.register_hook(functools.partial(self._backward_hook, target, x))
+        return replaced
+
+    def _backward_hook(self, target: TargetModule, x: torch.Tensor, delta: torch.Tensor) -> None:
+        x3, d3 = as_3d(x), as_3d(delta)
+        compressor = self.compressors[target.name]
+        request, state = self.request, self.state
+        factor_grad = None
+        if request.factor_grads or request.covariances:
+            if not isinstance(compressor, FactorisedCompressor):
+                raise TypeError(f"{compressor.name} has no factor space (needed for kfac/ekfac)")
+            xs, ds = compressor.factors(x3, d3)
+            if request.covariances:
+                self._add_covariances(target.name, xs, ds)
+            if request.factor_grads:
+                factor_grad = torch.bmm(ds.transpose(1, 2), xs)
+                _accumulate(state.factor_grads, target.name, factor_grad)
+        if request.rows:
+            if factor_grad is not None:
+                rows = compressor.project_factor(factor_grad)  # reuse G' instead of recomputing it
+            else:
+                rows = compressor.compress(x3, d3)
+            _accumulate(state.rows, target.name, rows)
+
+    def _add_covariances(self, name: str, xs: torch.Tensor, ds: torch.Tensor) -> None:
+        mask = self.token_mask
+        if mask is not None and mask.shape == xs.shape[:2]:
+            xs, ds = xs[mask], ds[mask]  # padding positions carry inputs but are not data
+        else:
+            xs, ds = xs.reshape(-1, xs.shape[-1]), ds.reshape(-1, ds.shape[-1])
+        _accumulate(self.state.cov_in, name, (xs.T @ xs).to(torch.float64))
+        _accumulate(self.state.cov_out, name, (ds.T @ ds).to(torch.float64))
+        self.state.tokens[name] = self.state.tokens.get(name, 0) + xs.shape[0]
+
+
+def _accumulate(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    if key in store:
+        store[key] = store[key] + value
+    else:
+        store[key] = value

@@ -1,0 +1,79 @@
+"""`factgrass`: FactGraSS (Hu et al., 2025) — mask both factors, then SJLT the small outer product.
+
+Masks ``S_in`` (m_in of the d_in input columns) and ``S_out`` (m_out of the d_out outputs), with
+m_in * m_out = k' = sparsify_factor * k (each 2 sqrt(k) by default; clamped to the module's widths
+with the product kept >= k'), give the masked gradient ``G' = sum_t delta_t[S_out] x_t[S_in]^T``
+scaled by ``sqrt(d_in d_out / (m_in m_out))``; an SJLT maps vec(G') to k. Cost O(T k') per example,
+with no dependence on d_in d_out, and G is never built. The fused kernel does gather, outer-product
+sum and scatter in one pass on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hf_grass import kernels
+from hf_grass.compressors.base import FactorisedCompressor, register_compressor
+from hf_grass.compressors.sjlt import draw_sjlt, sjlt_dense
+from hf_grass.kernels.reference import accumulation_dtype, gather_columns
+from hf_grass.seeding import sample_without_replacement
+
+
+def factor_sizes(k_prime: int, d_in: int, d_out: int) -> tuple[int, int]:
+    """(m_in, m_out): sqrt(k') each where the module allows, else the product kept >= k' if possible."""
+    m = math.isqrt(k_prime)
+    m_in = min(d_in, m)
+    m_out = min(d_out, math.ceil(k_prime / m_in))
+    m_in = min(d_in, math.ceil(k_prime / m_out))
+    return m_in, m_out
+
+
+@register_compressor("factgrass")
+class FactGraSSCompressor(FactorisedCompressor):
+    def _build(self) -> None:
+        k_prime = self.config.sparsify_factor * self.output_dim
+        self.m_in, self.m_out = factor_sizes(k_prime, self.d_in, self.d_out)
+        self.in_idx = sample_without_replacement(self.d_in, self.m_in, self.generator("mask_in"))
+        self.out_idx = sample_without_replacement(self.d_out, self.m_out, self.generator("mask_out"))
+        self.scale_in = math.sqrt(self.d_in / self.m_in)
+        self.scale_out = math.sqrt(self.d_out / self.m_out)
+        self.rows, self.signs = draw_sjlt(
+            self.generator("sjlt"), self.m_in * self.m_out, self.output_dim, self.config.sjlt_nnz
+        )
+
+    def factors(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acc = accumulation_dtype(x, delta)
+        xs = gather_columns(x, self.in_idx, self.bias_index).to(acc) * self.scale_in
+        return xs, delta[..., self.out_idx].to(acc) * self.scale_out
+
+    def compress(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        # fused path: gather + outer-product sum + scatter (Triton on CUDA), scale applied once at the end
+        self._check_factors(x, delta)
+        out = kernels.factgrass_project(
+            x, delta, self.in_idx, self.out_idx, self.rows, self.signs, self.output_dim, self.bias_index
+        )
+        return out * (self.scale_in * self.scale_out)
+
+    def factor_gradient_from_full(self, g: torch.Tensor) -> torch.Tensor:
+        acc = accumulation_dtype(g)
+        sub = g.to(acc)[:, self.out_idx][:, :, self.in_idx]
+        return sub * (self.scale_in * self.scale_out)
+
+    def project_factor(self, gp: torch.Tensor) -> torch.Tensor:
+        return kernels.sjlt_project(gp.reshape(gp.shape[0], -1), self.rows, self.signs, self.output_dim)
+
+    def project_factor_matrix(self) -> torch.Tensor:
+        return sjlt_dense(self.rows, self.signs, self.output_dim)
+
+    def mask_matrix(self) -> torch.Tensor:
+        """The explicit ``[m_out*m_in, p]`` float64 matrix of the scaled two-sided mask."""
+        rows = torch.arange(self.m_out * self.m_in)
+        cols = (self.out_idx.cpu()[:, None] * self.d_in + self.in_idx.cpu()[None, :]).reshape(-1)
+        mat = torch.zeros(self.m_out * self.m_in, self.p, dtype=torch.float64)
+        mat[rows, cols] = self.scale_in * self.scale_out
+        return mat
+
+    def dense_matrix(self) -> torch.Tensor:
+        return self.project_factor_matrix() @ self.mask_matrix()

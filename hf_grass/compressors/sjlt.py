@@ -1,0 +1,49 @@
+"""`sjlt`: sparse Johnson-Lindenstrauss transform (Kane & Nelson's block construction).
+
+Input coordinate j adds ``sigma_{j,r} g_j / sqrt(s)`` to one row in each of the s row blocks of size
+k/s, so its s rows are distinct. Cost O(s p) per example, proportional to the input size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hf_grass import kernels
+from hf_grass.compressors.base import Compressor, register_compressor
+
+
+def draw_sjlt(gen: torch.Generator, n: int, k: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[s, n]`` (int64) and signs ``[s, n]`` (float32, scaled by 1/sqrt(s)) of an SJLT R^n -> R^k."""
+    if k % s:
+        raise ValueError(f"the SJLT needs k={k} divisible by sjlt_nnz={s}")
+    block = k // s
+    offsets = torch.arange(s, dtype=torch.int64).unsqueeze(1) * block
+    rows = torch.randint(0, block, (s, n), generator=gen) + offsets
+    signs = torch.randint(0, 2, (s, n), generator=gen).to(torch.float32).mul_(2).sub_(1)
+    return rows, signs / math.sqrt(s)
+
+
+def sjlt_dense(rows: torch.Tensor, signs: torch.Tensor, k: int) -> torch.Tensor:
+    """The explicit ``[k, n]`` float64 matrix of an SJLT."""
+    n = rows.shape[1]
+    mat = torch.zeros(k, n, dtype=torch.float64)
+    cols = torch.arange(n)
+    for r in range(rows.shape[0]):
+        mat[rows[r].cpu(), cols] += signs[r].cpu().to(torch.float64)
+    return mat
+
+
+@register_compressor("sjlt")
+class SJLTCompressor(Compressor):
+    def _build(self) -> None:
+        self.rows, self.signs = draw_sjlt(
+            self.generator("sjlt"), self.p, self.output_dim, self.config.sjlt_nnz
+        )
+
+    def _compress_flat(self, v: torch.Tensor) -> torch.Tensor:
+        return kernels.sjlt_project(v, self.rows, self.signs, self.output_dim)
+
+    def dense_matrix(self) -> torch.Tensor:
+        return sjlt_dense(self.rows, self.signs, self.output_dim)

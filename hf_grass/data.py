@@ -1,0 +1,191 @@
+"""Turning user datasets into examples and padded batches.
+
+Accepted: a ``datasets.Dataset`` (or any indexable sequence of dicts) with ``input_ids`` (and
+optional ``labels``, ``attention_mask``), or with a ``text`` column that a tokenizer turns into
+tokens; a plain list of strings. Causal-LM labels default to the input ids; classification rows
+carry a scalar ``labels`` and fixed-size feature columns, which are stacked as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hf_grass.capture.loss import IGNORE_INDEX
+
+logger = logging.getLogger("transformers.hf_grass")
+
+_META_KEYS = ("text", "id", "index")
+
+
+class ExampleSource:
+    """Random access to tokenized examples, with stable indices ``0 .. len-1``.
+
+    Args:
+        dataset: the examples (see module docstring).
+        tokenizer: needed for text rows and to decode token ids back to text for display.
+        max_length: longer sequences are truncated to this many tokens (with one warning).
+        text_column: the column holding raw text.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        text_column: str = "text",
+    ):
+        if dataset is None:
+            raise ValueError(
+                "no dataset given: pass a datasets.Dataset, a list of dicts or a list of strings"
+            )
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(
+                f"the dataset must support len() and indexing (a datasets.Dataset or a list); got {type(dataset).__name__}"
+            )
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty: there is nothing to attribute")
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.text_column = text_column
+        self.truncated = 0
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def raw(self, index: int) -> dict[str, Any]:
+        row = self.dataset[index]
+        if isinstance(row, str):
+            return {self.text_column: row}
+        if not isinstance(row, dict):
+            raise TypeError(f"example {index} is a {type(row).__name__}; expected a dict or a string")
+        return dict(row)
+
+    def example(self, index: int) -> dict[str, Any]:
+        """The tokenized example: model columns plus ``text``/``id`` metadata."""
+        row = self.raw(index)
+        out: dict[str, Any] = {}
+        if "input_ids" in row:
+            out.update({k: v for k, v in row.items() if k not in _META_KEYS})
+        elif self.text_column in row:
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"example {index} has a {self.text_column!r} column but no tokenizer was given to tokenize it"
+                )
+            text = row[self.text_column]
+            if not isinstance(text, str):
+                raise TypeError(f"example {index}: column {self.text_column!r} must hold strings")
+            out["input_ids"] = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+            if "labels" in row:
+                out["labels"] = row["labels"]
+        else:
+            raise ValueError(
+                f"example {index} has neither 'input_ids' nor a {self.text_column!r} column (columns: {sorted(row)})"
+            )
+        ids = out["input_ids"]
+        if _is_token_list(ids) and self.max_length is not None and len(ids) > self.max_length:
+            self.truncated += 1
+            if not self._warned:
+                logger.warning(
+                    "Example %d has %d tokens, more than max_length=%d: truncating it (and any other long "
+                    "example; the count is recorded in the manifest).",
+                    index,
+                    len(ids),
+                    self.max_length,
+                )
+                self._warned = True
+            for key in ("input_ids", "labels", "attention_mask"):
+                if key in out and _is_token_list(out[key]):
+                    out[key] = list(out[key])[: self.max_length]
+        out["text"] = self.text(index, row, out)
+        if "id" in row:
+            out["id"] = row["id"]
+        return out
+
+    def text(self, index: int, row: dict[str, Any], tokenized: dict[str, Any]) -> str | None:
+        if isinstance(row.get(self.text_column), str):
+            return row[self.text_column]
+        ids = tokenized.get("input_ids")
+        if self.tokenizer is not None and _is_token_list(ids):
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return None
+
+    def fingerprint(self) -> str:
+        """A cheap content hash (size and three examples) to refuse resuming on other data."""
+        n = len(self)
+        probe = sorted({0, n // 2, n - 1})
+        blob = json.dumps(
+            [n] + [_jsonable({k: v for k, v in self.example(i).items() if k != "text"}) for i in probe],
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, torch.Tensor)) and (
+        len(value) == 0 or not isinstance(value[0], float)
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def is_lm_example(example: dict[str, Any]) -> bool:
+    labels = example.get("labels")
+    return (
+        labels is None
+        or isinstance(labels, (list, tuple))
+        or (isinstance(labels, torch.Tensor) and labels.dim() == 1)
+    )
+
+
+def collate(
+    examples: Sequence[dict[str, Any]], pad_token_id: int | None = 0, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad causal-LM examples (labels default to input ids, pads get -100 and mask 0); stack others."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not is_lm_example(examples[0]):
+        keys = [k for k in examples[0] if k not in _META_KEYS]
+        return {k: torch.as_tensor([ex[k] for ex in examples]) for k in keys}
+    pad = 0 if pad_token_id is None else int(pad_token_id)
+    width = max(len(ex["input_ids"]) for ex in examples)
+    batch = {
+        "input_ids": torch.full((len(examples), width), pad, dtype=torch.long),
+        "attention_mask": torch.zeros(len(examples), width, dtype=torch.long),
+        "labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long),
+    }
+    for row, ex in enumerate(examples):
+        ids = torch.as_tensor(list(ex["input_ids"]), dtype=torch.long)
+        labels = (
+            torch.as_tensor(list(ex["labels"]), dtype=torch.long) if ex.get("labels") is not None else ids
+        )
+        mask = (
+            torch.as_tensor(list(ex["attention_mask"]), dtype=torch.long)
+            if ex.get("attention_mask") is not None
+            else torch.ones_like(ids)
+        )
+        if labels.shape != ids.shape or mask.shape != ids.shape:
+            raise ValueError("input_ids, labels and attention_mask of an example must have the same length")
+        labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+        batch["input_ids"][row, span] = ids
+        batch["attention_mask"][row, span] = mask
+        batch["labels"][row, span] = labels
+    return batch

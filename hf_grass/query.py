@@ -1,0 +1,259 @@
+"""`find_influential`: from a prompt to the training documents behind the model's answer.
+
+The completion is generated (greedy by default) unless given; its gradient, with the loss on the
+completion tokens only, is compressed and preconditioned exactly like the train rows were, then
+scored against the cache. Positive scores are helpful documents (proponents), negative harmful.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_grass.cache.build import model_fingerprint
+from hf_grass.cache.reader import GradientCache
+from hf_grass.capture.engine import GradientComputer, unwrap_model
+from hf_grass.capture.loss import IGNORE_INDEX
+from hf_grass.config import GraSSConfig
+from hf_grass.data import collate
+from hf_grass.pipeline import make_batches, make_source, pad_token_id, padding_side
+from hf_grass.precondition import Preconditioner
+from hf_grass.scoring import dense_scores, query_gradients, topk_scores
+
+
+@dataclass
+class InfluentialDocument:
+    index: int  # dataset index of the training example
+    score: float  # > 0 helpful (proponent), < 0 harmful (opponent)
+    text: str | None
+    id: Any = None
+
+
+@dataclass
+class InfluenceResult:
+    prompt: str
+    completion: str
+    documents: list[InfluentialDocument]  # most helpful first
+    harmful: list[InfluentialDocument] = field(default_factory=list)  # most harmful first
+
+    def __str__(self) -> str:
+        lines = [
+            f"Prompt:     {self.prompt!r}",
+            f"Completion: {self.completion!r}",
+            "",
+            "Most helpful training documents:",
+        ]
+        lines += _table(self.documents)
+        if self.harmful:
+            lines += ["", "Most harmful training documents:"]
+            lines += _table(self.harmful)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "documents": [vars(d) for d in self.documents],
+            "harmful": [vars(d) for d in self.harmful],
+        }
+
+
+def _table(docs: list[InfluentialDocument], width: int = 70) -> list[str]:
+    rows = [f"  {'rank':>4}  {'score':>11}  {'index':>7}  text"]
+    for rank, d in enumerate(docs, 1):
+        text = (d.text or "").replace("\n", " ")
+        text = text if len(text) <= width else text[: width - 3] + "..."
+        rows.append(f"  {rank:>4}  {d.score:>11.4g}  {d.index:>7}  {text}")
+    return rows
+
+
+class Attributor:
+    """Scores queries against one gradient cache with one model.
+
+    Args:
+        model: the model whose gradients the cache holds (checked against its fingerprint).
+        tokenizer: tokenizes prompts and decodes completions.
+        cache: a ``GradientCache``, a local path or a Hub repo id.
+        preconditioner, damping, cosine: override the cache's config for scoring.
+        check_model: refuse a model whose weights differ from the one that built the cache.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        cache: GradientCache | str | os.PathLike,
+        *,
+        preconditioner: str | None = None,
+        damping: float | None = None,
+        cosine: bool | None = None,
+        check_model: bool = True,
+        batch_size: int | None = None,
+        disable_progress: bool = True,
+    ):
+        self.cache = open_cache(cache)
+        self.model = model
+        self.tokenizer = tokenizer
+        cfg = self.cache.config
+        self.config: GraSSConfig = cfg
+        self.cosine = cfg.cosine if cosine is None else cosine
+        self.batch_size = batch_size or cfg.batch_size or 8
+        self.disable_progress = disable_progress
+        names = self.cache.module_names
+        # rebuild the exact compressors of the cache (same config, same module names -> same seeds)
+        self.computer = GradientComputer(model, cfg.replace(target_modules=names, exclude_modules=None))
+        self._check_model(check_model)
+        self.preconditioner = Preconditioner.fit(self.cache, preconditioner, damping)
+
+    def _check_model(self, check_weights: bool) -> None:
+        found = {t.name: (t.d_out, t.d_in, t.bias) for t in self.computer.targets}
+        for m in self.cache.modules:
+            if found.get(m["name"]) != (m["d_out"], m["d_in"], m["bias"]):
+                raise ValueError(
+                    f"the model does not match the cache: module {m['name']!r} is "
+                    f"{found.get(m['name'])} in the model but {(m['d_out'], m['d_in'], m['bias'])} in the cache. "
+                    "Use the model (and adapter) the cache was built with."
+                )
+        if check_weights:
+            mine = model_fingerprint(self.computer)["weights_sha256"]
+            if mine != self.cache.model_info.get("weights_sha256"):
+                raise ValueError(
+                    "the model's weights differ from those the cache was built with (fingerprint "
+                    f"{mine} vs {self.cache.model_info.get('weights_sha256')}); scores would mix two models. "
+                    "Load the same checkpoint, rebuild the cache, or pass check_model=False to proceed anyway."
+                )
+
+    # ---- queries --------------------------------------------------------------------------------
+
+    def query_vectors(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        return query_gradients(self.computer, batches, self.preconditioner)
+
+    def attribute(self, query_dataset: Any) -> torch.Tensor:
+        """Scores ``[n_query, n_train]`` (columns = training dataset indices)."""
+        source = make_source(query_dataset, self.tokenizer, self.config, self.model)
+        queries = self.query_vectors(make_batches(source, self.tokenizer, self.batch_size))
+        return dense_scores(self.cache, queries, cosine=self.cosine, disable_progress=self.disable_progress)
+
+    def find_influential(
+        self,
+        prompt: str | list[dict[str, str]],
+        k: int = 10,
+        completion: str | None = None,
+        **generate_kwargs: Any,
+    ) -> InfluenceResult:
+        """Top-k helpful and harmful training documents for the model's completion of ``prompt``.
+
+        ``prompt`` may be a chat ``messages`` list, rendered with the tokenizer's chat template.
+        Without ``completion`` the model generates one (greedy, 32 new tokens unless overridden).
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if k > self.cache.num_rows:
+            raise ValueError(
+                f"k={k} exceeds the {self.cache.num_rows} rows of the cache; use k <= {self.cache.num_rows}"
+            )
+        prompt_text = render_prompt(self.tokenizer, prompt)
+        prompt_ids = list(
+            self.tokenizer(prompt_text, add_special_tokens=not isinstance(prompt, list))["input_ids"]
+        )
+        if completion is None:
+            completion_ids = self.generate(prompt_ids, **generate_kwargs)
+        else:
+            if not isinstance(completion, str) or not completion:
+                raise ValueError("completion must be a non-empty string (or None to generate one)")
+            completion_ids = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+        if not completion_ids:
+            raise ValueError(
+                "the completion is empty (the model generated nothing); pass completion=... explicitly"
+            )
+        text = (
+            self.tokenizer.decode(completion_ids, skip_special_tokens=True)
+            if completion is None
+            else completion
+        )
+        example = {
+            "input_ids": prompt_ids + completion_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+        }
+        batch = collate([example], pad_token_id(self.tokenizer), padding_side(self.tokenizer))
+        query = self.query_vectors([batch])
+        best = topk_scores(self.cache, query, k, largest=True, cosine=self.cosine)
+        worst = topk_scores(self.cache, query, k, largest=False, cosine=self.cosine)
+        docs = self.cache.documents(best.indices[0].tolist() + worst.indices[0].tolist())
+
+        def make(scores: torch.Tensor, indices: torch.Tensor) -> list[InfluentialDocument]:
+            out = []
+            for s, i in zip(scores.tolist(), indices.tolist()):
+                d = docs.get(i, {})
+                out.append(InfluentialDocument(index=i, score=s, text=d.get("text"), id=d.get("id")))
+            return out
+
+        return InfluenceResult(
+            prompt_text, text, make(best.scores[0], best.indices[0]), make(worst.scores[0], worst.indices[0])
+        )
+
+    def generate(self, prompt_ids: list[int], **generate_kwargs: Any) -> list[int]:
+        model = unwrap_model(self.model)
+        device = next(model.parameters()).device
+        kwargs = {"max_new_tokens": 32, "do_sample": False, "pad_token_id": pad_token_id(self.tokenizer)}
+        kwargs.update(generate_kwargs)
+        ids = torch.tensor([prompt_ids], device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        finally:
+            model.train(was_training)
+        new = out[0, len(prompt_ids) :].tolist()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None and eos in new:  # the EOS token ends the answer; it is not part of it
+            new = new[: new.index(eos)]
+        return new
+
+
+def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+            raise ValueError(
+                "a chat prompt must be a non-empty list of {'role': ..., 'content': ...} messages"
+            )
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat template; pass the prompt as a string")
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: pass the text whose completion you want to explain")
+    return prompt
+
+
+def open_cache(cache: GradientCache | str | os.PathLike) -> GradientCache:
+    """A ``GradientCache`` from itself, a local directory or a Hub dataset repo id."""
+    if isinstance(cache, GradientCache):
+        return cache
+    if isinstance(cache, (str, os.PathLike)):
+        return GradientCache.from_pretrained(cache)
+    raise TypeError(f"cache must be a GradientCache, a path or a Hub repo id; got {type(cache).__name__}")
+
+
+def find_influential(
+    prompt: str | list[dict[str, str]],
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    cache: GradientCache | str | os.PathLike,
+    k: int = 10,
+    completion: str | None = None,
+    preconditioner: str | None = None,
+    damping: float | None = None,
+    check_model: bool = True,
+    **generate_kwargs: Any,
+) -> InfluenceResult:
+    """One call from a prompt to its influential training documents (cache: object, path or Hub id)."""
+    attributor = Attributor(
+        model, tokenizer, cache, preconditioner=preconditioner, damping=damping, check_model=check_model
+    )
+    return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)

@@ -1,0 +1,118 @@
+"""Influence scores: query gradients (preconditioned) against the cached train rows.
+
+``score(q, i) = sum_l (H_l^-1 g_ql) . g_il``; positive = helpful (upweighting example i lowers the
+query loss), negative = harmful. Dense scores for small caches, streaming top-k / bottom-k over the
+shards (memory independent of the cache size) for large ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_grass.cache.reader import GradientCache
+from hf_grass.capture.engine import GradientComputer, NonFiniteError
+from hf_grass.capture.hooks import CaptureRequest
+from hf_grass.precondition import Preconditioner
+
+# Rows of a shard converted to float32 at a time: bounds the memory of scoring a big shard.
+CHUNK_ROWS = 16384
+
+
+def query_gradients(
+    computer: GradientComputer,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    preconditioner: Preconditioner,
+) -> torch.Tensor:
+    """``[n_query, dim]`` float32: the preconditioned, compressed gradient of each query's loss."""
+    out = []
+    request = CaptureRequest(
+        rows=not preconditioner.needs_factor_grads, factor_grads=preconditioner.needs_factor_grads
+    )
+    with computer.session():
+        for batch in batches:
+            try:
+                grads = computer.compute(batch, request)
+            except NonFiniteError as err:
+                raise ValueError(f"non-finite {err.what} for query rows {err.rows} of this batch") from None
+            if preconditioner.needs_factor_grads:
+                rows = torch.zeros(grads.losses.shape[0], computer.total_dim, device=computer.device)
+                for name, (start, stop) in computer.offsets.items():
+                    pre = preconditioner.apply_factor(name, grads.factor_grads[name])
+                    rows[:, start:stop] = computer.compressors[name].project_factor(pre).float()  # type: ignore[attr-defined]
+            else:
+                assert grads.rows is not None
+                rows = torch.empty_like(grads.rows, dtype=torch.float32)
+                for name, (start, stop) in computer.offsets.items():
+                    rows[:, start:stop] = preconditioner.apply_rows(name, grads.rows[:, start:stop]).float()
+            out.append(rows.cpu())
+    return torch.cat(out) if out else torch.empty(0, computer.total_dim)
+
+
+def _chunks(cache: GradientCache) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    for indices, grads in cache.iter_shards():
+        for start in range(0, grads.shape[0], CHUNK_ROWS):
+            yield indices[start : start + CHUNK_ROWS], grads[start : start + CHUNK_ROWS].to(torch.float32)
+
+
+def _norms(queries: torch.Tensor) -> torch.Tensor:
+    return queries.norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def dense_scores(
+    cache: GradientCache, queries: torch.Tensor, cosine: bool = False, disable_progress: bool = True
+) -> torch.Tensor:
+    """``[n_query, num_examples]`` scores, columns = dataset indices (skipped examples score 0)."""
+    queries = queries.to(torch.float32)
+    scores = torch.zeros(queries.shape[0], cache.manifest["num_examples"])
+    qn = _norms(queries) if cosine else None
+    for indices, grads in tqdm(list(_chunks(cache)), desc="hf-grass: scoring", disable=disable_progress):
+        block = queries @ grads.T
+        if cosine:
+            block = block / qn / grads.norm(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
+        scores[:, indices] = block
+    return scores
+
+
+@dataclass
+class TopK:
+    """Best (``largest=True``: most helpful) or worst rows per query."""
+
+    scores: torch.Tensor  # [n_query, k] float32, sorted
+    indices: torch.Tensor  # [n_query, k] int64 dataset indices
+
+
+def topk_scores(
+    cache: GradientCache,
+    queries: torch.Tensor,
+    k: int,
+    largest: bool = True,
+    cosine: bool = False,
+    disable_progress: bool = True,
+) -> TopK:
+    """Streaming top-k over the shards; memory ``O(n_query * (k + CHUNK_ROWS))``."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if k > cache.num_rows:
+        raise ValueError(
+            f"k={k} is larger than the number of cached rows ({cache.num_rows}); use k <= {cache.num_rows}"
+        )
+    queries = queries.to(torch.float32)
+    nq = queries.shape[0]
+    fill = float("-inf") if largest else float("inf")
+    best = torch.full((nq, 0), fill)
+    best_idx = torch.zeros((nq, 0), dtype=torch.int64)
+    qn = _norms(queries) if cosine else None
+    for indices, grads in tqdm(_chunks(cache), desc="hf-grass: scoring", disable=disable_progress):
+        block = queries @ grads.T
+        if cosine:
+            block = block / qn / grads.norm(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
+        merged = torch.cat([best, block], dim=1)
+        merged_idx = torch.cat([best_idx, indices.unsqueeze(0).expand(nq, -1)], dim=1)
+        take = min(k, merged.shape[1])
+        best, pos = merged.topk(take, dim=1, largest=largest, sorted=True)
+        best_idx = merged_idx.gather(1, pos)
+    return TopK(best, best_idx)

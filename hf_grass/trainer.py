@@ -1,0 +1,103 @@
+"""`AttributionTrainer`: a `transformers.Trainer` that also caches gradients and attributes.
+
+trainer = AttributionTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             grass_config=GraSSConfig(compressor="factgrass", proj_dim=1024))
+trainer.train()                               # optional
+trainer.build_gradient_cache()                # attribution pass over train_dataset
+trainer.attribute(query_dataset)              # [n_query, n_train] scores
+trainer.find_influential("Who wrote ...?", k=10)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from hf_grass.cache.build import Distributed
+from hf_grass.cache.reader import GradientCache
+from hf_grass.config import GraSSConfig
+from hf_grass.pipeline import run_attribution_pass
+from hf_grass.query import Attributor, InfluenceResult
+
+
+class AttributionTrainer(Trainer):
+    """A Trainer with ``build_gradient_cache``, ``attribute`` and ``find_influential``.
+
+    Args:
+        grass_config: the attribution configuration (default ``GraSSConfig()``); every other
+            argument is the Trainer's.
+    """
+
+    def __init__(self, *args: Any, grass_config: GraSSConfig | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if grass_config is not None and not isinstance(grass_config, GraSSConfig):
+            raise TypeError(f"grass_config must be a GraSSConfig, got {type(grass_config).__name__}")
+        self.grass_config = grass_config or GraSSConfig()
+        self.gradient_cache: GradientCache | None = None
+
+    def build_gradient_cache(
+        self, dataset: Any = None, cache_dir: str | os.PathLike | None = None
+    ) -> GradientCache:
+        """Attribution pass over ``dataset`` (default: ``train_dataset``), in dataset order.
+
+        Every process computes its own shards (Accelerate / torchrun); an existing cache is resumed.
+        """
+        dataset = self.train_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("no dataset: pass one, or give the trainer a train_dataset")
+        self.gradient_cache = build_with_trainer(self, dataset, self.grass_config, cache_dir)
+        return self.gradient_cache
+
+    def _attributor(self, **kwargs: Any) -> Attributor:
+        cache = self.gradient_cache
+        if cache is None:
+            path = self.grass_config.cache_dir
+            if not os.path.isfile(os.path.join(path, "manifest.json")):
+                raise ValueError(f"no gradient cache at {path!r}: call trainer.build_gradient_cache() first")
+            cache = self.gradient_cache = GradientCache(path)
+        return Attributor(
+            self.model,
+            self.processing_class,
+            cache,
+            batch_size=self.grass_config.batch_size or self.args.per_device_eval_batch_size,
+            disable_progress=self.args.disable_tqdm,
+            **kwargs,
+        )
+
+    def attribute(self, query_dataset: Any, **kwargs: Any) -> torch.Tensor:
+        """Influence scores ``[n_query, n_train]`` of every query on every training example.
+
+        ``kwargs``: ``preconditioner``, ``damping``, ``cosine``, ``check_model`` overrides.
+        """
+        return self._attributor(**kwargs).attribute(query_dataset)
+
+    def find_influential(
+        self,
+        prompt: str | list[dict[str, str]],
+        k: int = 10,
+        completion: str | None = None,
+        **generate_kwargs: Any,
+    ) -> InfluenceResult:
+        """The top-k helpful and harmful training documents behind the model's completion of ``prompt``."""
+        return self._attributor().find_influential(prompt, k=k, completion=completion, **generate_kwargs)
+
+
+def build_with_trainer(
+    trainer: Trainer, dataset: Any, config: GraSSConfig, cache_dir: str | os.PathLike | None = None
+) -> GradientCache:
+    """Run the attribution pass with a Trainer's model, tokenizer, device and process group."""
+    accelerator = trainer.accelerator
+    return run_attribution_pass(
+        trainer.model,
+        dataset,
+        config,
+        trainer.processing_class,
+        cache_dir=cache_dir,
+        batch_size=config.batch_size or trainer.args.per_device_eval_batch_size,
+        dist=Distributed(accelerator.process_index, accelerator.num_processes),
+        disable_progress=trainer.args.disable_tqdm or not trainer.is_local_process_zero(),
+        device=trainer.args.device,
+    )

@@ -1,0 +1,338 @@
+"""Checks of the Triton kernels against the torch reference, run on CPU under the Triton interpreter.
+
+``tests/test_kernels.py`` runs this file in a subprocess, because ``TRITON_INTERPRET=1`` only takes
+effect when it is set before ``triton`` is imported, and the pytest process may already have imported
+it. It can also be run by hand::
+
+    TRITON_INTERPRET=1 HF_GRASS_KERNELS=triton OMP_NUM_THREADS=1 \
+        python tests/kernel_interpreter_checks.py [names | --list]
+
+Each check prints one JSON line ``{"name": ..., "ok": ..., "detail": ...}``; the exit status is 1 when
+any check fails. Shapes are tiny: the interpreter runs every program of the grid in Python.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise SystemExit("run with TRITON_INTERPRET=1 (it must be set before triton is imported)")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from hf_grass import kernels  # noqa: E402
+from hf_grass.compressors import build_compressor  # noqa: E402
+from hf_grass.config import GraSSConfig  # noqa: E402
+from hf_grass.kernels import reference  # noqa: E402
+from hf_grass.kernels import triton_kernels as tk  # noqa: E402
+
+CHECKS: dict[str, Callable[[], str]] = {}
+
+
+def check(fn: Callable[[], str]) -> Callable[[], str]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mask(d: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.sort(torch.randperm(d, generator=gen)[:m]).values
+
+
+def _sjlt_tables(n: int, k: int, s: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    # the block construction of compressors.sjlt.draw_sjlt: s distinct rows per coordinate
+    block = k // s
+    rows = torch.randint(0, block, (s, n), generator=gen) + torch.arange(s).unsqueeze(1) * block
+    signs = (torch.randint(0, 2, (s, n), generator=gen) * 2 - 1).to(torch.float32) / math.sqrt(s)
+    return rows, signs
+
+
+def _compare(out: torch.Tensor, ref: torch.Tensor, what: str) -> str:
+    """Equal up to accumulation-order rounding of the accumulation dtype, relative to the output scale."""
+    if out.dtype != ref.dtype or out.shape != ref.shape:
+        raise AssertionError(
+            f"{what}: got {out.dtype} {tuple(out.shape)}, reference {ref.dtype} {tuple(ref.shape)}"
+        )
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    # fp32: a few ulps of the output scale; the products of fp16/bf16 inputs are exact in fp32, so
+    # low-precision inputs get the same bound (only the summation order differs)
+    tol = (1e-12 if ref.dtype == torch.float64 else 1e-5) * max(scale, 1.0)
+    err = float((out - ref).abs().max()) if ref.numel() else 0.0
+    if not err <= tol:  # also catches NaN
+        raise AssertionError(f"{what}: max abs error {err:.3e} > {tol:.3e} (output scale {scale:.3e})")
+    return f"{what}: err {err:.1e} (scale {scale:.1e})"
+
+
+# ---- factgrass ------------------------------------------------------------------------------------
+
+# (B, T, d_in incl. bias column, d_out, m_in, m_out, s, k, bias, tokens_per_program)
+FACT_CASES = [
+    (2, 5, 24, 20, 7, 9, 1, 16, False, None),  # T < BLOCK_T, masks far below one tile
+    (3, 17, 33, 41, 20, 19, 2, 64, True, None),  # bias column in the mask, ragged everything
+    (2, 40, 70, 50, 65, 33, 2, 32, True, 16),  # two i-tiles (64 + 1), split over tokens
+    (3, 9, 48, 36, 17, 36, 1, 48, False, 1),  # every token chunk is ragged; m_out = d_out
+]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def _fact_inputs(case: tuple, dtype_x: torch.dtype, dtype_d: torch.dtype, seed: int) -> tuple:
+    batch, n_tok, d_in, d_out, m_in, m_out, s, k, bias, _ = case
+    gen = _gen(seed)
+    width = d_in - 1 if bias else d_in
+    x = torch.randn(batch, n_tok, width, generator=gen).to(dtype_x)
+    delta = torch.randn(batch, n_tok, d_out, generator=gen).to(dtype_d)
+    in_idx = _mask(d_in, m_in, gen)
+    if bias and int(in_idx[-1]) != d_in - 1:
+        # make sure the implicit ones column is exercised
+        in_idx[-1] = d_in - 1
+        in_idx = torch.unique(in_idx)
+    out_idx = _mask(d_out, m_out, gen)
+    rows, signs = _sjlt_tables(in_idx.numel() * m_out, k, s, gen)
+    return x, delta, in_idx, out_idx, rows, signs, k, (d_in - 1 if bias else None)
+
+
+def _run_fact_cases(dtype_x: torch.dtype, dtype_d: torch.dtype) -> str:
+    notes = []
+    for n, case in enumerate(FACT_CASES):
+        args = _fact_inputs(case, dtype_x, dtype_d, seed=n)
+        out = tk._factgrass_launch(*args, tokens_per_program=case[-1])
+        notes.append(_compare(out, reference.factgrass_project(*args), f"case {n}"))
+    return "; ".join(notes)
+
+
+def _make_fact_check(label: str, dx: torch.dtype, dd: torch.dtype) -> None:
+    def run() -> str:
+        return _run_fact_cases(dx, dd)
+
+    run.__name__ = f"factgrass_{label}"
+    check(run)
+
+
+for _label, _dt in DTYPES.items():
+    _make_fact_check(_label, _dt, _dt)
+# mixed operand dtypes go through the accumulation dtype
+_make_fact_check("x_fp16_delta_fp32", torch.float16, torch.float32)
+_make_fact_check("x_bf16_delta_fp64", torch.bfloat16, torch.float64)
+
+
+@check
+def factgrass_bias_index_not_in_mask() -> str:
+    # bias_index given but the mask did not draw it: a plain gather, no ones column
+    x, delta, _, out_idx, rows, signs, k, _ = _fact_inputs(
+        (2, 7, 30, 20, 9, 8, 1, 16, True, None), torch.float32, torch.float32, seed=11
+    )
+    in_idx = torch.tensor([0, 3, 4, 10, 11, 17, 20, 27, 28])
+    out = tk.factgrass_project(x, delta, in_idx, out_idx, rows, signs, k, bias_index=29)
+    return _compare(
+        out, reference.factgrass_project(x, delta, in_idx, out_idx, rows, signs, k, 29), "no bias drawn"
+    )
+
+
+@check
+def factgrass_non_contiguous() -> str:
+    gen = _gen(5)
+    batch, n_tok, width, d_out = 2, 11, 29, 26
+    # x stored [B, d, T] and viewed transposed; delta a strided slice of a wider buffer
+    x = torch.randn(batch, width, n_tok, generator=gen).transpose(1, 2)
+    delta = torch.randn(batch, n_tok, 2 * d_out, generator=gen)[:, :, ::2]
+    in_idx, out_idx = _mask(width + 1, 12, gen), _mask(d_out, 10, gen)
+    in_idx[-1] = width  # bias column
+    in_idx = torch.unique(in_idx)
+    rows, signs = _sjlt_tables(in_idx.numel() * 10, 32, 2, gen)
+    args = (x, delta, in_idx, out_idx, rows, signs, 32, width)
+    notes = [_compare(tk.factgrass_project(*args), reference.factgrass_project(*args), "strided")]
+    # an expanded (stride-0) delta along T
+    delta_e = torch.randn(batch, 1, d_out, generator=gen).expand(batch, n_tok, d_out)
+    args = (x, delta_e, in_idx, out_idx, rows, signs, 32, width)
+    notes.append(_compare(tk.factgrass_project(*args), reference.factgrass_project(*args), "expanded"))
+    return "; ".join(notes)
+
+
+@check
+def factgrass_empty() -> str:
+    x, delta, in_idx, out_idx, rows, signs, k, bias = _fact_inputs(
+        FACT_CASES[1], torch.float32, torch.float32, 3
+    )
+    out = tk.factgrass_project(x[:, :0], delta[:, :0], in_idx, out_idx, rows, signs, k, bias)
+    if out.shape != (x.shape[0], k) or out.abs().max() != 0:
+        raise AssertionError(f"T=0 should give zeros [B, k], got {tuple(out.shape)}")
+    out = tk.factgrass_project(x[:0], delta[:0], in_idx, out_idx, rows, signs, k, bias)
+    if out.shape != (0, k):
+        raise AssertionError(f"B=0 should give [0, k], got {tuple(out.shape)}")
+    return "T=0 and B=0 give zeros"
+
+
+@check
+def factgrass_shape_errors() -> str:
+    x, delta, in_idx, out_idx, rows, signs, k, bias = _fact_inputs(
+        FACT_CASES[0], torch.float32, torch.float32, 4
+    )
+    bad = [
+        ((x[0], delta, in_idx, out_idx, rows, signs, k, bias), ValueError),
+        ((x, delta[:, :3], in_idx, out_idx, rows, signs, k, bias), ValueError),
+        ((x, delta, in_idx, out_idx, rows[:, 1:], signs[:, 1:], k, bias), ValueError),
+        ((x.to(torch.int32), delta, in_idx, out_idx, rows, signs, k, bias), TypeError),
+    ]
+    for n, (args, exc) in enumerate(bad):
+        try:
+            tk.factgrass_project(*args)
+        except exc:
+            continue
+        raise AssertionError(f"bad input {n} did not raise {exc.__name__}")
+    return f"{len(bad)} bad inputs rejected"
+
+
+# ---- sjlt -----------------------------------------------------------------------------------------
+
+
+@check
+def sjlt_dtypes() -> str:
+    notes = []
+    for n, (label, dtype) in enumerate(DTYPES.items()):
+        for batch, n_in, k, s in ((1, 1, 4, 1), (3, 1500, 64, 2), (9, 777, 48, 4)):
+            gen = _gen(100 + n)
+            g = torch.randn(batch, n_in, generator=gen).to(dtype)
+            rows, signs = _sjlt_tables(n_in, k, s, gen)
+            out = tk.sjlt_project(g, rows, signs, k)
+            notes.append(
+                _compare(out, reference.sjlt_project(g, rows, signs, k), f"{label} B={batch} n={n_in} s={s}")
+            )
+    return "; ".join(notes)
+
+
+@check
+def sjlt_non_contiguous() -> str:
+    gen = _gen(7)
+    g = torch.randn(4, 2 * 301, generator=gen)[:, ::2]  # column stride 2
+    rows, signs = _sjlt_tables(301, 30, 3, gen)
+    notes = [
+        _compare(tk.sjlt_project(g, rows, signs, 30), reference.sjlt_project(g, rows, signs, 30), "strided")
+    ]
+    gt = torch.randn(301, 4, generator=gen).t()  # row stride 1, column stride 4
+    notes.append(
+        _compare(
+            tk.sjlt_project(gt, rows, signs, 30), reference.sjlt_project(gt, rows, signs, 30), "transposed"
+        )
+    )
+    return "; ".join(notes)
+
+
+# ---- 64-bit offsets -------------------------------------------------------------------------------
+
+# A batch stride just above 2**30 elements puts example 2 at element offset > 2**31, where an int32
+# `pid * stride` wraps. The storage is ~4 GiB of *virtual* memory from torch.empty: only the pages the
+# views write are ever touched, so the resident cost is a few MiB.
+_BIG_STRIDE = 2**30 + 64
+_BIG_NUMEL = 2 * _BIG_STRIDE + 2**16
+
+
+def _big_storage() -> torch.Tensor:
+    return torch.empty(_BIG_NUMEL, dtype=torch.float16)
+
+
+@check
+def int64_offsets_factgrass() -> str:
+    gen = _gen(9)
+    big = _big_storage()
+    batch, n_tok, width, d_out = 3, 6, 20, 18
+    x = big.as_strided((batch, n_tok, width), (_BIG_STRIDE, width, 1), 0)
+    delta = big.as_strided((batch, n_tok, d_out), (_BIG_STRIDE, d_out, 1), n_tok * width)
+    x.copy_(torch.randn(batch, n_tok, width, generator=gen))
+    delta.copy_(torch.randn(batch, n_tok, d_out, generator=gen))
+    in_idx, out_idx = _mask(width, 9, gen), _mask(d_out, 8, gen)
+    rows, signs = _sjlt_tables(9 * 8, 16, 2, gen)
+    args = (x, delta, in_idx, out_idx, rows, signs, 16, None)
+    ref = reference.factgrass_project(x.clone(), delta.clone(), *args[2:])
+    notes = [_compare(tk.factgrass_project(*args), ref, "batch stride 2**30+64")]
+    # token stride above 2**30: token 2 of the only example sits past 2**31
+    x_t = big.as_strided((1, 3, width), (0, _BIG_STRIDE, 1), 0)
+    d_t = big.as_strided((1, 3, d_out), (0, _BIG_STRIDE, 1), width)
+    args = (x_t, d_t, in_idx, out_idx, rows, signs, 16, None)
+    ref = reference.factgrass_project(x_t.clone(), d_t.clone(), *args[2:])
+    notes.append(_compare(tk.factgrass_project(*args), ref, "token stride 2**30+64"))
+    return "; ".join(notes)
+
+
+@check
+def int64_offsets_sjlt() -> str:
+    gen = _gen(10)
+    big = _big_storage()
+    g = big.as_strided((3, 257), (_BIG_STRIDE, 1), 0)
+    g.copy_(torch.randn(3, 257, generator=gen))
+    rows, signs = _sjlt_tables(257, 32, 2, gen)
+    return _compare(
+        tk.sjlt_project(g, rows, signs, 32), reference.sjlt_project(g.clone(), rows, signs, 32), "sjlt"
+    )
+
+
+# ---- through the dispatcher and the compressor ----------------------------------------------------
+
+
+@check
+def dispatcher_uses_triton() -> str:
+    x = torch.randn(2, 3, 4)
+    backend = kernels.backend_for(x)
+    if backend != "triton":
+        raise AssertionError(
+            f"HF_GRASS_KERNELS=triton with TRITON_INTERPRET=1 should pick triton, got {backend}"
+        )
+    args = _fact_inputs(FACT_CASES[1], torch.float32, torch.float32, seed=12)
+    return _compare(
+        kernels.factgrass_project(*args), reference.factgrass_project(*args), "kernels.factgrass_project"
+    )
+
+
+@check
+def compressor_end_to_end() -> str:
+    gen = _gen(13)
+    comp = build_compressor(
+        GraSSConfig(compressor="factgrass", proj_dim=64), "m", d_in=33, d_out=40, bias=True
+    )
+    x = torch.randn(3, 10, 32, generator=gen)
+    delta = torch.randn(3, 10, 40, generator=gen)
+    previous = os.environ.get("HF_GRASS_KERNELS")
+    try:
+        os.environ["HF_GRASS_KERNELS"] = "triton"
+        out_triton = comp.compress(x, delta)
+        os.environ["HF_GRASS_KERNELS"] = "torch"
+        out_torch = comp.compress(x, delta)
+    finally:
+        if previous is None:
+            os.environ.pop("HF_GRASS_KERNELS", None)
+        else:
+            os.environ["HF_GRASS_KERNELS"] = previous
+    return _compare(out_triton, out_torch, f"factgrass compress (m_in={comp.m_in}, m_out={comp.m_out})")
+
+
+def main(names: list[str]) -> int:
+    if names == ["--list"]:
+        print("\n".join(CHECKS))
+        return 0
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        print(f"unknown checks {unknown}; available: {sorted(CHECKS)}", file=sys.stderr)
+        return 2
+    failed = 0
+    for name in names or list(CHECKS):
+        try:
+            detail, ok = CHECKS[name](), True
+        except Exception:
+            detail, ok = traceback.format_exc(), False
+            failed += 1
+        print(json.dumps({"name": name, "ok": ok, "detail": detail}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
