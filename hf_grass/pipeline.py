@@ -15,21 +15,9 @@ from torch import nn
 
 from hf_grass.cache.build import Distributed, build_cache, model_fingerprint
 from hf_grass.cache.reader import GradientCache
-from hf_grass.capture.engine import GradientComputer, unwrap_model
+from hf_grass.capture.engine import GradientComputer, context_length
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource, collate
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The model's maximum sequence length from its config, if it declares one."""
-    base = unwrap_model(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    cfg = getattr(base, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -98,7 +98,45 @@ _SYLLABLES = [
     "pal",
     "wy",
 ]
-FILLER = ["the", "a", "of", "and", "to", "in", "is", "was", "on", "for", "with", "as", "by", "at", "from", "that", "this", "it", "be", "are", "or", "an", "which", "river", "stone", "market", "winter", "garden", "light", "story", "music", "city", "road", "north", "south", "old", "new"]
+FILLER = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "on",
+    "for",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "that",
+    "this",
+    "it",
+    "be",
+    "are",
+    "or",
+    "an",
+    "which",
+    "river",
+    "stone",
+    "market",
+    "winter",
+    "garden",
+    "light",
+    "story",
+    "music",
+    "city",
+    "road",
+    "north",
+    "south",
+    "old",
+    "new",
+]
 
 
 def planted_facts_corpus(
@@ -119,7 +157,8 @@ def planted_facts_corpus(
     for i in range(n_facts):
         subject, answer, rel = name(), name(), relations[i % len(relations)]
         filler = " ".join(rng.choice(FILLER) for _ in range(6))
-        docs.append(f"{filler} the {rel} of {subject} is {answer}")
+        # the fact opens the document, so a prompt sees it at the same positions as in training
+        docs.append(f"the {rel} of {subject} is {answer} {filler}")
         facts.append({"prompt": f"the {rel} of {subject} is", "answer": answer})
     for _ in range(n_filler):
         docs.append(" ".join(rng.choice(FILLER) for _ in range(rng.randint(6, 14))))

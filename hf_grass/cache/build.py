@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
 from hf_grass.cache.stats import ModuleSpec, StatsAccumulator, fit_eigenbasis
 from hf_grass.cache.writer import CacheWriter, num_shards
-from hf_grass.capture.engine import GradientComputer, NonFiniteError
+from hf_grass.capture.engine import GradientComputer, NonFiniteError, context_length
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import supervised_tokens
 from hf_grass.data import ExampleSource, collate
@@ -131,6 +131,8 @@ def build_cache(
     """Run the attribution pass over ``source`` and write (or resume) the cache in ``cache_dir``."""
     dist = dist or Distributed()
     config = computer.config
+    if source.max_length is None:  # never feed the model more positions than it has
+        source.max_length = config.max_length or context_length(computer.model)
     n = len(source)
     header = {
         "model": model_info or model_fingerprint(computer),
@@ -207,6 +209,7 @@ def build_cache(
                 start = shard * config.shard_size
                 indices = list(range(start, min(start + config.shard_size, n)))
                 kept, rows, docs, skipped = [], [], [], []
+                truncated_before = source.truncated
                 for idx in _batches(indices, batch_size):
                     ids, examples, skip, grads = run_batch(idx, request)
                     skipped += skip
@@ -226,7 +229,15 @@ def build_cache(
                 block = (
                     torch.cat(rows) if rows else torch.empty(0, computer.total_dim, dtype=config.torch_dtype)
                 )
-                writer.commit_shard(shard, kept, block, docs, skipped, stats.state_dict() if stats else None)
+                writer.commit_shard(
+                    shard,
+                    kept,
+                    block,
+                    docs,
+                    skipped,
+                    stats.state_dict() if stats else None,
+                    truncated=source.truncated - truncated_before,
+                )
         writer.finish(complete=True)
         dist.barrier()
         if dist.world_size > 1 and dist.rank == 0:

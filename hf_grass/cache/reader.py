@@ -97,6 +97,7 @@ class GradientCache:
             "rows": self.num_rows,
             "examples": self.manifest["num_examples"],
             "skipped": len(self.skipped),
+            "truncated": sum(s.get("truncated", 0) for s in self.shards),
             "complete": self.manifest["complete"],
             "compressor": self.config.compressor,
             "proj_dim": self.config.proj_dim,

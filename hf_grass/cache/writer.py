@@ -183,6 +183,7 @@ class CacheWriter:
         docs: list[dict[str, Any]],
         skipped: list[int],
         stats: dict[str, torch.Tensor] | None,
+        truncated: int = 0,
     ) -> None:
         """Write one complete shard (rows already in the storage dtype) and checkpoint the stats."""
         if rows.shape[0] != len(indices) or len(docs) != len(indices):
@@ -202,6 +203,7 @@ class CacheWriter:
             "sha256": digest,
             "docs_sha256": sha256_bytes(blob),
             "skipped": skipped,
+            "truncated": truncated,
             "first_index": indices[0] if indices else None,
             "last_index": indices[-1] if indices else None,
         }

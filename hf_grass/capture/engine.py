@@ -56,6 +56,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's maximum sequence length from its config, if it declares one."""
+    base = unwrap_model(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    cfg = getattr(base, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _forward_signature(model: nn.Module) -> inspect.Signature:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inspect.signature(base.forward)

@@ -37,6 +37,10 @@ class FactGraSSCompressor(FactorisedCompressor):
         self.m_in, self.m_out = factor_sizes(k_prime, self.d_in, self.d_out)
         self.in_idx = sample_without_replacement(self.d_in, self.m_in, self.generator("mask_in"))
         self.out_idx = sample_without_replacement(self.d_out, self.m_out, self.generator("mask_out"))
+        # pass the bias index on only when the mask drew the bias column (decided once, on the CPU,
+        # so the hot path never syncs a device to check)
+        drawn = self.bias and int(self.in_idx[-1]) == self.d_in - 1
+        self.mask_bias_index = self.bias_index if drawn else None
         self.scale_in = math.sqrt(self.d_in / self.m_in)
         self.scale_out = math.sqrt(self.d_out / self.m_out)
         self.rows, self.signs = draw_sjlt(
@@ -45,14 +49,14 @@ class FactGraSSCompressor(FactorisedCompressor):
 
     def factors(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         acc = accumulation_dtype(x, delta)
-        xs = gather_columns(x, self.in_idx, self.bias_index).to(acc) * self.scale_in
+        xs = gather_columns(x, self.in_idx, self.mask_bias_index).to(acc) * self.scale_in
         return xs, delta[..., self.out_idx].to(acc) * self.scale_out
 
     def compress(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         # fused path: gather + outer-product sum + scatter (Triton on CUDA), scale applied once at the end
         self._check_factors(x, delta)
         out = kernels.factgrass_project(
-            x, delta, self.in_idx, self.out_idx, self.rows, self.signs, self.output_dim, self.bias_index
+            x, delta, self.in_idx, self.out_idx, self.rows, self.signs, self.output_dim, self.mask_bias_index
         )
         return out * (self.scale_in * self.scale_out)
 

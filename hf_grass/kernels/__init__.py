@@ -29,7 +29,7 @@ def triton_available() -> bool:
 
 def backend_for(t: torch.Tensor) -> str:
     """'triton' or 'torch' for a tensor, honouring ``HF_GRASS_KERNELS`` (auto | torch | triton)."""
-    mode = os.environ.get("HF_GRASS_KERNELS", "auto").lower()
+    mode = os.environ.get("HF_GRASS_KERNELS", "").lower() or "auto"
     if mode not in ("auto", "torch", "triton"):
         raise ValueError(f"HF_GRASS_KERNELS must be auto, torch or triton; got {mode!r}.")
     if mode == "torch":

@@ -1,0 +1,150 @@
+"""Scores against explicit dense computations with explicit inverses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _models import random_token_examples, tiny_gpt2, tiny_llama
+from test_capture import autograd_gradient
+
+from hf_grass.cache import GradientCache, build_cache
+from hf_grass.capture import GradientComputer
+from hf_grass.config import GraSSConfig
+from hf_grass.data import ExampleSource, collate
+from hf_grass.precondition import Preconditioner
+from hf_grass.scoring import dense_scores, query_gradients, topk_scores
+
+VOCAB = 40
+RTOL = 1e-4
+
+
+def build(
+    tmp_path: Path, model, config: GraSSConfig, examples: list[dict]
+) -> tuple[GradientComputer, GradientCache]:
+    computer = GradientComputer(model, config)
+    path = build_cache(
+        computer, ExampleSource(examples), tmp_path / "cache", batch_size=3, disable_progress=True
+    )
+    return computer, GradientCache(path, verify=True)
+
+
+def explicit_fim_scores(cache: GradientCache, queries_raw: torch.Tensor, damping: float) -> torch.Tensor:
+    rows = cache.load(torch.float64)
+    out = torch.zeros(queries_raw.shape[0], rows.shape[0], dtype=torch.float64)
+    for name in cache.module_names:
+        sl = cache.module_slice(name)
+        g = rows[:, sl]
+        fisher = g.T @ g / g.shape[0]
+        lam = damping * torch.linalg.eigvalsh(fisher).clamp(min=0).mean()
+        inverse = torch.linalg.inv(fisher + lam * torch.eye(fisher.shape[0], dtype=torch.float64))
+        out += (queries_raw[:, sl].double() @ inverse) @ g.T
+    return out
+
+
+def test_fim_scores_equal_explicit_inverse(tmp_path: Path) -> None:
+    model = tiny_gpt2(VOCAB).double()
+    config = GraSSConfig(compressor="grass", proj_dim=8, preconditioner="fim", dtype="float32", shard_size=5)
+    train = random_token_examples(14, VOCAB, seed=0)
+    computer, cache = build(tmp_path, model, config, train)
+    queries = random_token_examples(3, VOCAB, seed=9)
+    raw = query_gradients(computer, [collate(queries)], Preconditioner("identity", {}))
+    for damping in (0.1, 0.5):  # damping changes without refitting
+        pre = Preconditioner.fit(cache, damping=damping)
+        got = dense_scores(cache, query_gradients(computer, [collate(queries)], pre))
+        want = explicit_fim_scores(cache, raw, damping)
+        torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+    # the fitted eigendecomposition is saved once and reused
+    assert len(list((cache.path / "preconditioner").glob("fim-*.safetensors"))) == 1
+
+
+def brute_force_factor_grads(
+    model, computer: GradientComputer, examples: list[dict]
+) -> dict[str, torch.Tensor]:
+    """Per-example factor-space gradients from batch-of-one autograd and the explicit masks."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    out: dict[str, list[torch.Tensor]] = {t.name: [] for t in computer.targets}
+    for ex in examples:
+        for t in computer.targets:
+            g = autograd_gradient(model, t, ex)
+            out[t.name].append(computer.compressors[t.name].factor_gradient_from_full(g[None])[0])
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+@pytest.mark.parametrize("compressor", ["factgrass", "logra"])
+def test_kronecker_scores_equal_explicit_inverse(tmp_path: Path, kind: str, compressor: str) -> None:
+    model = tiny_llama(VOCAB).double()
+    config = GraSSConfig(
+        compressor=compressor, proj_dim=16, preconditioner=kind, dtype="float32", shard_size=4
+    )
+    train = random_token_examples(11, VOCAB, seed=1)
+    computer, cache = build(tmp_path, model, config, train)
+    queries = random_token_examples(2, VOCAB, seed=7)
+    pre = Preconditioner.fit(cache)
+    got = dense_scores(cache, query_gradients(computer, [collate(queries)], pre)).double()
+
+    stats = cache.statistics()
+    n = float(stats["examples"])
+    query_factor = brute_force_factor_grads(model, computer, queries)
+    train_factor = brute_force_factor_grads(model, computer, train) if kind == "ekfac" else None
+    basis = cache.eigenbasis()
+    rows = cache.load(torch.float64)
+    want = torch.zeros_like(got)
+    for name in cache.module_names:
+        comp = computer.compressors[name]
+        if kind == "kfac":
+            a = stats[f"{name}::cov_in"] / stats[f"{name}::tokens"]
+            s = stats[f"{name}::cov_out"] / n
+            curvature = torch.kron(s, a)  # vec index o * m_in + i
+        else:
+            q = torch.kron(basis[f"{name}::q_out"], basis[f"{name}::q_in"]).double()
+            # EK-FAC eigenvalues recomputed by brute force from the per-example factor gradients
+            proj = train_factor[name].reshape(len(train), -1) @ q
+            eig = proj.square().mean(0)
+            torch.testing.assert_close(stats[f"{name}::lambda"].reshape(-1) / n, eig, rtol=1e-6, atol=1e-12)
+            curvature = q @ torch.diag(eig) @ q.T
+        lam = 0.1 * torch.linalg.eigvalsh(curvature).clamp(min=0).mean()
+        inverse = torch.linalg.inv(curvature + lam * torch.eye(curvature.shape[0], dtype=torch.float64))
+        pre_q = query_factor[name].reshape(len(queries), -1) @ inverse
+        compressed = pre_q @ comp.project_factor_matrix().T
+        want += compressed @ rows[:, cache.module_slice(name)].T
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+
+
+def test_streaming_topk_equals_argsort_and_cosine(tmp_path: Path) -> None:
+    model = tiny_gpt2(VOCAB)
+    config = GraSSConfig(compressor="factgrass", proj_dim=16, shard_size=6, dtype="float16")
+    train = random_token_examples(23, VOCAB, seed=2)
+    computer, cache = build(tmp_path, model, config, train)
+    pre = Preconditioner.fit(cache)
+    queries = query_gradients(computer, [collate(random_token_examples(4, VOCAB, seed=3))], pre)
+    dense = dense_scores(cache, queries)
+    for largest in (True, False):
+        top = topk_scores(cache, queries, k=7, largest=largest)
+        order = dense.argsort(dim=1, descending=largest)[:, :7]
+        torch.testing.assert_close(top.indices, order)
+        torch.testing.assert_close(top.scores, dense.gather(1, order))
+    cos = dense_scores(cache, queries, cosine=True)
+    rows = cache.load()
+    want = (queries / queries.norm(dim=1, keepdim=True)) @ (rows / rows.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(cos, want, rtol=1e-4, atol=1e-5)
+    assert cos.abs().max() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="larger than the number of cached rows"):
+        topk_scores(cache, queries, k=24)
+    with pytest.raises(ValueError, match="positive int"):
+        topk_scores(cache, queries, k=0)
+
+
+def test_preconditioner_mismatch_is_explained(tmp_path: Path) -> None:
+    model = tiny_gpt2(VOCAB)
+    _, cache = build(
+        tmp_path, model, GraSSConfig(compressor="factgrass", proj_dim=16), random_token_examples(5, VOCAB)
+    )
+    with pytest.raises(ValueError, match="Rebuild the cache with"):
+        Preconditioner.fit(cache, "fim")
+    assert Preconditioner.fit(cache, "kfac").kind == "kfac"  # ekfac caches hold the K-FAC factors too
+    assert Preconditioner.fit(cache, "identity").kind == "identity"
