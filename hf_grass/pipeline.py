@@ -66,10 +66,14 @@ def run_attribution_pass(
     disable_progress: bool = False,
     device: torch.device | str | None = None,
     weight_gather: Any = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> GradientCache:
     """Compress the per-example gradients of ``dataset`` into a cache (resuming if it exists)."""
     computer = GradientComputer(model, config, device=device)
     source = make_source(dataset, tokenizer, config, model)
+    model_info = model_fingerprint(computer, weight_gather)
+    if checkpoint is not None:  # where the weights live, so multi-checkpoint queries can reload them
+        model_info["checkpoint"] = os.fspath(checkpoint)
     path = build_cache(
         computer,
         source,
@@ -78,7 +82,7 @@ def run_attribution_pass(
         pad_token_id=pad_token_id(tokenizer),
         padding_side=padding_side(tokenizer),
         dist=dist or current_distributed(),
-        model_info=model_fingerprint(computer, weight_gather),
+        model_info=model_info,
         disable_progress=disable_progress,
     )
     return GradientCache(path)

@@ -7,8 +7,11 @@ scored against the cache. Positive scores are helpful documents (proponents), ne
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +25,7 @@ from hf_grass.config import GraSSConfig
 from hf_grass.data import collate
 from hf_grass.pipeline import make_batches, make_source, pad_token_id, padding_side
 from hf_grass.precondition import Preconditioner
-from hf_grass.scoring import dense_scores, query_gradients, topk_scores
+from hf_grass.scoring import TopK, dense_scores, query_gradients, topk_scores
 
 
 @dataclass
@@ -156,64 +159,194 @@ class Attributor:
             raise ValueError(
                 f"k={k} exceeds the {self.cache.num_rows} rows of the cache; use k <= {self.cache.num_rows}"
             )
-        prompt_text = render_prompt(self.tokenizer, prompt)
-        prompt_ids = list(
-            self.tokenizer(prompt_text, add_special_tokens=not isinstance(prompt, list))["input_ids"]
+        prompt_text, text, batch = build_query(
+            self.model, self.tokenizer, prompt, completion, **generate_kwargs
         )
-        if completion is None:
-            completion_ids = self.generate(prompt_ids, **generate_kwargs)
-        else:
-            if not isinstance(completion, str) or not completion:
-                raise ValueError("completion must be a non-empty string (or None to generate one)")
-            completion_ids = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
-        if not completion_ids:
-            raise ValueError(
-                "the completion is empty (the model generated nothing); pass completion=... explicitly"
-            )
-        text = (
-            self.tokenizer.decode(completion_ids, skip_special_tokens=True)
-            if completion is None
-            else completion
-        )
-        example = {
-            "input_ids": prompt_ids + completion_ids,
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
-        }
-        batch = collate([example], pad_token_id(self.tokenizer), padding_side(self.tokenizer))
         query = self.query_vectors([batch])
         best = topk_scores(self.cache, query, k, largest=True, cosine=self.cosine)
         worst = topk_scores(self.cache, query, k, largest=False, cosine=self.cosine)
-        docs = self.cache.documents(best.indices[0].tolist() + worst.indices[0].tolist())
+        return make_result(self.cache, prompt_text, text, best, worst)
 
-        def make(scores: torch.Tensor, indices: torch.Tensor) -> list[InfluentialDocument]:
-            out = []
-            for s, i in zip(scores.tolist(), indices.tolist()):
-                d = docs.get(i, {})
-                out.append(InfluentialDocument(index=i, score=s, text=d.get("text"), id=d.get("id")))
-            return out
 
-        return InfluenceResult(
-            prompt_text, text, make(best.scores[0], best.indices[0]), make(worst.scores[0], worst.indices[0])
+def make_result(
+    cache: GradientCache, prompt: str, completion: str, best: TopK, worst: TopK
+) -> InfluenceResult:
+    """An ``InfluenceResult`` with the documents' text read from the cache."""
+    docs = cache.documents(best.indices[0].tolist() + worst.indices[0].tolist())
+
+    def make(scores: torch.Tensor, indices: torch.Tensor) -> list[InfluentialDocument]:
+        out = []
+        for s, i in zip(scores.tolist(), indices.tolist()):
+            d = docs.get(i, {})
+            out.append(InfluentialDocument(index=i, score=s, text=d.get("text"), id=d.get("id")))
+        return out
+
+    return InfluenceResult(
+        prompt, completion, make(best.scores[0], best.indices[0]), make(worst.scores[0], worst.indices[0])
+    )
+
+
+def build_query(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | list[dict[str, str]],
+    completion: str | None,
+    **generate_kwargs: Any,
+) -> tuple[str, str, dict[str, torch.Tensor]]:
+    """(prompt text, completion text, a one-example batch whose loss covers the completion only)."""
+    prompt_text = render_prompt(tokenizer, prompt)
+    # a rendered chat template already holds its special tokens
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=not isinstance(prompt, list))["input_ids"])
+    if completion is None:
+        completion_ids = generate(model, tokenizer, prompt_ids, **generate_kwargs)
+    else:
+        if not isinstance(completion, str) or not completion:
+            raise ValueError("completion must be a non-empty string (or None to generate one)")
+        completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if not completion_ids:
+        raise ValueError(
+            "the completion is empty (the model generated nothing); pass completion=... explicitly"
         )
+    text = tokenizer.decode(completion_ids, skip_special_tokens=True) if completion is None else completion
+    example = {
+        "input_ids": prompt_ids + completion_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+    }
+    return prompt_text, text, collate([example], pad_token_id(tokenizer), padding_side(tokenizer))
 
-    def generate(self, prompt_ids: list[int], **generate_kwargs: Any) -> list[int]:
-        model = unwrap_model(self.model)
-        device = next(model.parameters()).device
-        kwargs = {"max_new_tokens": 32, "do_sample": False, "pad_token_id": pad_token_id(self.tokenizer)}
-        kwargs.update(generate_kwargs)
-        ids = torch.tensor([prompt_ids], device=device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        finally:
-            model.train(was_training)
-        new = out[0, len(prompt_ids) :].tolist()
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos is not None and eos in new:  # the EOS token ends the answer; it is not part of it
-            new = new[: new.index(eos)]
-        return new
+
+def generate(model: nn.Module, tokenizer: Any, prompt_ids: list[int], **generate_kwargs: Any) -> list[int]:
+    """Greedy (by default) completion token ids of a prompt, without the EOS token."""
+    model = unwrap_model(model)
+    device = next(model.parameters()).device
+    kwargs = {"max_new_tokens": 32, "do_sample": False, "pad_token_id": pad_token_id(tokenizer)}
+    kwargs.update(generate_kwargs)
+    ids = torch.tensor([prompt_ids], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    finally:
+        model.train(was_training)
+    new = out[0, len(prompt_ids) :].tolist()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos in new:  # the EOS token ends the answer; it is not part of it
+        new = new[: new.index(eos)]
+    return new
+
+
+class MultiCheckpointAttributor:
+    """Scores summed over several caches, each with the query gradient at its own weights.
+
+    A cache whose weight fingerprint differs from the current model's must record the checkpoint
+    directory it was built from (``GraSSCallback(every_save=True)`` does); those weights are loaded
+    for its query gradients and the current weights restored afterwards. With one cache this is a
+    plain ``Attributor`` (streaming top-k).
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, caches: list[GradientCache | str | os.PathLike], **kwargs: Any
+    ):
+        if not caches:
+            raise ValueError("no caches to attribute with")
+        self.model, self.tokenizer, self.kwargs = model, tokenizer, kwargs
+        self.caches = [open_cache(c) for c in caches]
+
+    def _each(self) -> Iterator[Attributor]:
+        for cache in self.caches:
+            with checkpoint_weights(self.model, cache):
+                yield Attributor(self.model, self.tokenizer, cache, **self.kwargs)
+
+    def attribute(self, query_dataset: Any) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for attributor in self._each():
+            scores = attributor.attribute(query_dataset)
+            total = scores if total is None else total + scores
+        assert total is not None
+        return total
+
+    def find_influential(
+        self,
+        prompt: str | list[dict[str, str]],
+        k: int = 10,
+        completion: str | None = None,
+        **generate_kwargs: Any,
+    ) -> InfluenceResult:
+        if len(self.caches) == 1:
+            attributor = next(self._each())
+            return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
+        rows = self.caches[-1].num_rows
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= rows:
+            raise ValueError(f"k must be an int in [1, {rows}], got {k!r}")
+        # the completion comes from the current (final) model; its gradient is taken at every checkpoint
+        prompt_text, text, batch = build_query(
+            self.model, self.tokenizer, prompt, completion, **generate_kwargs
+        )
+        total: torch.Tensor | None = None
+        for attributor in self._each():
+            scores = dense_scores(
+                attributor.cache, attributor.query_vectors([batch]), cosine=attributor.cosine
+            )
+            total = scores if total is None else total + scores
+        assert total is not None
+        present = torch.zeros(total.shape[1], dtype=torch.bool)
+        present[self.caches[-1].indices] = True  # skipped examples are not candidates
+        best = _dense_topk(total, present, k, largest=True)
+        worst = _dense_topk(total, present, k, largest=False)
+        return make_result(self.caches[-1], prompt_text, text, best, worst)
+
+
+def _dense_topk(scores: torch.Tensor, present: torch.Tensor, k: int, largest: bool) -> TopK:
+    masked = scores.masked_fill(~present, float("-inf") if largest else float("inf"))
+    values, indices = masked.topk(k, dim=1, largest=largest, sorted=True)
+    return TopK(values, indices)
+
+
+@contextlib.contextmanager
+def checkpoint_weights(model: nn.Module, cache: GradientCache) -> Iterator[None]:
+    """Temporarily load the weights a cache was built with, if they are not the current ones."""
+    computer = GradientComputer(
+        model, cache.config.replace(target_modules=cache.module_names, exclude_modules=None)
+    )
+    if model_fingerprint(computer)["weights_sha256"] == cache.model_info.get("weights_sha256"):
+        yield
+        return
+    path = cache.model_info.get("checkpoint")
+    if not path or not os.path.isdir(path):
+        raise ValueError(
+            f"the cache {cache.path} was built with other weights and records no checkpoint directory to load "
+            "them from; query it with the model it was built with"
+        )
+    base = unwrap_model(model)
+    saved = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    load_checkpoint(base, path)
+    try:
+        yield
+    finally:
+        base.load_state_dict(saved)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a Trainer checkpoint's weights (full model or PEFT adapter) into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    adapter = path / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+        return
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model.safetensors or adapter_model.safetensors in checkpoint {path}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {path} holds weights the model lacks: {unexpected[:5]}")
 
 
 def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:

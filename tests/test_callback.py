@@ -1,0 +1,98 @@
+"""GraSSCallback on an existing, unmodified Trainer: cache at train end and per checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from _models import make_tokenizer, planted_facts_corpus, tiny_gpt2
+from datasets import Dataset
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+from hf_grass import GradientCache, GraSSCallback, GraSSConfig
+from hf_grass.query import Attributor, load_checkpoint
+
+
+def setup(tmp_path: Path, epochs: int, **callback_kwargs):
+    docs, facts = planted_facts_corpus(n_facts=8, n_filler=24, seed=1)
+    tokenizer = make_tokenizer([w for d in docs for w in d.split()])
+    model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    train = Dataset.from_dict({"text": docs}).map(lambda b: tokenizer(b["text"]), batched=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        report_to=[],
+        disable_tqdm=True,
+        logging_strategy="no",
+        save_strategy="epoch" if callback_kwargs.get("every_save") else "no",
+        use_cpu=True,
+        seed=0,
+    )
+    config = GraSSConfig(
+        compressor="factgrass", proj_dim=1024, cache_dir=str(tmp_path / "cache"), shard_size=8
+    )
+    callback = GraSSCallback(config, **callback_kwargs)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[callback],
+    )
+    return trainer, callback, docs, facts, tokenizer
+
+
+def test_cache_built_at_train_end(tmp_path: Path) -> None:
+    trainer, callback, docs, facts, tokenizer = setup(tmp_path, epochs=40)
+    trainer.train()
+    assert isinstance(callback.cache, GradientCache)
+    assert callback.cache.num_rows == len(docs)
+    assert callback.cache.indices.tolist() == list(range(len(docs)))  # dataset order, not shuffled
+    # the text column was removed by the Trainer; documents are decoded from the token ids
+    assert callback.cache.documents([0])[0]["text"] == docs[0]
+    assert not any(m._forward_hooks for m in trainer.model.modules())  # hooks only during the pass
+    hits = sum(
+        callback.find_influential(f["prompt"], k=3, completion=" " + f["answer"]).documents[0].index
+        == f["doc"]
+        for f in facts
+    )
+    assert hits >= 7, f"{hits}/8"
+    # same scores as an Attributor on the same cache
+    queries = [{"input_ids": tokenizer(facts[0]["prompt"] + " " + facts[0]["answer"])["input_ids"]}]
+    torch.testing.assert_close(
+        callback.attribute(queries), Attributor(trainer.model, tokenizer, callback.cache).attribute(queries)
+    )
+
+
+def test_every_save_sums_over_checkpoints(tmp_path: Path) -> None:
+    trainer, callback, docs, facts, tokenizer = setup(tmp_path, epochs=2, every_save=True, on_train_end=False)
+    trainer.train()
+    steps = sorted(callback.checkpoint_caches)
+    assert len(steps) == 2 and callback.cache is None
+    for step in steps:
+        cache = callback.checkpoint_caches[step]
+        assert cache.path == tmp_path / "cache" / f"checkpoint-{step}"
+        assert cache.model_info["checkpoint"].endswith(f"checkpoint-{step}")
+    queries = []
+    for f in facts[:3]:  # the loss on the answer only, as find_influential does
+        prompt, answer = tokenizer(f["prompt"])["input_ids"], tokenizer(f["answer"])["input_ids"]
+        queries.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    summed = callback.attribute(queries)
+    # brute force: load each checkpoint into a fresh model and attribute with its own cache
+    expected = torch.zeros_like(summed)
+    for step in steps:
+        fresh = tiny_gpt2(
+            len(tokenizer), n_layer=2, n_embd=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
+        load_checkpoint(fresh, tmp_path / "out" / f"checkpoint-{step}")
+        expected += Attributor(fresh, tokenizer, callback.checkpoint_caches[step]).attribute(queries)
+    torch.testing.assert_close(summed, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    final = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    result = callback.find_influential(facts[0]["prompt"], k=4, completion=" " + facts[0]["answer"])
+    assert [d.score for d in result.documents] == sorted((d.score for d in result.documents), reverse=True)
+    torch.testing.assert_close(result.documents[0].score, float(summed[0].max()), rtol=1e-4, atol=1e-3)
+    for k, v in trainer.model.state_dict().items():  # the final weights are restored
+        assert torch.equal(v, final[k]), k
