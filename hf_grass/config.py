@@ -144,7 +144,7 @@ class GraSSConfig:
                 _check_positive_int(name, getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}.")
-        if self.proj_dim % self.sjlt_nnz != 0:
+        if self.compressor in ("sjlt", "grass", "factgrass") and self.proj_dim % self.sjlt_nnz != 0:
             raise ValueError(
                 f"proj_dim={self.proj_dim} must be divisible by sjlt_nnz={self.sjlt_nnz} (the SJLT puts "
                 f"one non-zero in each of sjlt_nnz row blocks); pick e.g. sjlt_nnz=1 or a multiple."
@@ -170,8 +170,10 @@ class GraSSConfig:
                 raise TypeError(
                     f"{name} must be None, a regex string or a list of non-empty module names; got {value!r}."
                 )
+            if not value:
+                raise ValueError(f"{name} is an empty list; use None for the default, or name some modules.")
         if self.preconditioner is None:
-            self.preconditioner = "ekfac" if self.compressor in FACTORISED else "fim"
+            self.preconditioner = default_preconditioner(self.compressor)
         _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
         if self.preconditioner in ("kfac", "ekfac") and self.compressor not in FACTORISED:
             raise ValueError(
@@ -179,6 +181,8 @@ class GraSSConfig:
                 f"factorised compressors ({', '.join(FACTORISED)}) provide; use preconditioner='fim' "
                 f"or 'identity' with compressor={self.compressor!r}."
             )
+        if not isinstance(self.cosine, bool):
+            raise TypeError(f"cosine must be True or False, got {self.cosine!r}.")
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
             raise TypeError(f"damping must be a float, got {self.damping!r}.")
         if not math.isfinite(self.damping) or self.damping < 0:
@@ -210,7 +214,20 @@ class GraSSConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> GraSSConfig:
+        """A copy with some fields changed. A preconditioner that was the compressor's default stays
+        "the default" when the compressor changes (ekfac for factgrass becomes fim for sjlt)."""
+        if (
+            "compressor" in changes
+            and "preconditioner" not in changes
+            and self.preconditioner == default_preconditioner(self.compressor)
+        ):
+            changes["preconditioner"] = None
         return dataclasses.replace(self, **changes)
+
+
+def default_preconditioner(compressor: str) -> str:
+    """EK-FAC in the factor space for the factorised compressors, the block Fisher otherwise."""
+    return "ekfac" if compressor in FACTORISED else "fim"
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from hf_grass.cache.build import Distributed
 from hf_grass.cache.reader import GradientCache
 from hf_grass.config import GraSSConfig
-from hf_grass.pipeline import run_attribution_pass
+from hf_grass.pipeline import current_distributed, run_attribution_pass
 from hf_grass.query import Attributor, InfluenceResult
 
 
@@ -89,7 +88,6 @@ def build_with_trainer(
     trainer: Trainer, dataset: Any, config: GraSSConfig, cache_dir: str | os.PathLike | None = None
 ) -> GradientCache:
     """Run the attribution pass with a Trainer's model, tokenizer, device and process group."""
-    accelerator = trainer.accelerator
     return run_attribution_pass(
         trainer.model,
         dataset,
@@ -97,7 +95,7 @@ def build_with_trainer(
         trainer.processing_class,
         cache_dir=cache_dir,
         batch_size=config.batch_size or trainer.args.per_device_eval_batch_size,
-        dist=Distributed(accelerator.process_index, accelerator.num_processes),
+        dist=current_distributed(),
         disable_progress=trainer.args.disable_tqdm or not trainer.is_local_process_zero(),
         device=trainer.args.device,
     )

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
 from hf_grass.cache.stats import ModuleSpec, StatsAccumulator, fit_eigenbasis
 from hf_grass.cache.writer import CacheWriter, num_shards
-from hf_grass.capture.engine import GradientComputer, NonFiniteError, context_length
+from hf_grass.capture.engine import GradientComputer, NonFiniteError, context_length, is_zero3
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import supervised_tokens
-from hf_grass.data import ExampleSource, collate
+from hf_grass.data import ExampleSource, collate, is_lm_example
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -98,9 +98,7 @@ def model_fingerprint(
     digest = hashlib.sha256()
     shapes = hashlib.sha256()
     for t in computer.targets:
-        weight = t.module.weight
-        weight = gather(weight) if gather is not None else weight
-        digest.update(weight.detach().reshape(-1)[:4096].to("cpu", torch.float64).numpy().tobytes())
+        digest.update(_weight_head(t.module.weight, gather))
         shapes.update(f"{t.name}:{t.d_out}x{t.d_in}:{t.bias};".encode())
     return {
         "class": type(model).__name__,
@@ -109,6 +107,39 @@ def model_fingerprint(
         "modules_sha256": shapes.hexdigest()[:16],
         "weights_sha256": digest.hexdigest()[:16],
     }
+
+
+def _weight_head(weight: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None) -> bytes:
+    """The first 4096 values of a weight as float64 bytes (gathered when ZeRO-3 partitions it)."""
+    if gather is not None:
+        weight = gather(weight)
+    elif hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partition: gather the full weight briefly
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().reshape(-1)[:4096].to("cpu", torch.float64).numpy().tobytes()
+    return weight.detach().reshape(-1)[:4096].to("cpu", torch.float64).numpy().tobytes()
+
+
+def _shard_indices(shard: int, shard_size: int, n: int) -> list[int]:
+    start = shard * shard_size
+    return list(range(start, min(start + shard_size, n)))
+
+
+def _lockstep(items: list, dist: Distributed, lockstep: bool) -> Iterator:
+    """The items, then ``None`` until every rank has had as many steps as the busiest one.
+
+    The step count is agreed on before the first item, so this collective never interleaves with
+    the collectives of the steps themselves.
+    """
+    steps = len(items)
+    if lockstep:
+        count = torch.tensor([steps], dtype=torch.int64)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        steps = int(count)
+    yield from items
+    for _ in range(steps - len(items)):
+        yield None
 
 
 def _batches(indices: list[int], size: int) -> Iterator[list[int]]:
@@ -144,6 +175,15 @@ def build_cache(
     }
     writer = CacheWriter(cache_dir, config, header, dist.rank, dist.world_size)
     specs = module_specs(computer)
+    lockstep = dist.world_size > 1 and is_zero3(computer.model)
+
+    def dummy() -> dict[str, torch.Tensor]:
+        """A batch with one supervised token, run (and discarded) to keep ZeRO-3 ranks in step."""
+        example = source.example(0)
+        if is_lm_example(example):
+            ids = (list(example["input_ids"]) + [pad_token_id or 0] * 2)[:2]
+            example = {"input_ids": ids, "labels": ids}
+        return collate([example], pad_token_id, padding_side)
 
     def run_batch(idx: list[int], request: CaptureRequest):
         """(kept indices, their examples, skipped indices, gradients or None)."""
@@ -175,7 +215,9 @@ def build_cache(
         writer.cleanup_orphans()
         eigenbasis = None
         if config.preconditioner == "ekfac":
-            eigenbasis = _warmup(computer, writer, specs, dist, run_batch, batch_size, n, disable_progress)
+            eigenbasis = _warmup(
+                computer, writer, specs, dist, run_batch, batch_size, n, disable_progress, lockstep, dummy
+            )
         stats = None
         if config.preconditioner != "identity":
             stats = StatsAccumulator(specs, config.preconditioner, eigenbasis, device=computer.device)
@@ -205,17 +247,27 @@ def build_cache(
                 disable=disable_progress or total == 0,
             ) as bar,
         ):
-            for shard in todo:
-                start = shard * config.shard_size
-                indices = list(range(start, min(start + config.shard_size, n)))
-                kept, rows, docs, skipped = [], [], [], []
-                truncated_before = source.truncated
-                for idx in _batches(indices, batch_size):
-                    ids, examples, skip, grads = run_batch(idx, request)
-                    skipped += skip
-                    bar.update(len(idx))
-                    if grads is None:
-                        continue
+            # a flat plan of batches; under ZeRO-3 every rank must run the same number of
+            # forward/backward passes (parameters are gathered collectively), so ranks with less
+            # work run discarded dummy batches until all are done
+            plan = [
+                (shard, idx, pos == last)
+                for shard in todo
+                for batches in [list(_batches(_shard_indices(shard, config.shard_size, n), batch_size))]
+                for last in [len(batches) - 1]
+                for pos, idx in enumerate(batches)
+            ]
+            kept, rows, docs, skipped = [], [], [], []
+            truncated_before = source.truncated
+            for item in _lockstep(plan, dist, lockstep):
+                if item is None:
+                    computer.compute(dummy(), CaptureRequest(rows=True))
+                    continue
+                shard, idx, last = item
+                ids, examples, skip, grads = run_batch(idx, request)
+                skipped += skip
+                bar.update(len(idx))
+                if grads is not None:
                     if stats is not None:
                         stats.update(
                             grads.rows, grads.factor_grads, grads.cov_in, grads.cov_out, grads.tokens
@@ -226,6 +278,10 @@ def build_cache(
                         {"index": i, "text": ex.get("text"), "id": ex.get("id")}
                         for i, ex in zip(ids, examples)
                     ]
+                elif lockstep:
+                    computer.compute(dummy(), CaptureRequest(rows=True))
+                if not last:
+                    continue
                 block = (
                     torch.cat(rows) if rows else torch.empty(0, computer.total_dim, dtype=config.torch_dtype)
                 )
@@ -238,6 +294,8 @@ def build_cache(
                     stats.state_dict() if stats else None,
                     truncated=source.truncated - truncated_before,
                 )
+                kept, rows, docs, skipped = [], [], [], []
+                truncated_before = source.truncated
         writer.finish(complete=True)
         dist.barrier()
         if dist.world_size > 1 and dist.rank == 0:
@@ -249,7 +307,7 @@ def build_cache(
 
 
 def _warmup(
-    computer, writer, specs, dist, run_batch, batch_size, n, disable_progress
+    computer, writer, specs, dist, run_batch, batch_size, n, disable_progress, lockstep=False, dummy=None
 ) -> dict[str, torch.Tensor]:
     """K-FAC eigenbasis from the covariances of the first ``ekfac_sample_size`` examples."""
     entry = writer.eigenbasis_entry()
@@ -267,10 +325,13 @@ def _warmup(
             total=len(sample), desc="hf-grass: fitting K-FAC eigenbasis", unit="ex", disable=disable_progress
         ) as bar,
     ):
-        for idx in _batches(sample, batch_size):
-            _, _, _, grads = run_batch(idx, request)
-            bar.update(len(idx))
+        for idx in _lockstep(list(_batches(sample, batch_size)), dist, lockstep):
+            grads = run_batch(idx, request)[3] if idx is not None else None
+            if idx is not None:
+                bar.update(len(idx))
             if grads is None:
+                if lockstep:
+                    computer.compute(dummy(), request)
                 continue
             for name, value in grads.cov_in.items():
                 sums[f"{name}::cov_in"] = sums.get(f"{name}::cov_in", 0) + value.cpu()

@@ -1,13 +1,181 @@
-"""Push a gradient cache to, and pull it from, a Hugging Face Hub *dataset* repo."""
+"""Push a gradient cache to, and pull it from, a Hugging Face Hub *dataset* repo.
+
+**Push** (``GradientCache.push_to_hub``) makes one commit holding ``manifest.json``, every file the
+manifest lists (shards, their documents, the preconditioner statistics, the eigenbasis) and a
+generated ``README.md`` dataset card. The file list comes from the manifest, not from a directory
+walk, so nothing else travels: not ``parts/`` (writer bookkeeping whose merge *is* the manifest), not
+lock or temp files, not ``preconditioner/`` (a fit derived from the statistics, recomputed on first
+use). The card is uploaded from memory, so the local cache directory is never modified. Files of an
+earlier cache in the same repo that the new manifest no longer lists are deleted in that commit, and
+the commit is pinned to the head it was planned against (``parent_commit``), so a concurrent push
+fails instead of mixing two caches.
+
+**Pull** (``GradientCache.from_pretrained``) downloads with ``snapshot_download`` into a plain
+directory (``local_dir`` mode: real files, not symlinks into the shared blob store, because the reader
+refuses any manifest path that resolves outside the cache directory). The default directory is
+``<HF_HOME>/hf_grass/datasets--<namespace>--<name>/<revision>``; a later pull of the same revision only
+fetches what changed, and works offline from what is there. Before any array is read, the manifest's
+schema and paths are validated (a path outside the directory, ``../x`` or absolute, is refused), then
+the sha256 of every file it lists is checked, and only then are the safetensors headers parsed.
+
+The endpoint is the ``endpoint`` argument, else ``HF_ENDPOINT`` as set *now* (``huggingface_hub``
+reads it once, at import), else the ``huggingface_hub`` default.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from hf_grass.cache.files import CacheError, sha256_file
+from hf_grass.cache.manifest import MANIFEST, load_json, safe_path, validate_manifest
 
 if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo, DatasetCard
+
     from hf_grass.cache.reader import GradientCache
+
+REPO_TYPE = "dataset"
+CARD_TAGS = ["hf-grass", "gradient-cache", "data-attribution", "training-data-attribution"]
+# repo paths a cache owns: a new push deletes those its manifest does not list (stale shards, ...)
+_OWNED_PREFIXES = ("shards/", "stats/", "parts/", "preconditioner/")
+_OWNED_FILES = (MANIFEST, "eigenbasis.safetensors")
+_COMPRESSOR_FIELDS = (
+    "proj_dim",
+    "sparsify_factor",
+    "sjlt_nnz",
+    "distribution",
+    "target_modules",
+    "exclude_modules",
+)
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}"
+_REPO_ID = re.compile(rf"^{_NAME}/{_NAME}$")
+
+
+def _endpoint(endpoint: str | None) -> str | None:
+    """The explicit endpoint, else ``HF_ENDPOINT`` read at call time, else None (the client default).
+
+    Passing the endpoint explicitly everywhere matters: ``huggingface_hub`` builds download URLs from
+    a template frozen at import time, so a later ``HF_ENDPOINT`` would otherwise be ignored.
+    """
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT")
+    return endpoint.rstrip("/") if endpoint else None
+
+
+def is_repo_id(value: str) -> bool:
+    """Whether ``value`` reads as a Hub repo id ``namespace/name`` (a bare name is taken as a path)."""
+    return bool(_REPO_ID.match(value)) and ".." not in value and "--" not in value
+
+
+# ---- dataset card -------------------------------------------------------------------------------
+
+
+def _size_category(n: int) -> str:
+    bounds = [(10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M")]
+    bounds += [(10**7, "1M<n<10M"), (10**8, "10M<n<100M"), (10**9, "100M<n<1B"), (10**10, "1B<n<10B")]
+    return next((label for limit, label in bounds if n < limit), "n>10B")
+
+
+def _cell(value: Any) -> str:
+    """A markdown table cell: code-formatted, with the characters that would break the table escaped."""
+    if value is None or value == "":
+        return "unknown"
+    text = str(value).replace("|", "\\|").replace("\n", " ").replace("`", "'")
+    return f"`{text}`"
+
+
+def dataset_card(cache: GradientCache, repo_id: str, revision: str | None = None) -> DatasetCard:
+    """The ``README.md`` of a pushed cache: tags in the YAML header; the model, compressor, seed,
+    dtype, size and how to load it in the body."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    model, config, manifest = cache.model_info, cache.config, cache.manifest
+    model_name, model_rev = model.get("name_or_path"), model.get("revision")
+    data = DatasetCardData(
+        pretty_name=f"hf-grass gradient cache: {model_name or model.get('class') or 'model'}",
+        tags=CARD_TAGS,
+        size_categories=[_size_category(cache.num_rows)],
+        # not a table the dataset viewer can show (safetensors shards + a JSON manifest)
+        viewer=False,
+    )
+    # the compressor's own parameters (seed, dtype, ... get rows of their own)
+    compressor = {k: v for k, v in config.cache_dict().items() if k in _COMPRESSOR_FIELDS and v is not None}
+    rev_arg = f', revision="{revision}"' if revision not in (None, "main") else ""
+    if model_name:
+        model_rev_arg = f', revision="{model_rev}"' if model_rev else ""
+        load_model = (
+            f'model = AutoModelForCausalLM.from_pretrained("{model_name}"{model_rev_arg})\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{model_name}"{model_rev_arg})'
+        )
+    else:
+        load_model = (
+            f"model = ...      # the {model.get('class', 'model')} the cache was built with "
+            f"(weights fingerprint {model.get('weights_sha256')})\ntokenizer = ..."
+        )
+    cache_arg = f'"{repo_id}"' if not rev_arg else "cache"
+    skipped = len(cache.skipped)
+    rows = [
+        ("Model class", _cell(model.get("class"))),
+        ("Model", _cell(model_name)),
+        ("Model revision", _cell(model_rev)),
+        ("Weights fingerprint", _cell(model.get("weights_sha256"))),
+        ("Compressor", _cell(config.compressor)),
+        ("Compressor config", _cell(json.dumps(compressor, sort_keys=True))),
+        ("Seed", _cell(config.seed)),
+        ("Storage dtype", _cell(config.dtype)),
+        ("Rows", f"{cache.num_rows} (of {manifest['num_examples']} examples, {skipped} skipped)"),
+        ("Dimension", f"{cache.dim} per row, over {len(cache.modules)} modules"),
+        ("Loss", _cell(config.loss_reduction)),
+        ("Preconditioner", f"{_cell(config.preconditioner)} (damping {config.damping})"),
+        ("Shards", str(len(cache.shards))),
+        ("Cache format", f"{manifest['format']} v{manifest['format_version']}"),
+        ("Written by", f"hf-grass {manifest.get('library_version', '')}".strip()),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    body = f"""
+# {data.pretty_name}
+
+Compressed per-example training gradients written by **hf-grass** for training-data attribution:
+given a prompt, `find_influential` returns the training documents that most helped (positive
+score) or hurt (negative score) the model's completion.
+
+| | |
+|---|---|
+{table}
+
+The full configuration and the per-module layout are in `manifest.json`, with the sha256 of every
+file; `GradientCache.from_pretrained` checks all of them before anything is used.
+
+## How to load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_grass import GradientCache, find_influential
+
+{load_model}
+cache = GradientCache.from_pretrained("{repo_id}"{rev_arg})  # downloads and verifies every file
+result = find_influential("Your prompt", model=model, tokenizer=tokenizer, cache={cache_arg}, k=10)
+print(result)
+```
+
+Scores are only meaningful with the model the cache was built with: `find_influential` compares
+the model's weights fingerprint with the one above and refuses another model.
+
+## Files
+
+- `manifest.json`: configuration, model fingerprint, module layout, and the sha256 of every file
+- `shards/shard-NNNNNN.safetensors`: `grads` [rows, {cache.dim}] ({config.dtype}) and `indices` [rows] (dataset index)
+- `shards/shard-NNNNNN.jsonl`: the training documents of those rows (`index`, `text`, `id`)
+- `stats/`, `eigenbasis.safetensors`: the sums the preconditioner is fitted from
+"""
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+# ---- push ---------------------------------------------------------------------------------------
 
 
 def push_to_hub(
@@ -17,33 +185,170 @@ def push_to_hub(
     token: str | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
-) -> str:
-    """Upload the cache directory (with a dataset card) to ``repo_id``; returns the commit URL."""
-    from huggingface_hub import HfApi
+    endpoint: str | None = None,
+) -> CommitInfo:
+    """Upload ``cache`` (with a dataset card) to the dataset repo ``repo_id`` in one commit.
 
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        repo_type="dataset",
-        folder_path=str(cache.path),
-        revision=revision,
-        commit_message=commit_message or f"Upload hf-grass gradient cache ({cache.num_rows} rows)",
-        ignore_patterns=[".lock-*", "**/.*.tmp-*", "preconditioner/*"],
+    Creates the repo (and the branch ``revision``) if needed. Returns the ``CommitInfo``: a ``str``
+    holding the commit URL, with the commit id in ``.oid`` (pin downloads to it for reproducibility).
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    if not cache.manifest["complete"]:
+        raise CacheError(
+            f"{cache.path} is an unfinished build ({cache.num_rows} of {cache.manifest['num_examples']} "
+            "rows); run the build again to finish it before pushing."
+        )
+    cache.verify()  # never publish a damaged cache: every file must match its manifest sha256
+    api = HfApi(endpoint=_endpoint(endpoint), token=token)
+    api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
+
+    root = cache.path.resolve()  # cache.files() gives resolved paths
+    uploads = {MANIFEST: root / MANIFEST}
+    for path, _ in cache.files():
+        uploads[path.relative_to(root).as_posix()] = path
+    operations: list[Any] = [
+        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path))
+        for rel, path in sorted(uploads.items())
+    ]
+    card = str(dataset_card(cache, repo_id, revision)).encode()
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+
+    head = api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision).sha
+    remote = api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=head)
+    operations += [
+        CommitOperationDelete(path_in_repo=f)
+        for f in remote
+        if (f.startswith(_OWNED_PREFIXES) or f in _OWNED_FILES) and f not in uploads
+    ]
+    summary = cache.summary()
+    message = commit_message or (
+        f"Upload hf-grass gradient cache ({summary['rows']} rows, {summary['compressor']}, "
+        f"dim {summary['dim']})"
     )
-    return str(getattr(info, "commit_url", info))
+    return api.create_commit(
+        repo_id,
+        operations,
+        commit_message=message,
+        repo_type=REPO_TYPE,
+        revision=revision,
+        parent_commit=head,  # fail rather than mix with a push that landed since we listed the repo
+    )
+
+
+# ---- pull ---------------------------------------------------------------------------------------
+
+
+def default_local_dir(repo_id: str, revision: str | None = None) -> Path:
+    """Where a pulled cache lives by default: ``<HF_HOME>/hf_grass/datasets--ns--name/<revision>``."""
+    from huggingface_hub import constants
+
+    home = os.environ.get("HF_HOME") or constants.HF_HOME  # read now, not at import
+    folder = "datasets--" + repo_id.replace("/", "--")
+    return Path(home).expanduser() / "hf_grass" / folder / quote(revision or "main", safe="")
+
+
+def _listed_files(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, sha256) of every file a validated manifest lists."""
+    out = []
+    for shard in manifest["shards"]:
+        out += [(shard["file"], shard["sha256"]), (shard["docs"], shard["docs_sha256"])]
+    out += [(entry["file"], entry["sha256"]) for entry in manifest["stats"]]
+    if manifest.get("eigenbasis"):
+        out.append((manifest["eigenbasis"]["file"], manifest["eigenbasis"]["sha256"]))
+    return out
+
+
+def _check_file(path: Path, rel: str, expected: str, source: str) -> None:
+    if not path.is_file():
+        raise CacheError(
+            f"{rel} is listed in the manifest of {source} but is missing (looked for {path}); "
+            "the repo is incomplete: push the cache again."
+        )
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CacheError(
+            f"{rel} of {source} does not match the sha256 in its manifest (expected {expected[:16]}..., "
+            f"got {actual[:16]}... for {path}): the repo's copy or the downloaded copy was altered, so "
+            "nothing was loaded. Pull again with force_download=True; if it still fails, the repo "
+            "itself is damaged: push the cache again."
+        )
+
+
+def open_verified(folder: str | os.PathLike, source: str | None = None) -> GradientCache:
+    """Open a downloaded cache, checking it in an order that reads no array of an unchecked file:
+    manifest schema and paths, then the sha256 of every listed file, then the safetensors headers."""
+    from hf_grass.cache.reader import GradientCache
+
+    folder = Path(folder)
+    source = source or str(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CacheError(f"{source} is not an hf-grass gradient cache: it has no {MANIFEST}")
+    manifest = validate_manifest(load_json(manifest_path), folder)  # refuses ../x and absolute paths
+    checked = set()
+    for rel, expected in _listed_files(manifest):
+        path = safe_path(folder, rel)
+        _check_file(path, rel, expected, source)
+        checked.add(path)
+    cache = GradientCache(folder)  # validates again and checks every shard's header and size
+    root = folder.resolve()
+    for path, expected in cache.files():  # whatever the reader lists that the loop above did not
+        if path not in checked:
+            _check_file(path, path.relative_to(root).as_posix(), expected, source)
+    return cache
 
 
 def load_cache(
-    repo_id_or_path: str | os.PathLike, revision: str | None = None, token: str | None = None
+    repo_id_or_path: str | os.PathLike,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    local_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
 ) -> GradientCache:
-    """A local cache directory, or a Hub dataset repo downloaded and verified (sha256 of every file)."""
+    """A local cache directory, or a Hub dataset repo downloaded and verified.
+
+    Args:
+        repo_id_or_path: a directory (opened as is), or a repo id ``namespace/name``. A string is
+            a path if it exists or is not of the form ``namespace/name``.
+        revision: branch, tag or commit of the repo (default ``main``).
+        token: for private repos (default: the saved login or ``HF_TOKEN``).
+        endpoint: the Hub (default: ``HF_ENDPOINT``, else huggingface.co).
+        local_dir: where to download to (default: see ``default_local_dir``).
+        force_download: download every file again even if the local copy is current.
+    """
     from hf_grass.cache.reader import GradientCache
 
-    path = Path(repo_id_or_path)
-    if path.is_dir():
-        return GradientCache(path)
-    from huggingface_hub import snapshot_download
+    text = os.fspath(repo_id_or_path)
+    if isinstance(repo_id_or_path, os.PathLike) or Path(text).exists() or not is_repo_id(text):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub repos; {text} is a local path")
+        return GradientCache(text)
 
-    local = snapshot_download(str(repo_id_or_path), repo_type="dataset", revision=revision, token=token)
-    return GradientCache(local, verify=True)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    target = Path(local_dir) if local_dir is not None else default_local_dir(text, revision)
+    try:
+        folder = snapshot_download(
+            text,
+            repo_type=REPO_TYPE,
+            revision=revision,
+            local_dir=target,
+            token=token,
+            endpoint=_endpoint(endpoint),
+            force_download=force_download,
+            # a pulled cache fits its own preconditioner: a fit shipped in the repo would be loaded
+            # unchecked (no checksum in the manifest), and writer parts are of no use to a reader
+            ignore_patterns=["preconditioner/*", "parts/*"],
+        )
+    except RepositoryNotFoundError as err:
+        err.append_to_message(
+            f"\n(hf-grass: there is no local directory {text!r} either; a gradient cache on the Hub is a "
+            "*dataset* repo, created by GradientCache.push_to_hub.)"
+        )
+        raise
+    return open_verified(folder, f"{text}@{revision or 'main'}")

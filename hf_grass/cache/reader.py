@@ -46,12 +46,12 @@ class GradientCache:
         self.manifest: dict[str, Any] = validate_manifest(load_json(manifest_path), self.path)
         self.config = GraSSConfig.from_dict(self.manifest["config"])
         self._shard_paths = [safe_path(self.path, s["file"]) for s in self.shards]
+        if verify:  # checksums first: nothing of an unverified file is parsed
+            self.verify()
         for shard, shard_path in zip(self.shards, self._shard_paths):
             self._check_shard_header(shard, shard_path)
         if not self.manifest["complete"]:
             logger.warning("Gradient cache %s is incomplete (%d rows so far).", self.path, self.num_rows)
-        if verify:
-            self.verify()
 
     # ---- description ----------------------------------------------------------------------------
 
@@ -218,17 +218,52 @@ class GradientCache:
 
     # ---- Hub ------------------------------------------------------------------------------------
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload this cache to a Hugging Face *dataset* repo (see ``hf_grass.cache.hub``)."""
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        endpoint: str | None = None,
+    ) -> str:
+        """Upload this cache, with a dataset card, to a Hugging Face *dataset* repo in one commit.
+
+        Returns the commit, a ``huggingface_hub.CommitInfo``: the commit URL as a ``str``, with the
+        commit id in ``.oid``. See ``hf_grass.cache.hub`` for what is uploaded.
+        """
         from hf_grass.cache.hub import push_to_hub
 
-        return push_to_hub(self, repo_id, **kwargs)
+        return push_to_hub(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            endpoint=endpoint,
+        )
 
     @classmethod
     def from_pretrained(
-        cls, repo_id_or_path: str | os.PathLike, revision: str | None = None, **kwargs: Any
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        revision: str | None = None,
+        *,
+        token: str | None = None,
+        endpoint: str | None = None,
+        local_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
     ) -> GradientCache:
-        """Open a local cache directory, or download one from the Hub and verify every checksum."""
+        """Open a local cache directory, or download one from the Hub and verify every checksum
+        before use (see ``hf_grass.cache.hub.load_cache``)."""
         from hf_grass.cache.hub import load_cache
 
-        return load_cache(repo_id_or_path, revision=revision, **kwargs)
+        return load_cache(
+            repo_id_or_path,
+            revision=revision,
+            token=token,
+            endpoint=endpoint,
+            local_dir=local_dir,
+            force_download=force_download,
+        )

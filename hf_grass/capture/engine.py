@@ -56,6 +56,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_zero3(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the parameters (then forwards are collective)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def context_length(model: nn.Module) -> int | None:
     """The model's maximum sequence length from its config, if it declares one."""
     base = unwrap_model(model)

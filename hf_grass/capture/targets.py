@@ -53,7 +53,8 @@ def describe(name: str, module: nn.Module) -> TargetModule:
     if isinstance(module, nn.Linear):
         d_in, d_out, transposed = module.in_features, module.out_features, False
     elif is_conv1d(module):
-        d_in, d_out = module.weight.shape
+        # nx/nf rather than weight.shape: under ZeRO-3 the local weight is an empty partition
+        d_in, d_out = module.nx, module.nf
         transposed = True
     else:
         raise TypeError(

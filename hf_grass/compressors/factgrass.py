@@ -17,7 +17,7 @@ import torch
 from hf_grass import kernels
 from hf_grass.compressors.base import FactorisedCompressor, register_compressor
 from hf_grass.compressors.sjlt import draw_sjlt, sjlt_dense
-from hf_grass.kernels.reference import accumulation_dtype, gather_columns
+from hf_grass.kernels.reference import accumulation_dtype, gather_columns, take_columns
 from hf_grass.seeding import sample_without_replacement
 
 
@@ -50,7 +50,7 @@ class FactGraSSCompressor(FactorisedCompressor):
     def factors(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         acc = accumulation_dtype(x, delta)
         xs = gather_columns(x, self.in_idx, self.mask_bias_index).to(acc) * self.scale_in
-        return xs, delta[..., self.out_idx].to(acc) * self.scale_out
+        return xs, take_columns(delta, self.out_idx).to(acc) * self.scale_out
 
     def compress(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         # fused path: gather + outer-product sum + scatter (Triton on CUDA), scale applied once at the end

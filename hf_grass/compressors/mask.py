@@ -11,7 +11,7 @@ import math
 import torch
 
 from hf_grass.compressors.base import Compressor, register_compressor
-from hf_grass.kernels.reference import accumulation_dtype
+from hf_grass.kernels.reference import accumulation_dtype, take_columns
 from hf_grass.seeding import sample_without_replacement
 
 
@@ -22,11 +22,12 @@ def masked_coordinates(
     acc = accumulation_dtype(x, delta)
     out_rows, in_cols = idx // d_in, idx % d_in
     if bias_index is None:
-        xs = x[..., in_cols].to(acc)
+        xs = take_columns(x, in_cols).to(acc)
     else:  # the bias column is implicit: gather the others, then write the ones
-        xs = x[..., in_cols.clamp(max=bias_index - 1)].to(acc)
+        xs = take_columns(x, in_cols.clamp(max=bias_index - 1)).to(acc)
         xs[..., in_cols == bias_index] = 1.0
-    return torch.einsum("btk,btk->bk", delta[..., out_rows].to(acc), xs)
+    # an elementwise product summed over tokens: einsum would permute memory first
+    return (take_columns(delta, out_rows).to(acc) * xs).sum(dim=1)
 
 
 @register_compressor("mask")

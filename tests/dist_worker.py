@@ -1,0 +1,107 @@
+"""Launched by tests/test_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
+
+Builds the gradient cache of a fixed tiny model with AttributionTrainer (optionally under DeepSpeed
+ZeRO-2/3, after a zero-learning-rate training step so a training engine exists), then scores fixed
+queries, and has rank 0 save the scores and a few facts about the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _models import random_token_examples, tiny_gpt2  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from hf_grass import AttributionTrainer, GraSSConfig  # noqa: E402
+
+VOCAB = 40
+N_TRAIN = 23
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--zero", type=int, default=0, help="DeepSpeed ZeRO stage (0: no DeepSpeed)")
+    parser.add_argument("--preconditioner", default="ekfac")
+    opts = parser.parse_args()
+    model = tiny_gpt2(VOCAB, seed=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    train = Dataset.from_list(random_token_examples(N_TRAIN, VOCAB, seed=0))
+    ds_config = None
+    if opts.zero:
+        ds_config = {
+            "zero_optimization": {"stage": opts.zero, "stage3_param_persistence_threshold": 0},
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "zero_allow_untested_optimizer": True,
+        }
+    args = TrainingArguments(
+        output_dir=os.path.join(opts.out, "trainer"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=3,
+        max_steps=1,
+        learning_rate=0.0,
+        weight_decay=0.0,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=not opts.zero,
+        deepspeed=ds_config,
+    )
+    config = GraSSConfig(
+        compressor="factgrass",
+        proj_dim=16,
+        shard_size=4,
+        ekfac_sample_size=10,
+        preconditioner=opts.preconditioner,
+        dtype="float32",
+        cache_dir=os.path.join(opts.out, "cache"),
+    )
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, : len(r["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    trainer = AttributionTrainer(
+        model=model, args=args, train_dataset=train, data_collator=collate, grass_config=config
+    )
+    if opts.zero:
+        trainer.train()  # creates the DeepSpeed training engine; lr 0 keeps the weights
+    grads_before = [p.grad for p in trainer.model.parameters()]
+    cache = trainer.build_gradient_cache()
+    leftover = [g is not None and bool(g.abs().sum() > 0) for g in grads_before] != [
+        p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainer.model.parameters()
+    ]
+    queries = random_token_examples(3, VOCAB, seed=5)
+    scores = trainer.attribute(queries)
+    # torch.distributed is the ground truth: under DeepSpeed on CPU, Accelerate reports 1 process
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if rank == 0:
+        torch.save(scores, os.path.join(opts.out, "scores.pt"))
+        with open(os.path.join(opts.out, "info.json"), "w") as fh:
+            json.dump(
+                {
+                    "world_size": world,
+                    "rows": cache.num_rows,
+                    "grads_changed": leftover,
+                    "global_step": trainer.state.global_step,
+                },
+                fh,
+            )
+
+
+if __name__ == "__main__":
+    main()

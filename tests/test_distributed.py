@@ -1,0 +1,88 @@
+"""Multi-process caching with torchrun (gloo, CPU), plain and under DeepSpeed ZeRO-2/3."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _models import random_token_examples, tiny_gpt2
+from dist_worker import N_TRAIN, VOCAB
+
+from hf_grass.cache import GradientCache, build_cache
+from hf_grass.capture import GradientComputer
+from hf_grass.config import GraSSConfig
+from hf_grass.data import ExampleSource
+from hf_grass.query import Attributor
+
+pytestmark = pytest.mark.multiprocess
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(out: Path, *extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(WORKER), "--out", str(out), *extra]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((out / "info.json").read_text())
+
+
+def single_process(tmp: Path, preconditioner: str) -> tuple[GradientCache, torch.Tensor]:
+    model = tiny_gpt2(VOCAB, seed=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GraSSConfig(compressor="factgrass", proj_dim=16, shard_size=4, ekfac_sample_size=10,
+                         preconditioner=preconditioner, dtype="float32")  # fmt: skip
+    computer = GradientComputer(model, config)
+    data = random_token_examples(N_TRAIN, VOCAB, seed=0)
+    cache = GradientCache(
+        build_cache(computer, ExampleSource(data), tmp, batch_size=3, disable_progress=True)
+    )
+    scores = Attributor(model, None, cache).attribute(random_token_examples(3, VOCAB, seed=5))
+    return cache, scores
+
+
+def compare(multi_dir: Path, single: GradientCache, single_scores: torch.Tensor) -> None:
+    multi = GradientCache(multi_dir / "cache", verify=True)
+    assert multi.manifest["world_size"] == 2 and multi.manifest["complete"]
+    assert {s["id"] % 2 for s in multi.shards} == {0, 1}  # both ranks wrote shards
+    assert multi.indices.tolist() == single.indices.tolist() == list(range(N_TRAIN))
+    torch.testing.assert_close(multi.load(), single.load(), rtol=1e-5, atol=1e-6)
+    stats_m, stats_s = multi.statistics(), single.statistics()
+    assert stats_m.keys() == stats_s.keys()
+    for key in stats_s:  # summed across ranks: same up to summation order
+        # EK-FAC corrections live in the warm-up eigenbasis, itself fitted from sums in another order
+        rtol = 1e-3 if key.endswith("::lambda") else 1e-6
+        torch.testing.assert_close(
+            stats_m[key], stats_s[key], rtol=rtol, atol=rtol * stats_s[key].abs().max().item()
+        )
+    scores = torch.load(multi_dir / "scores.pt")
+    torch.testing.assert_close(scores, single_scores, rtol=1e-3, atol=1e-3 * single_scores.abs().max().item())
+
+
+@pytest.mark.parametrize("preconditioner", ["ekfac", "fim"])
+def test_torchrun_two_processes_equal_single_process(tmp_path: Path, preconditioner: str) -> None:
+    info = launch(tmp_path / "multi", "--preconditioner", preconditioner)
+    assert info["world_size"] == 2 and info["rows"] == N_TRAIN
+    single, scores = single_process(tmp_path / "single", preconditioner)
+    compare(tmp_path / "multi", single, scores)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_equals_plain(tmp_path: Path, stage: int) -> None:
+    pytest.importorskip("deepspeed")
+    info = launch(tmp_path / "ds", "--zero", str(stage))
+    assert info["world_size"] == 2 and info["global_step"] == 1
+    assert not info["grads_changed"], "the pass left gradients behind"
+    single, scores = single_process(tmp_path / "single", "ekfac")
+    compare(tmp_path / "ds", single, scores)
