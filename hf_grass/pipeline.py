@@ -67,6 +67,7 @@ def run_attribution_pass(
     device: torch.device | str | None = None,
     weight_gather: Any = None,
     checkpoint: str | os.PathLike | None = None,
+    verify_existing: bool = False,
 ) -> GradientCache:
     """Compress the per-example gradients of ``dataset`` into a cache (resuming if it exists)."""
     computer = GradientComputer(model, config, device=device)
@@ -84,5 +85,6 @@ def run_attribution_pass(
         dist=dist or current_distributed(),
         model_info=model_info,
         disable_progress=disable_progress,
+        verify_existing=verify_existing,
     )
     return GradientCache(path)

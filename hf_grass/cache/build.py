@@ -158,8 +158,13 @@ def build_cache(
     dist: Distributed | None = None,
     model_info: dict[str, Any] | None = None,
     disable_progress: bool = False,
+    verify_existing: bool = False,
 ) -> Path:
-    """Run the attribution pass over ``source`` and write (or resume) the cache in ``cache_dir``."""
+    """Run the attribution pass over ``source`` and write (or resume) the cache in ``cache_dir``.
+
+    On resume, shards already listed but missing or truncated on disk (with ``verify_existing``,
+    also any whose sha256 does not match) are recomputed.
+    """
     dist = dist or Distributed()
     config = computer.config
     if source.max_length is None:  # never feed the model more positions than it has
@@ -229,6 +234,9 @@ def build_cache(
                 stats.load_state_dict(mmap_tensors(writer.stats_file))
         mine = [s for s in range(num_shards(n, config.shard_size)) if s % dist.world_size == dist.rank]
         todo = [s for s in mine if s not in writer.completed]
+        damaged = writer.damaged_shards(verify=verify_existing)
+        if damaged:
+            logger.warning("Gradient cache %s: recomputing damaged shards %s.", cache_dir, damaged)
         if len(todo) < len(mine):
             logger.info(
                 "Gradient cache %s: %d of %d shards done, resuming.",
@@ -237,7 +245,7 @@ def build_cache(
                 len(mine),
             )
         request = CaptureRequest(rows=True, **(stats.request_kwargs if stats else {}))
-        total = sum(min(config.shard_size, n - s * config.shard_size) for s in todo)
+        total = sum(min(config.shard_size, n - s * config.shard_size) for s in damaged + todo)
         with (
             computer.session(),
             tqdm(
@@ -250,9 +258,11 @@ def build_cache(
             # a flat plan of batches; under ZeRO-3 every rank must run the same number of
             # forward/backward passes (parameters are gathered collectively), so ranks with less
             # work run discarded dummy batches until all are done
+            # damaged shards (missing or corrupt files) are recomputed first, with the same request so
+            # the rows come out bit-identical, but without counting them in the statistics again
             plan = [
-                (shard, idx, pos == last)
-                for shard in todo
+                (shard, idx, pos == last, shard in damaged)
+                for shard in damaged + todo
                 for batches in [list(_batches(_shard_indices(shard, config.shard_size, n), batch_size))]
                 for last in [len(batches) - 1]
                 for pos, idx in enumerate(batches)
@@ -263,12 +273,12 @@ def build_cache(
                 if item is None:
                     computer.compute(dummy(), CaptureRequest(rows=True))
                     continue
-                shard, idx, last = item
+                shard, idx, last, repair = item
                 ids, examples, skip, grads = run_batch(idx, request)
                 skipped += skip
                 bar.update(len(idx))
                 if grads is not None:
-                    if stats is not None:
+                    if stats is not None and not repair:
                         stats.update(
                             grads.rows, grads.factor_grads, grads.cov_in, grads.cov_out, grads.tokens
                         )
@@ -291,7 +301,7 @@ def build_cache(
                     block,
                     docs,
                     skipped,
-                    stats.state_dict() if stats else None,
+                    stats.state_dict() if stats is not None and not repair else None,
                     truncated=source.truncated - truncated_before,
                 )
                 kept, rows, docs, skipped = [], [], [], []

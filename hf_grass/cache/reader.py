@@ -122,8 +122,8 @@ class GradientCache:
     def _check_shard_header(self, shard: dict[str, Any], path: Path) -> None:
         if not path.is_file():
             raise CacheError(
-                f"shard file {path} is missing; rebuild shard {shard['id']} (run the build again on this "
-                "cache after deleting its entry, or rebuild the cache)"
+                f"shard file {path} is missing; rebuild shard {shard['id']}: run the same build command on "
+                "this cache again, it recomputes missing or damaged shards"
             )
         header, _ = read_header(path)
         grads, indices = header.get("grads"), header.get("indices")
@@ -158,8 +158,9 @@ class GradientCache:
                 raise CacheError(f"{path} is missing from the cache; rebuild it (or pull the cache again)")
             if sha256_file(path) != expected:
                 raise CacheError(
-                    f"{path} does not match its sha256 in the manifest: it is corrupt or was altered. "
-                    "Rebuild that shard (delete it and its manifest entry and resume the build) or pull the cache again."
+                    f"{path} does not match its sha256 in the manifest: it is corrupt or was altered. Rebuild "
+                    "that shard by running the same build command again with verification (hf-grass build --verify, "
+                    "or build_cache(..., verify_existing=True)), or pull the cache again."
                 )
 
     # ---- data -----------------------------------------------------------------------------------

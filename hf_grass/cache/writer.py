@@ -22,8 +22,10 @@ from hf_grass.cache.files import (
     FileLock,
     atomic_write_bytes,
     atomic_write_json,
+    read_header,
     save_tensors,
     sha256_bytes,
+    sha256_file,
 )
 from hf_grass.cache.manifest import (
     FORMAT,
@@ -156,6 +158,25 @@ class CacheWriter:
     @property
     def completed(self) -> set[int]:
         return {s["id"] for s in self.part["shards"]}
+
+    def damaged_shards(self, verify: bool = False) -> list[int]:
+        """Shards this rank lists whose files are missing, truncated or (``verify``) altered."""
+        damaged = []
+        for entry in self.part["shards"]:
+            tensors, docs = self.root / entry["file"], self.root / entry["docs"]
+            try:
+                header, _ = read_header(tensors)
+                ok = (
+                    header.get("grads", {}).get("shape") == [entry["rows"], self.part["dim"]]
+                    and docs.is_file()
+                )
+                if ok and verify:
+                    ok = sha256_file(tensors) == entry["sha256"] and sha256_file(docs) == entry["docs_sha256"]
+            except (OSError, CacheError, ValueError):
+                ok = False
+            if not ok:
+                damaged.append(entry["id"])
+        return damaged
 
     @property
     def stats_file(self) -> Path | None:
