@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from hf_grass.cache.build import Distributed
 from hf_grass.cache.reader import GradientCache
 from hf_grass.capture.engine import GradientComputer, NonFiniteError
 from hf_grass.capture.hooks import CaptureRequest
@@ -52,8 +53,12 @@ def query_gradients(
     return torch.cat(out) if out else torch.empty(0, computer.total_dim)
 
 
-def _chunks(cache: GradientCache) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    for indices, grads in cache.iter_shards():
+def _chunks(
+    cache: GradientCache, rank: int = 0, world_size: int = 1
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    for position, (indices, grads) in enumerate(cache.iter_shards()):
+        if position % world_size != rank:  # another rank scores this shard
+            continue
         for start in range(0, grads.shape[0], CHUNK_ROWS):
             yield indices[start : start + CHUNK_ROWS], grads[start : start + CHUNK_ROWS].to(torch.float32)
 
@@ -92,27 +97,58 @@ def topk_scores(
     largest: bool = True,
     cosine: bool = False,
     disable_progress: bool = True,
+    dist: Distributed | None = None,
 ) -> TopK:
-    """Streaming top-k over the shards; memory ``O(n_query * (k + CHUNK_ROWS))``."""
+    """Streaming top-k over the shards; memory ``O(n_query * (k + CHUNK_ROWS))``.
+
+    With ``dist`` (several processes, ``torch.distributed`` initialised), each rank scores every
+    ``world_size``-th shard and the per-rank top-k lists are all-gathered and merged, so every rank
+    returns the same result.
+    """
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if k > cache.num_rows:
         raise ValueError(
             f"k={k} is larger than the number of cached rows ({cache.num_rows}); use k <= {cache.num_rows}"
         )
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     queries = queries.to(torch.float32)
     nq = queries.shape[0]
     fill = float("-inf") if largest else float("inf")
     best = torch.full((nq, 0), fill)
     best_idx = torch.zeros((nq, 0), dtype=torch.int64)
     qn = _norms(queries) if cosine else None
-    for indices, grads in tqdm(_chunks(cache), desc="hf-grass: scoring", disable=disable_progress):
+    for indices, grads in tqdm(
+        _chunks(cache, rank, world), desc="hf-grass: scoring", disable=disable_progress
+    ):
         block = queries @ grads.T
         if cosine:
             block = block / qn / grads.norm(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
-        merged = torch.cat([best, block], dim=1)
-        merged_idx = torch.cat([best_idx, indices.unsqueeze(0).expand(nq, -1)], dim=1)
-        take = min(k, merged.shape[1])
-        best, pos = merged.topk(take, dim=1, largest=largest, sorted=True)
-        best_idx = merged_idx.gather(1, pos)
+        best, best_idx = _merge(best, best_idx, block, indices.unsqueeze(0).expand(nq, -1), k, largest)
+    if world > 1:
+        # pad to exactly k so every rank contributes tensors of the same shape
+        pad = k - best.shape[1]
+        best = torch.cat([best, torch.full((nq, pad), fill)], dim=1)
+        best_idx = torch.cat([best_idx, torch.full((nq, pad), -1, dtype=torch.int64)], dim=1)
+        values = [torch.empty_like(best) for _ in range(world)]
+        positions = [torch.empty_like(best_idx) for _ in range(world)]
+        torch.distributed.all_gather(values, best)
+        torch.distributed.all_gather(positions, best_idx)
+        best, best_idx = _merge(
+            best[:, :0], best_idx[:, :0], torch.cat(values, 1), torch.cat(positions, 1), k, largest
+        )
     return TopK(best, best_idx)
+
+
+def _merge(
+    best: torch.Tensor,
+    best_idx: torch.Tensor,
+    block: torch.Tensor,
+    block_idx: torch.Tensor,
+    k: int,
+    largest: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    merged = torch.cat([best, block], dim=1)
+    merged_idx = torch.cat([best_idx, block_idx], dim=1)
+    values, pos = merged.topk(min(k, merged.shape[1]), dim=1, largest=largest, sorted=True)
+    return values, merged_idx.gather(1, pos)

@@ -87,10 +87,17 @@ def main() -> None:
     ]
     queries = random_token_examples(3, VOCAB, seed=5)
     scores = trainer.attribute(queries)
+    from hf_grass.pipeline import current_distributed
+    from hf_grass.scoring import topk_scores
+
+    attributor = trainer._attributor()
+    vectors = attributor.query_vectors([collate(queries)])
+    split = topk_scores(cache, vectors, k=5, dist=current_distributed())
     # torch.distributed is the ground truth: under DeepSpeed on CPU, Accelerate reports 1 process
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if rank == 0:
         torch.save(scores, os.path.join(opts.out, "scores.pt"))
+        torch.save({"values": split.scores, "indices": split.indices}, os.path.join(opts.out, "topk.pt"))
         with open(os.path.join(opts.out, "info.json"), "w") as fh:
             json.dump(
                 {

@@ -68,6 +68,9 @@ def compare(multi_dir: Path, single: GradientCache, single_scores: torch.Tensor)
         )
     scores = torch.load(multi_dir / "scores.pt")
     torch.testing.assert_close(scores, single_scores, rtol=1e-3, atol=1e-3 * single_scores.abs().max().item())
+    # top-k scored across ranks (each rank its shards, lists merged) = the dense argsort
+    split = torch.load(multi_dir / "topk.pt")
+    assert split["indices"].tolist() == scores.argsort(dim=1, descending=True)[:, :5].tolist()
 
 
 @pytest.mark.parametrize("preconditioner", ["ekfac", "fim"])
