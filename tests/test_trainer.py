@@ -142,3 +142,22 @@ def test_rebuild_resumes_nothing_to_do(trained, tmp_path: Path) -> None:
     before = [s["sha256"] for s in cache.shards]
     again = trainer.build_gradient_cache()
     assert [s["sha256"] for s in again.shards] == before
+
+
+def test_chat_messages_prompt(trained) -> None:
+    trainer, _, facts, _, tokenizer = trained
+    fact = facts[1]
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    try:
+        chat = trainer.find_influential(
+            [{"role": "user", "content": fact["prompt"]}], k=3, completion=" " + fact["answer"]
+        )
+    finally:
+        tokenizer.chat_template = None
+    plain = trainer.find_influential(fact["prompt"], k=3, completion=" " + fact["answer"])
+    assert chat.prompt == fact["prompt"]
+    assert [d.index for d in chat.documents] == [d.index for d in plain.documents]
+    with pytest.raises(ValueError, match="no chat template"):
+        trainer.find_influential([{"role": "user", "content": "hi"}], completion=" x")
+    with pytest.raises(ValueError, match="role"):
+        trainer.find_influential([{"text": "hi"}], completion=" x")
