@@ -42,9 +42,8 @@ _CACHE_FIELDS = (
 class GraSSConfig:
     """Configuration of gradient compression, caching and scoring.
 
-    Example::
-
-        GraSSConfig(compressor="factgrass", proj_dim=1024, sparsify_factor=4, seed=0)
+    For example ``GraSSConfig(compressor="factgrass", proj_dim=1024, sparsify_factor=4, seed=0)``.
+    Every field has a help text, so ``transformers.HfArgumentParser(GraSSConfig)`` makes flags of them.
     """
 
     compressor: str = field(

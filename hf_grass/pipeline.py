@@ -1,8 +1,9 @@
 """Glue shared by the Trainer subclass, the callback, the module-level API and the CLI.
 
 It resolves defaults the way a `transformers` user expects (context length from the model config,
-pad token from the tokenizer, batch size from the Trainer), finds the process group (Accelerate's
-``PartialState`` when it is initialised), and runs the attribution pass.
+pad token from the tokenizer, batch size from the Trainer), finds the process group (the one
+torchrun / Accelerate / DeepSpeed initialised, read through ``torch.distributed``: under DeepSpeed on
+CPU Accelerate reports a single process), and runs the attribution pass.
 """
 
 from __future__ import annotations

@@ -38,16 +38,18 @@ class AttributionTrainer(Trainer):
         self.gradient_cache: GradientCache | None = None
 
     def build_gradient_cache(
-        self, dataset: Any = None, cache_dir: str | os.PathLike | None = None
+        self, dataset: Any = None, cache_dir: str | os.PathLike | None = None, verify_existing: bool = False
     ) -> GradientCache:
         """Attribution pass over ``dataset`` (default: ``train_dataset``), in dataset order.
 
-        Every process computes its own shards (Accelerate / torchrun); an existing cache is resumed.
+        Every process computes its own shards (Accelerate / torchrun); an existing cache is resumed,
+        and its missing or truncated shards (with ``verify_existing``, also those failing their
+        sha256) are recomputed.
         """
         dataset = self.train_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("no dataset: pass one, or give the trainer a train_dataset")
-        self.gradient_cache = build_with_trainer(self, dataset, self.grass_config, cache_dir)
+        self.gradient_cache = build_with_trainer(self, dataset, self.grass_config, cache_dir, verify_existing)
         return self.gradient_cache
 
     def _attributor(self, **kwargs: Any) -> Attributor:
@@ -85,7 +87,11 @@ class AttributionTrainer(Trainer):
 
 
 def build_with_trainer(
-    trainer: Trainer, dataset: Any, config: GraSSConfig, cache_dir: str | os.PathLike | None = None
+    trainer: Trainer,
+    dataset: Any,
+    config: GraSSConfig,
+    cache_dir: str | os.PathLike | None = None,
+    verify_existing: bool = False,
 ) -> GradientCache:
     """Run the attribution pass with a Trainer's model, tokenizer, device and process group."""
     return run_attribution_pass(
@@ -98,4 +104,5 @@ def build_with_trainer(
         dist=current_distributed(),
         disable_progress=trainer.args.disable_tqdm or not trainer.is_local_process_zero(),
         device=trainer.args.device,
+        verify_existing=verify_existing,
     )

@@ -221,3 +221,24 @@ def test_long_sequences_are_truncated_with_a_warning(
     assert "truncating" in caplog.text
     short = build(tmp_path / "s", model, config.replace(max_length=5), data)
     assert short.summary()["truncated"] == 3
+
+
+def test_fp16_overflow_names_the_example(tmp_path: Path) -> None:
+    """Rows finite in fp32 but too large for fp16 are an error naming the example, not stored inf."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+            return {"logits": self.head(input_ids)}
+
+    torch.manual_seed(0)
+    data = [{"input_ids": torch.randn(6).tolist(), "labels": i % 3} for i in range(5)]
+    data[3]["input_ids"] = [3e5] * 6  # huge inputs: a gradient of ~1e5 and more
+    config = GraSSConfig(compressor="random", proj_dim=8)
+    with pytest.raises(ValueError, match="example index 3 overflows float16.*bfloat16"):
+        build(tmp_path / "c16", Linear(), config, data)
+    cache = build(tmp_path / "c32", Linear(), config.replace(dtype="float32"), data)
+    assert cache.num_rows == 5 and torch.isfinite(cache.load()).all()

@@ -76,7 +76,7 @@ def test_planted_facts_are_found(trained) -> None:
 
 
 def test_planted_facts_at_small_proj_dim(trained, tmp_path: Path) -> None:
-    """At proj_dim=256 the masks see a quarter of each factor; still far above chance (1/60)."""
+    """At proj_dim=256 the masks keep 32 of the 65 inputs of each factor; still far above chance (1/60)."""
     trainer, _, facts, _, tokenizer = trained
     config = GraSSConfig(compressor="factgrass", proj_dim=256, cache_dir=str(tmp_path / "c256"))
     small = AttributionTrainer(

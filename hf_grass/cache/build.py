@@ -282,8 +282,15 @@ def build_cache(
                         stats.update(
                             grads.rows, grads.factor_grads, grads.cov_in, grads.cov_out, grads.tokens
                         )
+                    stored = grads.rows.to(config.torch_dtype).cpu()
+                    overflow = (~torch.isfinite(stored).all(dim=1)).nonzero().flatten().tolist()
+                    if overflow:  # finite in fp32 but not in the storage dtype (fp16 tops out at 65504)
+                        raise ValueError(
+                            f"the compressed gradient of training example index {ids[overflow[0]]} overflows "
+                            f"{config.dtype}; use GraSSConfig(dtype='bfloat16') or 'float32' for this model."
+                        )
                     kept += ids
-                    rows.append(grads.rows.to(config.torch_dtype).cpu())
+                    rows.append(stored)
                     docs += [
                         {"index": i, "text": ex.get("text"), "id": ex.get("id")}
                         for i, ex in zip(ids, examples)
