@@ -41,9 +41,11 @@ def current_distributed() -> Distributed:
     return Distributed()
 
 
-def make_source(dataset: Any, tokenizer: Any, config: GraSSConfig, model: nn.Module) -> ExampleSource:
+def make_source(
+    dataset: Any, tokenizer: Any, config: GraSSConfig, model: nn.Module, text_column: str = "text"
+) -> ExampleSource:
     max_length = config.max_length or context_length(model)
-    return ExampleSource(dataset, tokenizer=tokenizer, max_length=max_length)
+    return ExampleSource(dataset, tokenizer=tokenizer, max_length=max_length, text_column=text_column)
 
 
 def make_batches(source: ExampleSource, tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -69,10 +71,11 @@ def run_attribution_pass(
     weight_gather: Any = None,
     checkpoint: str | os.PathLike | None = None,
     verify_existing: bool = False,
+    text_column: str = "text",
 ) -> GradientCache:
     """Compress the per-example gradients of ``dataset`` into a cache (resuming if it exists)."""
     computer = GradientComputer(model, config, device=device)
-    source = make_source(dataset, tokenizer, config, model)
+    source = make_source(dataset, tokenizer, config, model, text_column)
     model_info = model_fingerprint(computer, weight_gather)
     if checkpoint is not None:  # where the weights live, so multi-checkpoint queries can reload them
         model_info["checkpoint"] = os.fspath(checkpoint)

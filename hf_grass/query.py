@@ -42,6 +42,7 @@ class InfluenceResult:
     completion: str
     documents: list[InfluentialDocument]  # most helpful first
     harmful: list[InfluentialDocument] = field(default_factory=list)  # most harmful first
+    scores: torch.Tensor | None = None  # every cached row's score (row order), when asked for
 
     def __str__(self) -> str:
         lines = [
@@ -146,12 +147,15 @@ class Attributor:
         prompt: str | list[dict[str, str]],
         k: int = 10,
         completion: str | None = None,
+        all_scores: bool = False,
         **generate_kwargs: Any,
     ) -> InfluenceResult:
         """Top-k helpful and harmful training documents for the model's completion of ``prompt``.
 
         ``prompt`` may be a chat ``messages`` list, rendered with the tokenizer's chat template.
         Without ``completion`` the model generates one (greedy, 32 new tokens unless overridden).
+        With ``all_scores`` the result also holds every cached row's score (e.g. to plot them),
+        from the same query gradient.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
@@ -165,7 +169,10 @@ class Attributor:
         query = self.query_vectors([batch])
         best = topk_scores(self.cache, query, k, largest=True, cosine=self.cosine)
         worst = topk_scores(self.cache, query, k, largest=False, cosine=self.cosine)
-        return make_result(self.cache, prompt_text, text, best, worst)
+        result = make_result(self.cache, prompt_text, text, best, worst)
+        if all_scores:  # columns are dataset indices; skipped examples have no row
+            result.scores = dense_scores(self.cache, query, cosine=self.cosine)[0, self.cache.indices]
+        return result
 
 
 def make_result(
@@ -230,10 +237,21 @@ def generate(model: nn.Module, tokenizer: Any, prompt_ids: list[int], **generate
     finally:
         model.train(was_training)
     new = out[0, len(prompt_ids) :].tolist()
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and eos in new:  # the EOS token ends the answer; it is not part of it
-        new = new[: new.index(eos)]
+    # generation stops at any of these; the stop token ends the answer but is not part of it
+    stops = set(_as_list(kwargs.get("eos_token_id"))) | set(
+        _as_list(getattr(tokenizer, "eos_token_id", None))
+    )
+    stops |= set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
+    for pos, token in enumerate(new):
+        if token in stops:
+            return new[:pos]
     return new
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 class MultiCheckpointAttributor:

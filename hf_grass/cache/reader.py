@@ -91,7 +91,10 @@ class GradientCache:
         return [i for s in self.shards for i in s["skipped"]]
 
     def summary(self) -> dict[str, Any]:
-        size = sum(p.stat().st_size for p in self._shard_paths)
+        size = (
+            sum(p.stat().st_size for p, _ in self.files() if p.is_file())
+            + (self.path / MANIFEST).stat().st_size
+        )
         return {
             "path": str(self.path),
             "rows": self.num_rows,
