@@ -112,6 +112,7 @@ class Attributor:
         self.computer = GradientComputer(model, cfg.replace(target_modules=names, exclude_modules=None))
         self._check_model(check_model)
         self.preconditioner = Preconditioner.fit(self.cache, preconditioner, damping)
+        self.basis = self.cache.eigenbasis()  # K-FAC caches: the whitening of their train rows
 
     def _check_model(self, check_weights: bool) -> None:
         found = {t.name: (t.d_out, t.d_in, t.bias) for t in self.computer.targets}
@@ -134,7 +135,7 @@ class Attributor:
     # ---- queries --------------------------------------------------------------------------------
 
     def query_vectors(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        return query_gradients(self.computer, batches, self.preconditioner)
+        return query_gradients(self.computer, batches, self.preconditioner, self.basis)
 
     def attribute(self, query_dataset: Any) -> torch.Tensor:
         """Scores ``[n_query, n_train]`` (columns = training dataset indices)."""

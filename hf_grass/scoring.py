@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from hf_grass.cache.build import Distributed
 from hf_grass.cache.reader import GradientCache
+from hf_grass.cache.stats import is_whitened, rotate
 from hf_grass.capture.engine import GradientComputer, NonFiniteError
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.precondition import Preconditioner
@@ -27,28 +28,36 @@ def query_gradients(
     computer: GradientComputer,
     batches: Iterable[Mapping[str, torch.Tensor]],
     preconditioner: Preconditioner,
+    basis: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``[n_query, dim]`` float32: the preconditioned, compressed gradient of each query's loss."""
+    """``[n_query, dim]`` float32: the preconditioned, compressed gradient of each query's loss.
+
+    ``basis``: the warm-up fit of a K-FAC cache, whose train rows are whitened
+    (``S (whiten * R g'_i)``); the query then goes through ``S (R H^-1 g'_q / whiten)`` so that the
+    whitening cancels and ``<q, row_i>`` estimates ``g'_q^T H^-1 g'_i`` with balanced noise.
+    """
+    whitened = is_whitened(basis)
+    factor = preconditioner.needs_factor_grads or whitened
     out = []
-    request = CaptureRequest(
-        rows=not preconditioner.needs_factor_grads, factor_grads=preconditioner.needs_factor_grads
-    )
     with computer.session():
         for batch in batches:
             try:
-                grads = computer.compute(batch, request)
+                grads = computer.compute(batch, CaptureRequest(rows=not factor, factor_grads=factor))
             except NonFiniteError as err:
                 raise ValueError(f"non-finite {err.what} for query rows {err.rows} of this batch") from None
-            if preconditioner.needs_factor_grads:
-                rows = torch.zeros(grads.losses.shape[0], computer.total_dim, device=computer.device)
-                for name, (start, stop) in computer.offsets.items():
-                    pre = preconditioner.apply_factor(name, grads.factor_grads[name])
-                    rows[:, start:stop] = computer.compressors[name].project_factor(pre).float()  # type: ignore[attr-defined]
-            else:
-                assert grads.rows is not None
-                rows = torch.empty_like(grads.rows, dtype=torch.float32)
-                for name, (start, stop) in computer.offsets.items():
+            rows = torch.zeros(grads.losses.shape[0], computer.total_dim, device=computer.device)
+            for name, (start, stop) in computer.offsets.items():
+                if not factor:
+                    assert grads.rows is not None
                     rows[:, start:stop] = preconditioner.apply_rows(name, grads.rows[:, start:stop]).float()
+                    continue
+                pre = grads.factor_grads[name]
+                if preconditioner.needs_factor_grads:
+                    pre = preconditioner.apply_factor(name, pre)
+                if whitened:
+                    assert basis is not None
+                    pre = rotate(basis, name, pre) / basis[f"{name}::whiten"].to(pre.device)
+                rows[:, start:stop] = computer.compressors[name].project_factor(pre.float()).float()  # type: ignore[attr-defined]
             out.append(rows.cpu())
     return torch.cat(out) if out else torch.empty(0, computer.total_dim)
 

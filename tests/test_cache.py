@@ -50,7 +50,7 @@ def test_layout_roundtrip_and_rows(tmp_path: Path, dtype: str) -> None:
     model = tiny_gpt2(VOCAB)
     data = random_token_examples(11, VOCAB)
     config = GraSSConfig(
-        compressor="factgrass", proj_dim=16, shard_size=4, dtype=dtype, preconditioner="kfac"
+        compressor="factgrass", proj_dim=16, shard_size=4, dtype=dtype, preconditioner="fim"
     )
     cache = build(tmp_path / "c", model, config, data)
     manifest = json.loads((cache.path / "manifest.json").read_text())

@@ -85,34 +85,42 @@ def test_kronecker_scores_equal_explicit_inverse(tmp_path: Path, kind: str, comp
     computer, cache = build(tmp_path, model, config, train)
     queries = random_token_examples(2, VOCAB, seed=7)
     pre = Preconditioner.fit(cache)
-    got = dense_scores(cache, query_gradients(computer, [collate(queries)], pre)).double()
+    basis = cache.eigenbasis()
+    got = dense_scores(cache, query_gradients(computer, [collate(queries)], pre, basis)).double()
 
     stats = cache.statistics()
     n = float(stats["examples"])
     query_factor = brute_force_factor_grads(model, computer, queries)
-    train_factor = brute_force_factor_grads(model, computer, train) if kind == "ekfac" else None
-    basis = cache.eigenbasis()
+    train_factor = brute_force_factor_grads(model, computer, train)
     rows = cache.load(torch.float64)
     want = torch.zeros_like(got)
+    exact = torch.zeros_like(got)
     for name in cache.module_names:
-        comp = computer.compressors[name]
+        sjlt = computer.compressors[name].project_factor_matrix()
+        # the rotation into the warm-up eigenbasis and the whitening of the train rows
+        rot = torch.kron(basis[f"{name}::q_out"], basis[f"{name}::q_in"]).double()
+        whiten = basis[f"{name}::whiten"].reshape(-1).double()
+        g_train = train_factor[name].reshape(len(train), -1)
+        torch.testing.assert_close(
+            rows[:, cache.module_slice(name)], ((g_train @ rot) * whiten) @ sjlt.T, rtol=1e-5, atol=1e-5
+        )
         if kind == "kfac":
             a = stats[f"{name}::cov_in"] / stats[f"{name}::tokens"]
             s = stats[f"{name}::cov_out"] / n
             curvature = torch.kron(s, a)  # vec index o * m_in + i
         else:
-            q = torch.kron(basis[f"{name}::q_out"], basis[f"{name}::q_in"]).double()
             # EK-FAC eigenvalues recomputed by brute force from the per-example factor gradients
-            proj = train_factor[name].reshape(len(train), -1) @ q
-            eig = proj.square().mean(0)
+            eig = (g_train @ rot).square().mean(0)
             torch.testing.assert_close(stats[f"{name}::lambda"].reshape(-1) / n, eig, rtol=1e-6, atol=1e-12)
-            curvature = q @ torch.diag(eig) @ q.T
+            curvature = rot @ torch.diag(eig) @ rot.T
         lam = 0.1 * torch.linalg.eigvalsh(curvature).clamp(min=0).mean()
         inverse = torch.linalg.inv(curvature + lam * torch.eye(curvature.shape[0], dtype=torch.float64))
         pre_q = query_factor[name].reshape(len(queries), -1) @ inverse
-        compressed = pre_q @ comp.project_factor_matrix().T
-        want += compressed @ rows[:, cache.module_slice(name)].T
+        want += (((pre_q @ rot) / whiten) @ sjlt.T) @ rows[:, cache.module_slice(name)].T
+        exact += pre_q @ g_train.T
     torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+    if compressor == "logra":  # no final projection: the whitening cancels exactly
+        torch.testing.assert_close(got, exact, rtol=RTOL, atol=RTOL * exact.abs().max().item())
 
 
 def test_streaming_topk_equals_argsort_and_cosine(tmp_path: Path) -> None:
@@ -121,7 +129,8 @@ def test_streaming_topk_equals_argsort_and_cosine(tmp_path: Path) -> None:
     train = random_token_examples(23, VOCAB, seed=2)
     computer, cache = build(tmp_path, model, config, train)
     pre = Preconditioner.fit(cache)
-    queries = query_gradients(computer, [collate(random_token_examples(4, VOCAB, seed=3))], pre)
+    batch = collate(random_token_examples(4, VOCAB, seed=3))
+    queries = query_gradients(computer, [batch], pre, cache.eigenbasis())
     dense = dense_scores(cache, queries)
     for largest in (True, False):
         top = topk_scores(cache, queries, k=7, largest=largest)

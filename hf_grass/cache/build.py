@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
-from hf_grass.cache.stats import ModuleSpec, StatsAccumulator, fit_eigenbasis
+from hf_grass.cache.stats import ModuleSpec, StatsAccumulator, fit_eigenbasis, is_whitened, rotate
 from hf_grass.cache.writer import CacheWriter, num_shards
 from hf_grass.capture.engine import GradientComputer, NonFiniteError, context_length, is_zero3
 from hf_grass.capture.hooks import CaptureRequest
@@ -219,7 +219,7 @@ def build_cache(
     try:
         writer.cleanup_orphans()
         eigenbasis = None
-        if config.preconditioner == "ekfac":
+        if config.preconditioner in ("kfac", "ekfac"):
             eigenbasis = _warmup(
                 computer, writer, specs, dist, run_batch, batch_size, n, disable_progress, lockstep, dummy
             )
@@ -244,7 +244,11 @@ def build_cache(
                 len(mine) - len(todo),
                 len(mine),
             )
-        request = CaptureRequest(rows=True, **(stats.request_kwargs if stats else {}))
+        whitened = is_whitened(eigenbasis)
+        if whitened:  # rows are built below from the factor gradients: S (whiten * R G')
+            request = CaptureRequest(rows=False, factor_grads=True, covariances=True)
+        else:
+            request = CaptureRequest(rows=True, **(stats.request_kwargs if stats else {}))
         total = sum(min(config.shard_size, n - s * config.shard_size) for s in damaged + todo)
         with (
             computer.session(),
@@ -278,9 +282,18 @@ def build_cache(
                 skipped += skip
                 bar.update(len(idx))
                 if grads is not None:
+                    rotated = None
+                    if whitened:
+                        rotated = {
+                            name: rotate(eigenbasis, name, g) for name, g in grads.factor_grads.items()
+                        }
+                        grads.rows = whitened_rows(computer, eigenbasis, rotated)
+                        bad = (~torch.isfinite(grads.rows).all(dim=1)).nonzero().flatten().tolist()
+                        if bad:
+                            raise ValueError(f"non-finite gradient for training example index {ids[bad[0]]}")
                     if stats is not None and not repair:
                         stats.update(
-                            grads.rows, grads.factor_grads, grads.cov_in, grads.cov_out, grads.tokens
+                            grads.rows, grads.factor_grads, grads.cov_in, grads.cov_out, grads.tokens, rotated
                         )
                     stored = grads.rows.to(config.torch_dtype).cpu()
                     overflow = (~torch.isfinite(stored).all(dim=1)).nonzero().flatten().tolist()
@@ -326,14 +339,19 @@ def build_cache(
 def _warmup(
     computer, writer, specs, dist, run_batch, batch_size, n, disable_progress, lockstep=False, dummy=None
 ) -> dict[str, torch.Tensor]:
-    """K-FAC eigenbasis from the covariances of the first ``ekfac_sample_size`` examples."""
+    """K-FAC eigenbasis (and row whitening) from the covariances of the first ``ekfac_sample_size``
+    examples."""
     entry = writer.eigenbasis_entry()
     path = writer.eigenbasis_path
     if entry is not None and path.exists():
         if sha256_file(path) != entry["sha256"]:
             raise CacheError(f"{path} does not match its checksum; delete the cache directory and rebuild")
         return {k: v.clone() for k, v in mmap_tensors(path).items()}
-    sample = list(range(dist.rank, min(n, computer.config.ekfac_sample_size), dist.world_size))
+    # rank 0 alone runs the warm-up sample, in the same batches as a single process would: the
+    # basis (which rotates the stored rows) is then bit-identical for any number of processes,
+    # where summing per-rank parts in another order could turn eigenvectors of (near-)degenerate
+    # eigenvalues arbitrarily. The sample is small; other ranks wait (or, under ZeRO-3, step along).
+    sample = list(range(min(n, computer.config.ekfac_sample_size))) if dist.rank == 0 else []
     sums: dict[str, torch.Tensor] = {}
     request = CaptureRequest(rows=False, covariances=True)
     with (
@@ -350,17 +368,30 @@ def _warmup(
                 if lockstep:
                     computer.compute(dummy(), request)
                 continue
+            sums["examples"] = sums.get("examples", 0) + torch.tensor(
+                float(grads.losses.shape[0]), dtype=torch.float64
+            )
             for name, value in grads.cov_in.items():
                 sums[f"{name}::cov_in"] = sums.get(f"{name}::cov_in", 0) + value.cpu()
                 sums[f"{name}::cov_out"] = sums.get(f"{name}::cov_out", 0) + grads.cov_out[name].cpu()
-    for spec in specs:  # modules without any gradient in the sample still need a (trivial) basis
+                sums[f"{name}::tokens"] = sums.get(f"{name}::tokens", 0) + torch.tensor(
+                    float(grads.tokens[name]), dtype=torch.float64
+                )
+    # modules without any gradient in the sample still need a (trivial) basis; every rank must
+    # reduce the same keys
+    sums.setdefault("examples", torch.zeros((), dtype=torch.float64))
+    for spec in specs:
         sums.setdefault(f"{spec.name}::cov_in", torch.zeros(spec.m_in, spec.m_in, dtype=torch.float64))
         sums.setdefault(f"{spec.name}::cov_out", torch.zeros(spec.m_out, spec.m_out, dtype=torch.float64))
+        sums.setdefault(f"{spec.name}::tokens", torch.zeros((), dtype=torch.float64))
     sums = dist.all_reduce_sum(sums)
     basis = fit_eigenbasis(
         specs,
         {s.name: sums[f"{s.name}::cov_in"] for s in specs},
         {s.name: sums[f"{s.name}::cov_out"] for s in specs},
+        tokens={s.name: float(sums[f"{s.name}::tokens"]) for s in specs},
+        examples=float(sums["examples"]),
+        damping=computer.config.damping,
     )
     if dist.rank == 0:
         save_tensors(path, basis)
@@ -368,6 +399,20 @@ def _warmup(
     writer.record_eigenbasis(sha256_file(path))
     # every rank uses rank 0's file, so the basis is bit-identical across processes
     return {k: v.clone() for k, v in mmap_tensors(path).items()}
+
+
+def whitened_rows(
+    computer: GradientComputer, basis: dict[str, torch.Tensor], rotated: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Train rows of a K-FAC cache: per module ``S (whiten * Q_out^T G' Q_in)`` -> ``[B, dim]`` fp32."""
+    batch = next(iter(rotated.values())).shape[0]
+    rows = torch.zeros(batch, computer.total_dim, dtype=torch.float32, device=computer.device)
+    for name, (start, stop) in computer.offsets.items():
+        if name not in rotated:  # never reached by the forward: zero gradient
+            continue
+        scaled = (rotated[name] * basis[f"{name}::whiten"].to(rotated[name].device)).to(torch.float32)
+        rows[:, start:stop] = computer.compressors[name].project_factor(scaled)  # type: ignore[attr-defined]
+    return rows
 
 
 def _version() -> str:

@@ -75,8 +75,10 @@ class StatsAccumulator:
         cov_in: dict[str, torch.Tensor],
         cov_out: dict[str, torch.Tensor],
         tokens: dict[str, int],
+        rotated: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Add one batch (all of its examples count)."""
+        """Add one batch (all of its examples count). ``rotated``: the factor gradients already
+        rotated into the eigenbasis (float64), when the caller computed them anyway."""
         self.sums["examples"] += rows.shape[0]
         for m in self.modules:
             if self.preconditioner == "fim":
@@ -90,11 +92,11 @@ class StatsAccumulator:
                 self.sums[k_tok] += tokens[m.name]
             if self.preconditioner == "ekfac" and m.name in factor_grads:
                 assert self.eigenbasis is not None
-                q_in = self.eigenbasis[f"{m.name}::q_in"].to(self.device)
-                q_out = self.eigenbasis[f"{m.name}::q_out"].to(self.device)
-                gp = factor_grads[m.name].to(self.device, torch.float64)
-                rotated = q_out.T @ gp @ q_in
-                self.sums[f"{m.name}::lambda"] += rotated.square().sum(dim=0)
+                if rotated is not None and m.name in rotated:
+                    turned = rotated[m.name].to(self.device)
+                else:
+                    turned = rotate(self.eigenbasis, m.name, factor_grads[m.name].to(self.device))
+                self.sums[f"{m.name}::lambda"] += turned.square().sum(dim=0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.sums.items()}
@@ -115,14 +117,44 @@ class StatsAccumulator:
 
 
 def fit_eigenbasis(
-    modules: list[ModuleSpec], cov_in: dict[str, torch.Tensor], cov_out: dict[str, torch.Tensor]
+    modules: list[ModuleSpec],
+    cov_in: dict[str, torch.Tensor],
+    cov_out: dict[str, torch.Tensor],
+    tokens: dict[str, float] | None = None,
+    examples: float = 1.0,
+    damping: float = 0.1,
 ) -> dict[str, torch.Tensor]:
-    """Eigenvectors of the warm-up covariances, per module (``name::q_in``, ``name::q_out``)."""
+    """The warm-up K-FAC fit, per module: eigenvectors ``name::q_in`` / ``name::q_out`` of the
+    covariances, and the whitening ``name::whiten = (L / mean L)^(-1/2)`` with ``L`` the damped
+    K-FAC eigenvalues ``outer(l_out, l_in) + damping * mean``.
+
+    The whitening only balances the two sides of the final random projection (train rows are
+    stored as ``S (whiten * R g')``, queries as ``S (R H^-1 g' / whiten)``); it cancels exactly in
+    expectation, so it need not be accurate, only well scaled (mean 1, so fp16 rows keep their range).
+    """
     basis: dict[str, torch.Tensor] = {}
     for m in modules:
-        basis[f"{m.name}::q_in"] = torch.linalg.eigh(_symmetrise(cov_in[m.name]))[1]
-        basis[f"{m.name}::q_out"] = torch.linalg.eigh(_symmetrise(cov_out[m.name]))[1]
+        eig_in, q_in = torch.linalg.eigh(_symmetrise(cov_in[m.name]))
+        eig_out, q_out = torch.linalg.eigh(_symmetrise(cov_out[m.name]))
+        basis[f"{m.name}::q_in"], basis[f"{m.name}::q_out"] = q_in, q_out
+        n_tokens = max(float((tokens or {}).get(m.name, 1.0)), 1.0)
+        eig = torch.outer(eig_out.clamp(min=0) / max(examples, 1.0), eig_in.clamp(min=0) / n_tokens)
+        eig = eig + damping * eig.mean()
+        if not float(eig.mean()) > 0:  # a module without gradient in the sample: no reweighting
+            eig = torch.ones_like(eig)
+        basis[f"{m.name}::whiten"] = (eig / eig.mean()).rsqrt()
     return basis
+
+
+def rotate(basis: dict[str, torch.Tensor], name: str, gp: torch.Tensor) -> torch.Tensor:
+    """Factor gradients ``[B, m_out, m_in]`` in the eigenbasis: ``Q_out^T G' Q_in`` (float64)."""
+    q_in = basis[f"{name}::q_in"].to(gp.device, torch.float64)
+    q_out = basis[f"{name}::q_out"].to(gp.device, torch.float64)
+    return q_out.T @ gp.to(torch.float64) @ q_in
+
+
+def is_whitened(basis: dict[str, torch.Tensor] | None) -> bool:
+    return basis is not None and any(k.endswith("::whiten") for k in basis)
 
 
 def _symmetrise(mat: torch.Tensor) -> torch.Tensor:
