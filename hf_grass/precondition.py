@@ -1,6 +1,8 @@
 """Preconditioners of the query gradient: block-diagonal Fisher, K-FAC, EK-FAC, identity.
 
-Only the query side is preconditioned; train rows stay raw in the cache. Each module's curvature is
+The preconditioner is applied to the query side at query time; train rows are never rewritten (a
+K-FAC cache stores them whitened by its fixed warm-up fit, see ``hf_grass.scoring.query_gradients``,
+which cancels exactly in expectation). Each module's curvature is
 eigendecomposed once (``fit``) and saved under ``<cache>/preconditioner/``; the damping
 ``lambda_l = damping * mean(eigenvalues_l)`` is applied at query time, so any damping can be tried
 without refitting.

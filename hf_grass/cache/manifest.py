@@ -7,7 +7,7 @@ Layout of a cache directory::
     shards/shard-{id:06d}.safetensors   "grads" [rows, dim] (storage dtype), "indices" [rows] int64
     shards/shard-{id:06d}.jsonl    the documents of those rows: {"index", "text", "id"}
     stats/rank{r}-{seq:06d}.safetensors running float64 sums for the preconditioner
-    eigenbasis.safetensors         warm-up K-FAC eigenvectors (ekfac only)
+    eigenbasis.safetensors         warm-up K-FAC eigenvectors and row whitening (kfac/ekfac only)
     preconditioner/                fitted preconditioners (eigendecompositions), written on first use
 
 Shard ``s`` holds dataset examples ``[s * shard_size, (s + 1) * shard_size)`` minus skipped ones, so
