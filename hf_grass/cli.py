@@ -525,6 +525,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         cache_dir=cache_dir,
         device=next(model.parameters()).device,
         disable_progress=args.no_progress,
+        verify_existing=args.verify,
     )
     elapsed = time.perf_counter() - start
     tokens = _count_tokens(dataset, tokenizer, config.max_length or context_length(model))
@@ -826,6 +827,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-column", default="text", help="column holding the documents (default: text)")
     g.add_argument("--max-examples", type=_positive_int, help="only the first N examples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="when resuming, also check the sha256 of the shards already written and recompute damaged ones",
+    )
     add_config_arguments(p)
     p.set_defaults(func=cmd_build)
 
