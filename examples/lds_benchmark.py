@@ -20,24 +20,23 @@ Run it::
 
     OMP_NUM_THREADS=1 python examples/lds_benchmark.py --json lds.json
 
-Measured (defaults, seed 0; torch 2.13 CPU build, 2 cores, ``OMP_NUM_THREADS=1``, 2 workers):
-5.1 minutes wall (306 s, 380 s CPU) with one other job on the machine; the same command took 13.5
-minutes when 4-5 other jobs were competing for the two cores. The numbers are bit-identical between
-runs. 378 training documents, 40 queries, 64 subsets x 2 data orders, GPT-2 with 2 layers of width 64
-(9 attributed modules, lm_head included), damping 0.1::
+Measured (defaults, seed 0; torch 2.13 CPU build, 2 cores, ``OMP_NUM_THREADS=1``, 2 workers): 6.6
+minutes wall (397 s; 5.1 to 13.5 minutes depending on what else runs on the machine), numbers
+bit-identical between runs. 378 training documents, 40 queries, 64 subsets x 2 data orders, GPT-2
+with 2 layers of width 64 (9 attributed modules, lm_head included), damping 0.1::
 
     proj_dim compressor precond       LDS   ±sem
-         256 factgrass  ekfac       0.294  0.026
-         256 factgrass  kfac        0.284  0.029
-         256 factgrass  identity    0.130  0.031
+         256 factgrass  ekfac       0.494  0.027
+         256 factgrass  kfac        0.488  0.028
+         256 factgrass  identity    0.099  0.036
          256 factgrass  fim         0.431  0.028
          256 logra      ekfac       0.464  0.025
          256 logra      kfac        0.456  0.025
          256 logra      identity    0.257  0.023
          256 logra      fim         0.442  0.025
-        1024 factgrass  ekfac       0.452  0.024
-        1024 factgrass  kfac        0.483  0.023
-        1024 factgrass  identity    0.346  0.036
+        1024 factgrass  ekfac       0.615  0.022
+        1024 factgrass  kfac        0.615  0.022
+        1024 factgrass  identity    0.339  0.039
         1024 factgrass  fim         0.494  0.026
         1024 logra      ekfac       0.580  0.021
         1024 logra      kfac        0.578  0.021
@@ -47,12 +46,12 @@ runs. 378 training documents, 40 queries, 64 subsets x 2 data orders, GPT-2 with
     subsets agree at Spearman 0.762
 
 (±sem: standard error over the queries.) Preconditioning matters everywhere (identity is the worst
-row for every compressor and size). LoGra's K-FAC/EK-FAC is exact in its projected space, while
-FactGraSS preconditions the query in the masked factor space and then applies the final SJLT, whose
-error scales with the norm of the raw (unpreconditioned) train gradient: in a separate check on 32
-of these subsets, the exact factor-space EK-FAC score of FactGraSS reached LDS 0.63 at proj_dim 1024
-(0.53 at 256) against 0.46 (0.32) after the SJLT. With a model this narrow (width 64) the masks of
-proj_dim=256 also keep only half of each factor's coordinates.
+row for every compressor and size); EK-FAC beats the per-example block Fisher (fim) for both
+compressors, by 0.06-0.12. FactGraSS with EK-FAC is the best row at both sizes. That relies on the
+whitened rows of K-FAC caches (docs/concepts.md): before them, preconditioning only the query and
+then applying the final SJLT gave FactGraSS EK-FAC 0.294 (256) and 0.452 (1024), because the
+projection's error scaled with the raw train gradient. ``identity`` on a K-FAC cache is unbiased but
+noisier than on a cache built with ``preconditioner="identity"``.
 """
 
 from __future__ import annotations
