@@ -23,7 +23,7 @@ from hf_grass.precondition import Preconditioner
 
 # Rows converted from the storage dtype to float32 at a time, into one reused buffer small enough to
 # stay in the CPU cache: a fresh multi-MB tensor per chunk made page faults, not the matmul, the
-# bottleneck (benchmarks/query.py: 0.54x -> 1.15x of an in-RAM numpy matmul at 8 queries). More
+# bottleneck (benchmarks/query.py: 0.54x -> 1.18x of an in-RAM numpy matmul at 8 queries). More
 # queries amortise a bigger chunk better.
 def chunk_rows(n_query: int, dim: int) -> int:
     target = (1 << 20) if n_query <= 8 else (1 << 22)  # bytes of float32 rows
