@@ -71,8 +71,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
-import platform
 import statistics
 import time
 from collections.abc import Iterator
@@ -83,6 +81,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks._common import cpu_name, emit_report
 from hf_grass.cache.build import module_specs
 from hf_grass.cache.stats import StatsAccumulator, fit_eigenbasis
 from hf_grass.capture import CaptureRequest, GradientComputer, per_example_loss
@@ -562,16 +561,6 @@ def goals(results: list[Result]) -> list[dict[str, Any]]:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (numbers measured with it are in the module docstring); returns the report."""
     args = parse_args(argv)
@@ -649,12 +638,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if profiles:
         report["profiles"] = profiles
-    text = json.dumps(report, indent=2)
-    print("\n" + text)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
-    return report
+    return emit_report(report, args.json_out)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ large the matrix is instead of timing random-number generation.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._common import cpu_name, emit_report
 from hf_grass.compressors import Compressor, build_compressor
 from hf_grass.config import COMPRESSORS, GraSSConfig
 
@@ -252,16 +251,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -312,12 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "measurements": [asdict(m) for m in measurements],
         "goal": goal_report,
     }
-    text = json.dumps(report, indent=2)
-    print("\n" + text)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
-    return report
+    return emit_report(report, args.json_out)
 
 
 if __name__ == "__main__":

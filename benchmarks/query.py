@@ -72,7 +72,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -89,6 +88,7 @@ import numpy as np
 import torch
 
 import hf_grass.scoring as scoring
+from benchmarks._common import cpu_name, emit_report
 from hf_grass.cache.manifest import MANIFEST, load_json
 from hf_grass.cache.reader import GradientCache
 from hf_grass.cache.writer import CacheWriter
@@ -475,16 +475,6 @@ def time_interleaved(
     return times, cpu
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def fmt_rate(v: float | None) -> str:
     if v is None:
         return "-"
@@ -625,12 +615,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goals": goal_rows,
         "rss_goal": rss_goal,
     }
-    text = json.dumps(report, indent=2)
-    print("\n" + text)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
-    return report
+    return emit_report(report, args.json_out)
 
 
 if __name__ == "__main__":
