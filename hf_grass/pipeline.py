@@ -76,7 +76,7 @@ def run_attribution_pass(
     """Compress the per-example gradients of ``dataset`` into a cache (resuming if it exists)."""
     computer = GradientComputer(model, config, device=device)
     source = make_source(dataset, tokenizer, config, model, text_column)
-    model_info = model_fingerprint(computer, weight_gather)
+    model_info = model_fingerprint(computer.model, computer.targets, weight_gather)
     if checkpoint is not None:  # where the weights live, so multi-checkpoint queries can reload them
         model_info["checkpoint"] = os.fspath(checkpoint)
     path = build_cache(

@@ -21,6 +21,7 @@ from hf_grass.cache.build import model_fingerprint
 from hf_grass.cache.reader import GradientCache
 from hf_grass.capture.engine import GradientComputer, unwrap_model
 from hf_grass.capture.loss import IGNORE_INDEX
+from hf_grass.capture.targets import find_target_modules
 from hf_grass.config import GraSSConfig
 from hf_grass.data import collate
 from hf_grass.pipeline import make_batches, make_source, pad_token_id, padding_side
@@ -124,7 +125,7 @@ class Attributor:
                     "Use the model (and adapter) the cache was built with."
                 )
         if check_weights:
-            mine = model_fingerprint(self.computer)["weights_sha256"]
+            mine = model_fingerprint(self.computer.model, self.computer.targets)["weights_sha256"]
             if mine != self.cache.model_info.get("weights_sha256"):
                 raise ValueError(
                     "the model's weights differ from those the cache was built with (fingerprint "
@@ -325,10 +326,10 @@ def _dense_topk(scores: torch.Tensor, present: torch.Tensor, k: int, largest: bo
 @contextlib.contextmanager
 def checkpoint_weights(model: nn.Module, cache: GradientCache) -> Iterator[None]:
     """Temporarily load the weights a cache was built with, if they are not the current ones."""
-    computer = GradientComputer(
-        model, cache.config.replace(target_modules=cache.module_names, exclude_modules=None)
-    )
-    if model_fingerprint(computer)["weights_sha256"] == cache.model_info.get("weights_sha256"):
+    # fingerprinting needs only the target modules: no compressor is drawn for this check
+    base = unwrap_model(model)
+    targets = find_target_modules(base, cache.module_names)
+    if model_fingerprint(base, targets)["weights_sha256"] == cache.model_info.get("weights_sha256"):
         yield
         return
     path = cache.model_info.get("checkpoint")
@@ -337,7 +338,6 @@ def checkpoint_weights(model: nn.Module, cache: GradientCache) -> Iterator[None]
             f"the cache {cache.path} was built with other weights and records no checkpoint directory to load "
             "them from; query it with the model it was built with"
         )
-    base = unwrap_model(model)
     saved = {k: v.detach().clone() for k, v in base.state_dict().items()}
     load_checkpoint(base, path)
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
@@ -25,6 +26,7 @@ from hf_grass.cache.writer import CacheWriter, num_shards
 from hf_grass.capture.engine import GradientComputer, NonFiniteError, context_length, is_zero3
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import supervised_tokens
+from hf_grass.capture.targets import TargetModule
 from hf_grass.data import ExampleSource, collate, is_lm_example
 
 logger = logging.getLogger("transformers.hf_grass")
@@ -84,20 +86,21 @@ def module_entries(computer: GradientComputer) -> list[dict[str, Any]]:
 
 
 def model_fingerprint(
-    computer: GradientComputer, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    model: nn.Module,
+    targets: list[TargetModule],
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Class, name/path, revision, target shapes and a hash of the target weights.
 
     The weight hash reads the first 4096 values of each target weight, enough to tell a trained
     model from its base without hashing gigabytes. ``gather`` returns a full weight under ZeRO-3.
     """
-    model = computer.model
     cfg = getattr(model, "config", None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base_cfg = getattr(base, "config", cfg)
     digest = hashlib.sha256()
     shapes = hashlib.sha256()
-    for t in computer.targets:
+    for t in targets:
         digest.update(_weight_head(t.module.weight, gather))
         shapes.update(f"{t.name}:{t.d_out}x{t.d_in}:{t.bias};".encode())
     return {
@@ -171,7 +174,7 @@ def build_cache(
         source.max_length = config.max_length or context_length(computer.model)
     n = len(source)
     header = {
-        "model": model_info or model_fingerprint(computer),
+        "model": model_info or model_fingerprint(computer.model, computer.targets),
         "modules": module_entries(computer),
         "dim": computer.total_dim,
         "num_examples": n,
