@@ -1,9 +1,14 @@
-"""Helpers shared by the benchmark scripts: the machine's description and the JSON report."""
+"""Helpers shared by the benchmark scripts: the machine's description, the interleaved timer and the
+JSON report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +32,49 @@ def emit_report(report: dict[str, Any], json_out: Path | None) -> dict[str, Any]
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text + "\n")
     return report
+
+
+@dataclass
+class Timings:
+    """Seconds per timed call of each variant: wall clock and this process's CPU time."""
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    around: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
+    progress: bool = False,
+) -> Timings:
+    """Time every call ``repeats`` times, round robin with the first variant rotating each repeat,
+    so drift of a shared machine hits all variants alike, after ``warmup`` untimed calls each.
+
+    ``around(name)`` is entered outside the timed region of each call (set-up and tear-down that
+    must not count, e.g. attaching hooks). With ``progress`` each repeat prints a line.
+    """
+    names = list(calls)
+    scope = around or (lambda name: contextlib.nullcontext())
+    for name in names:
+        for _ in range(warmup):
+            with scope(name):
+                calls[name]()
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for i in range(len(names)):
+            name = names[(rep + i) % len(names)]
+            with scope(name):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                calls[name]()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        if progress:
+            print(
+                f"    repeat {rep + 1}/{repeats}: "
+                + ", ".join(f"{n} {wall[n][-1]:.2f}s (cpu {cpu[n][-1]:.2f}s)" for n in names),
+                flush=True,
+            )
+    return Timings(wall, cpu)

@@ -1,69 +1,26 @@
 """Tokens/s of the FactGraSS attribution pass against a training step's backward, on the CPU.
 
 One batch of random token ids (B x T, every token supervised) goes through a GPT-2-shaped
-``GPT2LMHeadModel`` with random weights and dropout 0, in eval mode, with the same model inputs
-(``GradientComputer.model_inputs``: ids, attention mask, position ids) and the same per-example
-loss (``hf_grass.capture.per_example_loss``, "sum" reduction, summed over the batch for the
-backward) in every variant:
+``GPT2LMHeadModel`` (random weights, dropout 0, eval mode) with the same model inputs
+(``GradientComputer.model_inputs``) and the same per-example loss in every variant:
 
-- ``full backward``: every parameter requires grad; forward + backward computes all weight
-  gradients (a training step without the optimizer; grads set to None before each call).
-- ``activation backward``: every parameter frozen, the input embedding's output made to require
-  grad (forward hook), so the backward runs through all layers computing activation gradients
-  only: what the attribution pass does, minus the capture hooks.
-- ``factgrass k=K identity``: ``GradientComputer.compute`` inside ``session()`` with
-  ``CaptureRequest(rows=True)`` (what ``build_cache`` runs with ``preconditioner="identity"``),
-  rows cast to the cache dtype (fp16) on the CPU as ``build_cache`` does.
-- ``factgrass k=K ekfac``: the library default. What ``build_cache`` does per batch of its main
-  pass: ``compute`` with rows + factor-space gradients + factor covariances, then
-  ``StatsAccumulator.update`` (float64 covariance sums and the EK-FAC eigenvalue corrections in an
-  eigenbasis fitted from one warm-up batch), rows cast to fp16.
-- ``ekfac warm-up k=K``: the extra covariance-only pass (``CaptureRequest(rows=False,
-  covariances=True)``) that ``build_cache`` runs over the first ``ekfac_sample_size`` (1024)
-  examples to fit the eigenbasis; its cost is amortised over the whole dataset.
-- ``..., proposed`` (at the ekfac k's; ``--no-proposed`` skips them): the identity and ekfac passes
-  with a library change monkeypatched onto their capture (``install_early_mask``, see there).
+- ``full backward``: every parameter requires grad (a training step without the optimizer).
+- ``activation backward``: parameters frozen, the embedding output made to require grad, so the
+  backward computes activation gradients only: the attribution pass minus the capture hooks.
+- ``factgrass k=K identity``: ``GradientComputer.compute`` with rows only, cast to fp16 (what the
+  pass runs with ``preconditioner="identity"``).
+- ``factgrass k=K ekfac``: the library default, one batch of the main pass: rows, factor-space
+  gradients and covariances, then ``StatsAccumulator.update``, rows cast to fp16.
+- ``ekfac warm-up k=K``: the covariance-only pass over the first ``ekfac_sample_size`` examples.
 
-Targets are the library default: every Linear / Conv1D, ``lm_head`` included (49 modules on GPT-2).
-Variants are timed round robin (the starting variant rotates every repetition) after warm-up
-calls, so machine drift hits all alike; we report medians, tokens/s = B*T / median and the ratios
-to the two baselines. One extra, untimed-for-the-table call of each factgrass variant wraps the
-capture hook (and ``StatsAccumulator.update``) with a timer to show how much of the pass they take.
+Targets are the library default (every Linear / Conv1D, ``lm_head`` included). Variants are timed
+round robin (``benchmarks._common.time_interleaved``); one extra call of each factgrass variant
+times the capture hooks. Measured numbers, with their commands, are in docs/benchmarks.md.
 
     python -m benchmarks.attribution_pass                    # GPT-2 small, B=4, T=256, k in {256,1024,4096}
     python -m benchmarks.attribution_pass --quick            # 2 layers x 256 wide, B=2, T=128 (< 1 min)
     python -m benchmarks.attribution_pass --threads 1 2 --json-out pass.json
     python -m benchmarks.attribution_pass --profile          # + torch.profiler top ops of two variants
-    python -m benchmarks.attribution_pass --threads 1 2 --proj-dims 1024 --no-proposed
-
-Goals (from the issue), for the library default factgrass pass (k=1024): >= 0.9x the activation
-backward and >= 1.2x the full backward.
-
-Measured on this machine (2 shared vCPUs, Intel Xeon, torch 2.13 CPU, sdpa attention), GPT-2 small
-(124M parameters), B=4, T=256, medians of 5, in a quiet spell (wall clock and process CPU time
-agreed within 2%); tok/s by wall clock, ratios by CPU time:
-
-    variant                               1 thread: tok/s  x full  x act   2 threads: tok/s  x full  x act
-    full backward                         123              1.00    0.72    229               1.00    0.72
-    activation backward                   170              1.39    1.00    318               1.39    1.00
-    factgrass k=256 identity              167              1.34    0.96    -
-    factgrass k=1024 identity             170              1.36    0.98    306               1.34    0.97
-    factgrass k=4096 identity             171              1.36    0.98    -
-    factgrass k=1024 ekfac (default)      168              1.35    0.97    292               1.29    0.93
-    ekfac warm-up k=1024                  170              1.37    0.98    290               1.28    0.92
-    factgrass k=1024 identity, proposed   171              1.38    0.99    295               1.29    0.93
-    factgrass k=1024 ekfac, proposed      172              1.39    1.00    303               1.33    0.95
-
-At 1 thread both goals are met at every k, with and without the EK-FAC statistics, in every run
-(also under heavy load from other jobs, by CPU time). At 2 threads the ekfac pass is marginal:
-0.93x here, 0.88x in an earlier run while other jobs loaded the machine. The capture hooks take
-0.06-0.11 s of the ~6 s pass and ``StatsAccumulator.update`` 0.01 s; the rest is the model's own
-forward/backward (torch.profiler: mm/addmm ~65% of CPU time, flash attention, log-softmax over the
-50257-word vocabulary). "proposed" is ``install_early_mask``: the same pass with the forward hook
-keeping only the masked input factor instead of the whole module input; its speed effect is within
-the noise (+0-3%), but it lowers the peak RSS of one B=4, T=256 pass by ~190 MB (+1.97 GB -> +1.78
-GB; the activation backward alone: +1.83 GB). Quick configuration (2 x 256, B=2, T=128, 1 thread):
-factgrass k=1024 0.99x activation / 1.38x full, ekfac 0.93x / 1.30x, proposed ekfac 1.00x / 1.39x.
 """
 
 from __future__ import annotations
@@ -81,13 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import cpu_name, emit_report
-from hf_grass.cache.build import module_specs
-from hf_grass.cache.stats import StatsAccumulator, fit_eigenbasis
+from benchmarks._common import cpu_name, emit_report, time_interleaved
+from hf_grass.attribution.runner import module_specs
 from hf_grass.capture import CaptureRequest, GradientComputer, per_example_loss
-from hf_grass.capture.hooks import GradientCapture, _accumulate, as_3d
+from hf_grass.capture.hooks import GradientCapture
 from hf_grass.config import GraSSConfig
-from hf_grass.kernels.reference import accumulation_dtype, gather_columns, take_columns
+from hf_grass.precondition import StatsAccumulator, fit_eigenbasis
 
 DEFAULT_PROJ_DIM = GraSSConfig().proj_dim  # 1024
 # The issue's goals for the default factgrass pass
@@ -100,7 +56,7 @@ class Result:
     """One variant at one thread count."""
 
     name: str
-    kind: str  # full | activation | factgrass | ekfac | ekfac-warmup | proposed
+    kind: str  # full | activation | factgrass | ekfac | ekfac-warmup
     threads: int
     proj_dim: int | None = None
     preconditioner: str | None = None
@@ -146,12 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threads", type=int, nargs="+", default=[1], help="torch thread counts, each a full run (default 1)"
-    )
-    parser.add_argument(
-        "--no-proposed",
-        dest="proposed",
-        action="store_false",
-        help="skip the variants with the proposed capture change (install_early_mask) at the ekfac k",
     )
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler top ops")
     parser.add_argument(
@@ -253,7 +203,7 @@ class ActivationBackward(FullBackward):
 
 
 class FactGraSSPass(Step):
-    """``GradientComputer.compute`` in a session, plus what ``build_cache`` does with the result."""
+    """``GradientComputer.compute`` in a session, plus what the pass does with the result."""
 
     def __init__(
         self,
@@ -273,7 +223,7 @@ class FactGraSSPass(Step):
         grads = self.computer.compute(self.batch, self.request)
         if self.stats is not None:
             start = time.perf_counter()
-            self.stats.update(grads.rows, grads.factor_grads, grads.cov_in, grads.cov_out, grads.tokens)
+            self.stats.update(grads)
             self.stats_s += time.perf_counter() - start
         if grads.rows is not None:
             grads.rows.to(self.computer.config.torch_dtype).cpu()
@@ -297,7 +247,7 @@ def timed_hooks(capture: GradientCapture) -> Iterator[list[float]]:
         finally:
             spent[0] += time.perf_counter() - start
 
-    patched = "_backward_hook" in vars(capture)  # e.g. by install_early_mask
+    patched = "_backward_hook" in vars(capture)
     capture._backward_hook = wrapper  # type: ignore[method-assign]
     try:
         yield spent
@@ -308,87 +258,29 @@ def timed_hooks(capture: GradientCapture) -> Iterator[list[float]]:
             del capture._backward_hook  # back to the class method
 
 
-def install_early_mask(capture: GradientCapture) -> None:
-    """The library change this benchmark proposes, monkeypatched onto one ``GradientCapture``.
-
-    Today the forward hook keeps each target module's whole input ``x`` ([B, T, d_in]) alive until
-    the backward hook, although FactGraSS only ever reads its ``m_in`` masked columns (64 of 768 or
-    3072 on GPT-2 at k=1024); with frozen weights autograd itself would not keep those inputs. Here
-    the forward hook gathers and scales the input factor right away (``FactGraSSCompressor.factors``'
-    input half) and keeps only that; the backward hook takes the output factor from ``delta`` and
-    does exactly what ``GradientCapture._backward_hook`` does with the factors (covariances,
-    factor-space gradient, ``project_factor``), so rows, factor gradients and covariances are the
-    same up to float rounding (checked in ``make_steps``).
-    """
-
-    def forward_hook(target: Any, module: nn.Module, inputs: tuple, output: torch.Tensor) -> Any:
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
-            return None
-        replaced = None
-        if not output.requires_grad:
-            output = replaced = output.detach().requires_grad_(True)
-        comp = capture.compressors[target.name]
-        x = as_3d(inputs[0].detach())
-        xs = gather_columns(x, comp.in_idx, comp.mask_bias_index).to(accumulation_dtype(x)) * comp.scale_in
-        output.register_hook(functools.partial(capture._backward_hook, target, xs))
-        return replaced
-
-    def backward_hook(target: Any, xs: torch.Tensor, delta: torch.Tensor) -> None:
-        comp = capture.compressors[target.name]
-        request, state = capture.request, capture.state
-        ds = take_columns(as_3d(delta), comp.out_idx).to(xs.dtype) * comp.scale_out
-        if request.covariances:
-            capture._add_covariances(target.name, xs, ds)
-        factor_grad = torch.bmm(ds.transpose(1, 2), xs)
-        if request.factor_grads:
-            _accumulate(state.factor_grads, target.name, factor_grad)
-        if request.rows:
-            _accumulate(state.rows, target.name, comp.project_factor(factor_grad))
-
-    capture._forward_hook = forward_hook  # type: ignore[method-assign]
-    capture._backward_hook = backward_hook  # type: ignore[method-assign]
-
-
-def time_round_robin(
-    steps: dict[str, Step], warmup: int, repeats: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process-CPU seconds per ``run`` of each step; repeats interleaved, the first variant
-    rotating each time."""
-    names = list(steps)
+def time_steps(steps: dict[str, Step], warmup: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per ``run`` of each step (``prepare`` / ``finish`` untimed), after
+    checking that every variant computes the same per-example losses (same model, inputs, loss)."""
     reference: torch.Tensor | None = None
-    for name in names:
-        step = steps[name]
-        for _ in range(warmup):
-            step.prepare()
-            try:
-                losses = step.run()
-            finally:
-                step.finish()
-            # every variant must compute the same per-example losses (same model, inputs, loss)
-            if reference is None:
-                reference = losses
-            elif not torch.allclose(losses, reference, rtol=1e-4, atol=1e-3):
-                raise RuntimeError(f"{name}: losses {losses.tolist()} differ from {reference.tolist()}")
-    times: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        for i in range(len(names)):
-            name = names[(rep + i) % len(names)]
-            step = steps[name]
-            step.prepare()
-            try:
-                start, start_cpu = time.perf_counter(), time.process_time()
-                step.run()
-                times[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-            finally:
-                step.finish()
-        print(
-            f"    repeat {rep + 1}/{repeats}: "
-            + ", ".join(f"{n} {times[n][-1]:.2f}s (cpu {cpu[n][-1]:.2f}s)" for n in names),
-            flush=True,
-        )
-    return times, cpu
+    for name, step in steps.items():
+        with stepping(step):
+            losses = step.run()
+        if reference is None:
+            reference = losses
+        elif not torch.allclose(losses, reference, rtol=1e-4, atol=1e-3):
+            raise RuntimeError(f"{name}: losses {losses.tolist()} differ from {reference.tolist()}")
+    calls = {name: step.run for name, step in steps.items()}
+    timed = time_interleaved(calls, repeats, warmup, around=lambda name: stepping(steps[name]), progress=True)
+    return timed.wall, timed.cpu
+
+
+@contextlib.contextmanager
+def stepping(step: Step) -> Iterator[None]:
+    step.prepare()
+    try:
+        yield
+    finally:
+        step.finish()
 
 
 def make_steps(
@@ -414,51 +306,20 @@ def make_steps(
         config = GraSSConfig(proj_dim=k)  # preconditioner defaults to ekfac for factgrass
         computer = GradientComputer(model, config)
         specs = module_specs(computer)
-        warm = CaptureRequest(rows=False, covariances=True)  # _warmup's request
+        warm = CaptureRequest(rows=False, covariances=True)  # the warm-up's request
         with computer.session():
             grads = computer.compute(batch, warm)
         basis = fit_eigenbasis(specs, grads.cov_in, grads.cov_out)
         stats = StatsAccumulator(specs, "ekfac", basis, device=computer.device)
-        request = CaptureRequest(rows=True, **stats.request_kwargs)  # build_cache's main request
+        request = CaptureRequest(rows=True, **stats.request_kwargs)  # the main pass's request
         name = f"factgrass k={k} ekfac"
         passes[name] = FactGraSSPass(computer, batch, request, stats)
         results[name] = Result(name, "ekfac", threads, k, "ekfac")
         name = f"ekfac warm-up k={k}"
         passes[name] = FactGraSSPass(computer, batch, warm)
         results[name] = Result(name, "ekfac-warmup", threads, k, "ekfac")
-        if args.proposed:
-            for pre, req, acc in (("identity", CaptureRequest(rows=True), None), ("ekfac", request, stats)):
-                patched = GradientComputer(model, config)
-                install_early_mask(patched.capture)
-                check_same_capture(computer, patched, batch, req)
-                if acc is not None:
-                    acc = StatsAccumulator(specs, "ekfac", basis, device=patched.device)
-                name = f"factgrass k={k} {pre}, proposed"
-                passes[name] = FactGraSSPass(patched, batch, req, acc)
-                results[name] = Result(name, "proposed", threads, k, pre)
     steps.update(passes)
     return steps, results, passes
-
-
-def check_same_capture(
-    reference: GradientComputer,
-    patched: GradientComputer,
-    batch: dict[str, torch.Tensor],
-    request: CaptureRequest,
-) -> None:
-    """The patched capture must return what the library's returns (float rounding aside)."""
-    outs = []
-    for computer in (reference, patched):
-        with computer.session():
-            outs.append(computer.compute(batch, request))
-    pairs = [(outs[0].rows, outs[1].rows)] if request.rows else []
-    for attr in ("factor_grads", "cov_in", "cov_out"):
-        ref, new = getattr(outs[0], attr), getattr(outs[1], attr)
-        pairs += [(ref[key], new[key]) for key in ref]
-    for a, b in pairs:
-        scale = a.abs().max().clamp(min=1e-30)
-        if float((a.double() - b.double()).abs().max() / scale) > 1e-4:
-            raise RuntimeError("the proposed capture does not reproduce the library's output")
 
 
 def instrument(passes: dict[str, FactGraSSPass], results: dict[str, Result]) -> None:
@@ -539,7 +400,7 @@ def goals(results: list[Result]) -> list[dict[str, Any]]:
     out = []
     for r in results:
         if (
-            r.kind not in ("factgrass", "ekfac", "proposed")
+            r.kind not in ("factgrass", "ekfac")
             or r.proj_dim != DEFAULT_PROJ_DIM
             or r.x_full is None
         ):
@@ -562,7 +423,7 @@ def goals(results: list[Result]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark (numbers measured with it are in the module docstring); returns the report."""
+    """Run the benchmark (measured numbers are in docs/benchmarks.md); returns the report."""
     args = parse_args(argv)
     tokens = args.batch * args.seq
     settings: dict[str, Any] = {
@@ -606,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_targets = len(next(iter(passes.values())).computer.targets) if passes else 0
         print(f"\nthreads={threads}: {len(steps)} variants, {n_targets} target modules", flush=True)
         start = time.perf_counter()
-        times, cpu = time_round_robin(steps, args.warmup, args.repeats)
+        times, cpu = time_steps(steps, args.warmup, args.repeats)
         for name, ts in times.items():
             results[name].times_s, results[name].cpu_times_s = ts, cpu[name]
         instrument(passes, results)

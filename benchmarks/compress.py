@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import cpu_name, emit_report
-from hf_grass.compressors import Compressor, build_compressor
+from benchmarks._common import cpu_name, emit_report, time_interleaved
+from hf_grass.compressors import Compressor, make_compressor
 from hf_grass.config import COMPRESSORS, GraSSConfig
 
 # (name, d_in without the bias column, d_out) of one GPT-2 small block
@@ -129,22 +129,6 @@ def skip_reason(c: Compressor) -> str:
     return f"dense matrix of {c.output_dim * c.p * 4 / 2**30:.1f} GiB"
 
 
-def time_round_robin(
-    calls: dict[str, Callable[[], torch.Tensor]], warmup: int, repeats: int
-) -> dict[str, list[float]]:
-    """Seconds per call of each callable, repeats interleaved so drift affects all alike."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def bench_module(module: str, d_in: int, d_out: int, k: int, args: argparse.Namespace) -> list[Measurement]:
     bias = not args.no_bias
     width = d_in + int(bias)  # the gradient's d_in counts the implicit bias column
@@ -158,7 +142,7 @@ def bench_module(module: str, d_in: int, d_out: int, k: int, args: argparse.Name
         results.append(m)
         try:
             config = GraSSConfig(compressor=name, proj_dim=k, sparsify_factor=args.sparsify_factor)
-            comp = build_compressor(config, f"h.0.{module}", d_in=width, d_out=d_out, bias=bias)
+            comp = make_compressor(config, f"h.0.{module}", d_in=width, d_out=d_out, bias=bias)
         except ValueError as err:  # e.g. a k that is not a square for logra
             m.status, m.reason = "skipped", str(err)
             continue
@@ -176,7 +160,7 @@ def bench_module(module: str, d_in: int, d_out: int, k: int, args: argparse.Name
             out = fn()
             if out.shape != (args.batch, k) or not torch.isfinite(out).all():
                 raise RuntimeError(f"{name} on {module}: bad output {tuple(out.shape)}")
-        times = time_round_robin(calls, args.warmup, args.repeats)
+        times = time_interleaved(calls, args.repeats, args.warmup).wall
     for m in results:
         if m.compressor in times:
             m.times_s = times[m.compressor]

@@ -3,12 +3,12 @@
 Shapes are GPT-2 small's linear layers (HF ``Conv1D`` with bias, so d_in counts the bias column) at
 B=8 examples of T=512 tokens, with FactGraSS at k in {256, 1024, 4096} and sparsify_factor 4
 (m_in = m_out = 2 sqrt(k)), plus a plain SJLT of an [8, 2**20] input. Both paths get the same inputs
-and the same compressor tensors (masks, SJLT rows and signs, drawn by ``build_compressor``); the two
+and the same compressor tensors (masks, SJLT rows and signs, drawn by ``make_compressor``); the two
 outputs are compared before anything is timed.
 
-    python benchmarks/gpu_kernels.py              # full table
-    python benchmarks/gpu_kernels.py --quick      # one k, two modules, few repetitions
-    python benchmarks/gpu_kernels.py --json out.json --dtype float16
+    python -m benchmarks.gpu_kernels              # full table
+    python -m benchmarks.gpu_kernels --quick      # one k, two modules, few repetitions
+    python -m benchmarks.gpu_kernels --json out.json --dtype float16
 
 Prints a table and a JSON blob (also written to ``--json``). Exits 0 without CUDA or Triton (nothing
 to time), 1 when a Triton output disagrees with the reference.
@@ -19,20 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf_grass import kernels  # noqa: E402
-from hf_grass.compressors import build_compressor  # noqa: E402
-from hf_grass.compressors.sjlt import draw_sjlt  # noqa: E402
-from hf_grass.config import GraSSConfig  # noqa: E402
-from hf_grass.kernels import reference  # noqa: E402
+from hf_grass import kernels
+from hf_grass.compressors import make_compressor
+from hf_grass.compressors.sjlt import draw_sjlt
+from hf_grass.config import GraSSConfig
+from hf_grass.kernels import reference
 
 # (module, d_in without bias, d_out) of one GPT-2 small block
 GPT2_MODULES: list[tuple[str, int, int]] = [
@@ -73,7 +70,7 @@ def bench_factgrass(
     device = torch.device("cuda")
     dtype = DTYPES[args.dtype]
     config = GraSSConfig(compressor="factgrass", proj_dim=k, sparsify_factor=4)
-    comp = build_compressor(config, f"h.0.{name}", d_in=d_in + 1, d_out=d_out, bias=True).to(device)
+    comp = make_compressor(config, f"h.0.{name}", d_in=d_in + 1, d_out=d_out, bias=True).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.batch, args.seq, d_in, device=device, generator=gen).to(dtype)
     delta = torch.randn(args.batch, args.seq, d_out, device=device, generator=gen).to(dtype)

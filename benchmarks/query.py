@@ -2,7 +2,7 @@
 
 A synthetic cache (``--rows`` x ``--dim`` standard-normal fp16 rows, ``--shard-size`` rows per
 shard) is written with the library's own ``CacheWriter`` (safetensors shards, checksums, manifest:
-exactly what ``build_cache`` writes) into a temp directory, which is deleted at the end unless
+exactly what the attribution pass writes) into a temp directory, which is deleted at the end unless
 ``--keep``. Then, for each n_query (random fp32 queries) and k:
 
 - ``stream (library)``: ``hf_grass.scoring.topk_scores(GradientCache(path), queries, k)`` as is:
@@ -22,49 +22,18 @@ exactly what ``build_cache`` writes) into a temp directory, which is deleted at 
   + fp16 rows ``copy_``-ed C at a time into one reused fp32 buffer, no matmul, score block or merge.
   C = ``scoring.chunk_rows(n_query, dim)`` for each n_query (and each ``--chunk-rows``).
 
-Variants are interleaved per repetition; medians are reported. All scan numbers are **warm**: the
-shards are in the page cache (the cache was just written and read); one **cold** scan after
-``posix_fadvise(DONTNEED)`` on every shard (best effort: it drops clean pages, no root needed) is
-reported separately. Throughput is rows scanned per second (and GB/s of fp16 data); every streaming
-top-k is checked against numpy's before it is timed.
-
-The peak RSS of a library scan (n_query = the largest) is measured in a fresh subprocess per cache
-size (``VmHWM`` from ``/proc/self/status`` after the scan, minus the process's ``VmHWM`` just before
-it); smaller caches are the first shards of the big one, hard-linked, with a manifest cut to those
-shards.
+Variants are interleaved per repetition (``benchmarks._common.time_interleaved``); medians are
+reported. All scan numbers are **warm** (the shards are in the page cache); one **cold** scan after
+``posix_fadvise(DONTNEED)`` on every shard is reported separately. Throughput is rows scanned per
+second; every streaming top-k is checked against numpy's before it is timed. The peak RSS of a
+library scan is measured in a fresh subprocess per cache size (``VmHWM`` from ``/proc/self/status``).
 
     python -m benchmarks.query                        # 200k x 4096 fp16 (1.6 GB), n_query 1 8 32, k=10
     python -m benchmarks.query --quick                # 20k rows, RSS at 5k/10k/20k (< 1 min)
     python -m benchmarks.query --rows 100000 --chunk-rows 16 1024 --json-out q.json --keep
 
-Goals (from the issue): streaming >= 0.7x the in-RAM numpy fp32 throughput at each n_query, peak
-RSS independent of the cache size.
-
-Measured 2026-11-28 on this machine (2 vCPUs, Intel Xeon with AVX-512, **shared**: other jobs (pip,
-mkdocs) ran alongside, load average 1.2-1.9 during the run; 1 thread; torch 2.13 CPU / MKL, numpy
-2.4 / OpenBLAS; 200k x 4096 fp16 = 1.64 GB in 196 shards of 1024, k=10, medians of 5, warm page
-cache; ``python -m benchmarks.query --json-out /tmp/q.json``):
-
-    n_query  chunk  numpy fp32 in RAM  stream (library), wall   process CPU    torch fp32 in RAM
-    1        64     774k rows/s        311k  (0.40x)            317k  (0.40x)  0.98x
-    8        64     221k               260k  (1.18x)            272k  (1.18x)  1.12x
-    32       256    146k               147k  (1.01x)            149k  (0.95x)  1.61x
-
-numpy fp16 in RAM: 0.06x / 0.03x / 0.01x (a C loop, not BLAS). Cold scan (after DONTNEED, n_query=1):
-2.41 s, 83k rows/s (0.68 GB/s off the disk). Converting alone (mmap + fp16 -> fp32 into the reused
-buffer, no matmul): 0.49 s at chunk 64, 0.50 s at chunk 256 (~1.7 G values/s), i.e. ~1.9x the
-0.26 s of numpy's whole fp32 GEMV at n_query=1. Peak RSS increase of a scan (n_query=32) at 50k /
-100k / 200k rows (0.41 / 0.82 / 1.64 GB): 20 / 20 / 20 MB. The --quick run (20k rows, medians of 3)
-gave 0.37x / 0.97x / 0.79x and 20 / 20 / 20 MB at 5k / 10k / 20k rows. A repeat of the full run under
-heavier contention (a compiler running too, load 2-2.9) gave 0.43x / 0.94x / 0.92x wall (0.45x /
-1.03x / 0.92x CPU), convert only 0.38 s / 0.45 s, RSS 20 / 20 / 20 MB.
-
-So: the RSS goal is met (the scan's peak increase is ~20 MB whatever the cache size: one shard's
-mmap'd rows and score block plus the small buffer). The throughput goal is met at n_query 8 and 32
-(0.9-1.2x of numpy in both runs) but **not at n_query=1** (0.40-0.45x): there, 0.7x would need the
-whole scan in ~0.37 s, and the fp16 -> fp32 conversion of page-cache memory alone takes longer than
-that (0.38-0.49 s) -- numpy's fp32 GEMV reads already-converted rows at ~13 GB/s. Closing it needs no
-conversion (an fp32 cache, or an fp16 GEMV kernel), not a different chunk size.
+Goals: streaming >= 0.7x the in-RAM numpy fp32 throughput at each n_query, peak RSS independent of
+the cache size. Measured numbers, with their commands, are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -88,7 +57,7 @@ import numpy as np
 import torch
 
 import hf_grass.scoring as scoring
-from benchmarks._common import cpu_name, emit_report
+from benchmarks._common import cpu_name, emit_report, time_interleaved
 from hf_grass.cache.manifest import MANIFEST, load_json
 from hf_grass.cache.reader import GradientCache
 from hf_grass.cache.writer import CacheWriter
@@ -422,7 +391,8 @@ def scan_benchmark(cache: GradientCache, args: argparse.Namespace) -> list[Measu
             for chunk in convert_chunks:
                 calls[f"convert only (chunk {chunk})"] = lambda c=chunk: convert_only(cache, c)
         start = time.perf_counter()
-        times, cpu = time_interleaved(calls, args.repeats)
+        timed = time_interleaved(calls, args.repeats)
+        times, cpu = timed.wall, timed.cpu
         print(
             f"  n_query={nq} (library chunk {scoring.chunk_rows(nq, args.dim)}): {time.perf_counter() - start:.1f}s",
             flush=True,
@@ -453,26 +423,6 @@ def scan_benchmark(cache: GradientCache, args: argparse.Namespace) -> list[Measu
                 m.cpu_x_numpy_fp32 = m.cpu_rows_per_s / ref.cpu_rows_per_s
         measurements += batch
     return measurements
-
-
-def time_interleaved(
-    calls: dict[str, Callable[[], Any]], repeats: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process-CPU seconds per call, repeats interleaved (the first variant rotates) after
-    one untimed call each."""
-    names = list(calls)
-    for name in names:
-        calls[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        for i in range(len(names)):
-            name = names[(rep + i) % len(names)]
-            start, start_cpu = time.perf_counter(), time.process_time()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return times, cpu
 
 
 def fmt_rate(v: float | None) -> str:

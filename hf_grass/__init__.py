@@ -10,16 +10,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from hf_grass._version import __version__
 
 _LAZY = {
     "GraSSConfig": "hf_grass.config",
-    "GradientCache": "hf_grass.cache",
+    "GradientCache": "hf_grass.cache.reader",
     "GraSSCallback": "hf_grass.callbacks",
     "AttributionTrainer": "hf_grass.trainer",
     "find_influential": "hf_grass.query",
-    "InfluenceResult": "hf_grass.query",
-    "InfluentialDocument": "hf_grass.query",
+    "InfluenceResult": "hf_grass.results",
+    "InfluentialDocument": "hf_grass.results",
 }
 
 __all__ = [
@@ -34,10 +34,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from hf_grass.cache import GradientCache
+    from hf_grass.cache.reader import GradientCache
     from hf_grass.callbacks import GraSSCallback
     from hf_grass.config import GraSSConfig
-    from hf_grass.query import InfluenceResult, InfluentialDocument, find_influential
+    from hf_grass.query import find_influential
+    from hf_grass.results import InfluenceResult, InfluentialDocument
     from hf_grass.trainer import AttributionTrainer
 
 

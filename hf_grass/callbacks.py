@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hf_grass.attribution import run_attribution_pass
 from hf_grass.cache.reader import GradientCache
 from hf_grass.config import GraSSConfig
-from hf_grass.pipeline import current_distributed, run_attribution_pass
-from hf_grass.query import InfluenceResult, MultiCheckpointAttributor
+from hf_grass.distributed import current_distributed
+from hf_grass.query import AttributionLookups, MultiCheckpointAttributor
 
 
-class GraSSCallback(TrainerCallback):
+class GraSSCallback(AttributionLookups, TrainerCallback):
     """Builds the gradient cache of the trainer's ``train_dataset``.
 
     Args:
@@ -66,14 +67,14 @@ class GraSSCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.build_on_train_end:
-            self.cache = self._build(args, state, kwargs, self.config.cache_dir, checkpoint=None)
+            self.cache = self._run_pass(args, state, kwargs, self.config.cache_dir, checkpoint=None)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.every_save:
             name = f"checkpoint-{state.global_step}"
-            cache = self._build(
+            cache = self._run_pass(
                 args,
                 state,
                 kwargs,
@@ -87,9 +88,9 @@ class GraSSCallback(TrainerCallback):
     ) -> None:
         if self.build_on_evaluate:
             cache_dir = os.path.join(self.config.cache_dir, f"eval-step-{state.global_step}")
-            self.cache = self._build(args, state, kwargs, cache_dir, checkpoint=None)
+            self.cache = self._run_pass(args, state, kwargs, cache_dir, checkpoint=None)
 
-    def _build(
+    def _run_pass(
         self,
         args: TrainingArguments,
         state: TrainerState,
@@ -133,19 +134,6 @@ class GraSSCallback(TrainerCallback):
             raise ValueError("no cache was built: enable on_train_end, every_save or on_evaluate")
         batch = self.config.batch_size or (self.args.per_device_eval_batch_size if self.args else None)
         return MultiCheckpointAttributor(self.model, self.tokenizer, caches, batch_size=batch, **kwargs)
-
-    def attribute(self, query_dataset: Any, **kwargs: Any) -> torch.Tensor:
-        """Scores ``[n_query, n_train]`` (summed over checkpoint caches when ``every_save``)."""
-        return self._attributor(**kwargs).attribute(query_dataset)
-
-    def find_influential(
-        self,
-        prompt: str | list[dict[str, str]],
-        k: int = 10,
-        completion: str | None = None,
-        **generate_kwargs: Any,
-    ) -> InfluenceResult:
-        return self._attributor().find_influential(prompt, k=k, completion=completion, **generate_kwargs)
 
     def cache_dirs(self) -> list[Path]:
         return [c.path for c in ([self.cache] if self.cache else []) + list(self.checkpoint_caches.values())]

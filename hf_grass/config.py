@@ -1,7 +1,10 @@
 """`GraSSConfig`: every knob of an attribution run, in one validated dataclass.
 
-The dataclass is plain (no transformers import) so the low stages can use it; every field carries
-``metadata={"help": ...}`` so that ``transformers.HfArgumentParser`` turns it into command-line flags.
+The dataclass is plain (no transformers import, and no torch import until a compressor is checked)
+so the low stages can use it; every field carries ``metadata={"help": ...}`` so that
+``transformers.HfArgumentParser`` turns it into command-line flags. Compressor names come from the
+compressors' registry; what a compressor needs of the other fields it checks itself
+(``Compressor.check_config``).
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-COMPRESSORS = ("random", "fjlt", "sjlt", "mask", "grass", "logra", "factgrass")
-FACTORISED = ("logra", "factgrass")
+from hf_grass.compressors import available_compressors, compressor_class
+
+COMPRESSORS = tuple(available_compressors())
+# the preconditioners, in one place: hf_grass.precondition applies them
 PRECONDITIONERS = ("fim", "kfac", "ekfac", "identity")
 DTYPES = ("float16", "bfloat16", "float32")
 
 # Fields that change what is written to the cache. A cache written with other values of these is
-# refused on resume; the others (damping, cosine, cache_dir, batch_size) only affect scoring or I/O.
+# refused on resume; cosine, cache_dir and batch_size only affect scoring or I/O. damping is a
+# query-time choice, but a kfac/ekfac build also uses it for the warm-up whitening of its rows.
 _CACHE_FIELDS = (
     "compressor",
     "proj_dim",
@@ -143,24 +149,7 @@ class GraSSConfig:
                 _check_positive_int(name, getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}.")
-        if self.compressor in ("sjlt", "grass", "factgrass") and self.proj_dim % self.sjlt_nnz != 0:
-            raise ValueError(
-                f"proj_dim={self.proj_dim} must be divisible by sjlt_nnz={self.sjlt_nnz} (the SJLT puts "
-                f"one non-zero in each of sjlt_nnz row blocks); pick e.g. sjlt_nnz=1 or a multiple."
-            )
-        if self.compressor == "logra" and math.isqrt(self.proj_dim) ** 2 != self.proj_dim:
-            raise ValueError(
-                f"logra factorises proj_dim into r_in*r_out with r_in=r_out, so it must be a perfect "
-                f"square; got {self.proj_dim}. Try {_nearest_square(self.proj_dim)}."
-            )
-        if self.compressor == "factgrass":
-            k_prime = self.sparsify_factor * self.proj_dim
-            if math.isqrt(k_prime) ** 2 != k_prime:
-                raise ValueError(
-                    f"factgrass masks both factors to sqrt(sparsify_factor*proj_dim) coordinates, so "
-                    f"sparsify_factor*proj_dim={k_prime} must be a perfect square. Use a square proj_dim "
-                    f"(e.g. {_nearest_square(self.proj_dim)}) with sparsify_factor=4, or adjust both."
-                )
+        compressor_class(self.compressor).check_config(self)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):
@@ -174,10 +163,10 @@ class GraSSConfig:
         if self.preconditioner is None:
             self.preconditioner = default_preconditioner(self.compressor)
         _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
-        if self.preconditioner in ("kfac", "ekfac") and self.compressor not in FACTORISED:
+        if self.preconditioner in ("kfac", "ekfac") and not compressor_class(self.compressor).factorised:
             raise ValueError(
                 f"preconditioner={self.preconditioner!r} needs Kronecker factors, which only the "
-                f"factorised compressors ({', '.join(FACTORISED)}) provide; use preconditioner='fim' "
+                f"factorised compressors ({', '.join(factorised_compressors())}) provide; use preconditioner='fim' "
                 f"or 'identity' with compressor={self.compressor!r}."
             )
         if not isinstance(self.cosine, bool):
@@ -226,7 +215,12 @@ class GraSSConfig:
 
 def default_preconditioner(compressor: str) -> str:
     """EK-FAC in the factor space for the factorised compressors, the block Fisher otherwise."""
-    return "ekfac" if compressor in FACTORISED else "fim"
+    return "ekfac" if compressor_class(compressor).factorised else "fim"
+
+
+def factorised_compressors() -> list[str]:
+    """The compressors with a factor space (where K-FAC / EK-FAC live)."""
+    return [name for name in COMPRESSORS if compressor_class(name).factorised]
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -239,8 +233,3 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a positive int, got {value!r}.")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}.")
-
-
-def _nearest_square(n: int) -> int:
-    r = math.isqrt(n)
-    return r * r if n - r * r <= (r + 1) ** 2 - n else (r + 1) ** 2

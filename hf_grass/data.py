@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from hf_grass.capture.loss import IGNORE_INDEX
+# the label of tokens without loss (transformers' and PyTorch's convention)
+IGNORE_INDEX = -100
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -189,3 +190,26 @@ def collate(
         batch["attention_mask"][row, span] = mask
         batch["labels"][row, span] = labels
     return batch
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, else its EOS token, else 0 (pads carry no loss either way)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None) if tokenizer is not None else None
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def padding_side(tokenizer: Any) -> str:
+    side = getattr(tokenizer, "padding_side", "right") if tokenizer is not None else "right"
+    return side if side in ("left", "right") else "right"
+
+
+def padded_batches(source: ExampleSource, tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of a (small) query set, in order."""
+    examples = [source.example(i) for i in range(len(source))]
+    return [
+        collate(examples[i : i + batch_size], pad_token_id(tokenizer), padding_side(tokenizer))
+        for i in range(0, len(examples), batch_size)
+    ]

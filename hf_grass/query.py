@@ -2,78 +2,35 @@
 
 The completion is generated (greedy by default) unless given; its gradient, with the loss on the
 completion tokens only, is compressed and preconditioned exactly like the train rows were, then
-scored against the cache. Positive scores are helpful documents (proponents), negative harmful.
+scored against the cache in one read. Positive scores are helpful documents (proponents), negative
+harmful.
+
+Path of a query: ``find_influential`` -> ``Attributor.find_influential`` -> ``encode_query`` (prompt
+and completion tokens, loss on the completion) -> ``Attributor.query_vectors``
+(``scoring.query_gradients``: hooks, factor-space gradient, preconditioner, final projection) ->
+``scoring.scan`` (one pass over the memory-mapped shards: top-k and bottom-k) -> ``make_result``
+(the documents' text from the shards' JSON lines).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_grass.cache.build import model_fingerprint
-from hf_grass.cache.reader import GradientCache
+from hf_grass.attribution import example_source
+from hf_grass.cache.reader import GradientCache, open_cache
 from hf_grass.capture.engine import GradientComputer, unwrap_model
-from hf_grass.capture.loss import IGNORE_INDEX
-from hf_grass.capture.targets import find_target_modules
+from hf_grass.capture.fingerprint import weights_fingerprint
+from hf_grass.checkpoints import checkpoint_weights
 from hf_grass.config import GraSSConfig
-from hf_grass.data import collate
-from hf_grass.pipeline import make_batches, make_source, pad_token_id, padding_side
-from hf_grass.precondition import Preconditioner
-from hf_grass.scoring import TopK, dense_scores, query_gradients, topk_scores
-
-
-@dataclass
-class InfluentialDocument:
-    index: int  # dataset index of the training example
-    score: float  # > 0 helpful (proponent), < 0 harmful (opponent)
-    text: str | None
-    id: Any = None
-
-
-@dataclass
-class InfluenceResult:
-    prompt: str
-    completion: str
-    documents: list[InfluentialDocument]  # most helpful first
-    harmful: list[InfluentialDocument] = field(default_factory=list)  # most harmful first
-    scores: torch.Tensor | None = None  # every cached row's score (row order), when asked for
-
-    def __str__(self) -> str:
-        lines = [
-            f"Prompt:     {self.prompt!r}",
-            f"Completion: {self.completion!r}",
-            "",
-            "Most helpful training documents:",
-        ]
-        lines += _table(self.documents)
-        if self.harmful:
-            lines += ["", "Most harmful training documents:"]
-            lines += _table(self.harmful)
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompt": self.prompt,
-            "completion": self.completion,
-            "documents": [vars(d) for d in self.documents],
-            "harmful": [vars(d) for d in self.harmful],
-        }
-
-
-def _table(docs: list[InfluentialDocument], width: int = 70) -> list[str]:
-    rows = [f"  {'rank':>4}  {'score':>11}  {'index':>7}  text"]
-    for rank, d in enumerate(docs, 1):
-        text = (d.text or "").replace("\n", " ")
-        text = text if len(text) <= width else text[: width - 3] + "..."
-        rows.append(f"  {rank:>4}  {d.score:>11.4g}  {d.index:>7}  {text}")
-    return rows
+from hf_grass.data import IGNORE_INDEX, collate, pad_token_id, padded_batches, padding_side
+from hf_grass.precondition.preconditioner import Preconditioner
+from hf_grass.results import InfluenceResult, InfluentialDocument
+from hf_grass.scoring import TopK, check_k, dense_scores, query_gradients, scan
 
 
 class Attributor:
@@ -125,7 +82,7 @@ class Attributor:
                     "Use the model (and adapter) the cache was built with."
                 )
         if check_weights:
-            mine = model_fingerprint(self.computer.model, self.computer.targets)["weights_sha256"]
+            mine = weights_fingerprint(self.computer.model, self.computer.targets)
             if mine != self.cache.model_info.get("weights_sha256"):
                 raise ValueError(
                     "the model's weights differ from those the cache was built with (fingerprint "
@@ -140,8 +97,8 @@ class Attributor:
 
     def attribute(self, query_dataset: Any) -> torch.Tensor:
         """Scores ``[n_query, n_train]`` (columns = training dataset indices)."""
-        source = make_source(query_dataset, self.tokenizer, self.config, self.model)
-        queries = self.query_vectors(make_batches(source, self.tokenizer, self.batch_size))
+        source = example_source(query_dataset, self.tokenizer, self.config, self.model)
+        queries = self.query_vectors(padded_batches(source, self.tokenizer, self.batch_size))
         return dense_scores(self.cache, queries, cosine=self.cosine, disable_progress=self.disable_progress)
 
     def find_influential(
@@ -159,21 +116,16 @@ class Attributor:
         With ``all_scores`` the result also holds every cached row's score (e.g. to plot them),
         from the same query gradient.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ValueError(f"k must be a positive int, got {k!r}")
-        if k > self.cache.num_rows:
-            raise ValueError(
-                f"k={k} exceeds the {self.cache.num_rows} rows of the cache; use k <= {self.cache.num_rows}"
-            )
-        prompt_text, text, batch = build_query(
+        check_k(k, self.cache.num_rows)
+        prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, **generate_kwargs
         )
         query = self.query_vectors([batch])
-        best = topk_scores(self.cache, query, k, largest=True, cosine=self.cosine)
-        worst = topk_scores(self.cache, query, k, largest=False, cosine=self.cosine)
-        result = make_result(self.cache, prompt_text, text, best, worst)
-        if all_scores:  # columns are dataset indices; skipped examples have no row
-            result.scores = dense_scores(self.cache, query, cosine=self.cosine)[0, self.cache.indices]
+        found = scan(self.cache, query, k, top=True, bottom=True, dense=all_scores, cosine=self.cosine)
+        assert found.top is not None and found.bottom is not None
+        result = make_result(self.cache, prompt_text, text, found.top, found.bottom)
+        if found.dense is not None:  # columns are dataset indices; skipped examples have no row
+            result.scores = found.dense[0, self.cache.indices]
         return result
 
 
@@ -195,7 +147,7 @@ def make_result(
     )
 
 
-def build_query(
+def encode_query(
     model: nn.Module,
     tokenizer: Any,
     prompt: str | list[dict[str, str]],
@@ -296,11 +248,9 @@ class MultiCheckpointAttributor:
         if len(self.caches) == 1:
             attributor = next(self._each())
             return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
-        rows = self.caches[-1].num_rows
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= rows:
-            raise ValueError(f"k must be an int in [1, {rows}], got {k!r}")
+        check_k(k, self.caches[-1].num_rows)
         # the completion comes from the current (final) model; its gradient is taken at every checkpoint
-        prompt_text, text, batch = build_query(
+        prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, **generate_kwargs
         )
         total: torch.Tensor | None = None
@@ -323,51 +273,6 @@ def _dense_topk(scores: torch.Tensor, present: torch.Tensor, k: int, largest: bo
     return TopK(values, indices)
 
 
-@contextlib.contextmanager
-def checkpoint_weights(model: nn.Module, cache: GradientCache) -> Iterator[None]:
-    """Temporarily load the weights a cache was built with, if they are not the current ones."""
-    # fingerprinting needs only the target modules: no compressor is drawn for this check
-    base = unwrap_model(model)
-    targets = find_target_modules(base, cache.module_names)
-    if model_fingerprint(base, targets)["weights_sha256"] == cache.model_info.get("weights_sha256"):
-        yield
-        return
-    path = cache.model_info.get("checkpoint")
-    if not path or not os.path.isdir(path):
-        raise ValueError(
-            f"the cache {cache.path} was built with other weights and records no checkpoint directory to load "
-            "them from; query it with the model it was built with"
-        )
-    saved = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    load_checkpoint(base, path)
-    try:
-        yield
-    finally:
-        base.load_state_dict(saved)
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a Trainer checkpoint's weights (full model or PEFT adapter) into ``model`` in place."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    adapter = path / "adapter_model.safetensors"
-    if adapter.is_file():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(adapter))
-        return
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no model.safetensors or adapter_model.safetensors in checkpoint {path}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(file))
-    _, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"checkpoint {path} holds weights the model lacks: {unexpected[:5]}")
-
-
 def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     if isinstance(prompt, list):
         if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
@@ -380,15 +285,6 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty: pass the text whose completion you want to explain")
     return prompt
-
-
-def open_cache(cache: GradientCache | str | os.PathLike) -> GradientCache:
-    """A ``GradientCache`` from itself, a local directory or a Hub dataset repo id."""
-    if isinstance(cache, GradientCache):
-        return cache
-    if isinstance(cache, (str, os.PathLike)):
-        return GradientCache.from_pretrained(cache)
-    raise TypeError(f"cache must be a GradientCache, a path or a Hub repo id; got {type(cache).__name__}")
 
 
 def find_influential(
@@ -409,3 +305,28 @@ def find_influential(
         model, tokenizer, cache, preconditioner=preconditioner, damping=damping, check_model=check_model
     )
     return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
+
+
+class AttributionLookups:
+    """``attribute`` and ``find_influential`` for the objects that hold a model and its caches
+    (``AttributionTrainer``, ``GraSSCallback``): they only say how to make the attributor."""
+
+    def _attributor(self, **kwargs: Any) -> Attributor | MultiCheckpointAttributor:
+        raise NotImplementedError
+
+    def attribute(self, query_dataset: Any, **kwargs: Any) -> torch.Tensor:
+        """Influence scores ``[n_query, n_train]`` of every query on every training example.
+
+        ``kwargs``: ``preconditioner``, ``damping``, ``cosine``, ``check_model`` overrides.
+        """
+        return self._attributor(**kwargs).attribute(query_dataset)
+
+    def find_influential(
+        self,
+        prompt: str | list[dict[str, str]],
+        k: int = 10,
+        completion: str | None = None,
+        **generate_kwargs: Any,
+    ) -> InfluenceResult:
+        """The top-k helpful and harmful training documents behind the model's completion of ``prompt``."""
+        return self._attributor().find_influential(prompt, k=k, completion=completion, **generate_kwargs)

@@ -1,8 +1,9 @@
 """Influence scores: query gradients (preconditioned) against the cached train rows.
 
 ``score(q, i) = sum_l (H_l^-1 g_ql) . g_il``; positive = helpful (upweighting example i lowers the
-query loss), negative = harmful. Dense scores for small caches, streaming top-k / bottom-k over the
-shards (memory independent of the cache size) for large ones.
+query loss), negative = harmful. ``scan`` reads the cache once per set of queries and yields what is
+asked of that read: the streaming top-k (most helpful), bottom-k (most harmful) and the dense score
+rows, with memory independent of the cache size for the lists.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from hf_grass.cache.build import Distributed
 from hf_grass.cache.reader import GradientCache
-from hf_grass.cache.stats import is_whitened, rotate
 from hf_grass.capture.engine import GradientComputer, NonFiniteError
 from hf_grass.capture.hooks import CaptureRequest
-from hf_grass.precondition import Preconditioner
+from hf_grass.distributed import Distributed
+from hf_grass.precondition.eigenbasis import is_whitened, whiten_query
+from hf_grass.precondition.preconditioner import Preconditioner
 
 
 # Rows converted from the storage dtype to float32 at a time, into one reused buffer small enough to
@@ -62,7 +63,7 @@ def query_gradients(
                     pre = preconditioner.apply_factor(name, pre)
                 if whitened:
                     assert basis is not None
-                    pre = rotate(basis, name, pre) / basis[f"{name}::whiten"].to(pre.device)
+                    pre = whiten_query(basis, name, pre)
                 rows[:, start:stop] = computer.compressors[name].project_factor(pre.float()).float()  # type: ignore[attr-defined]
             out.append(rows.cpu())
     return torch.cat(out) if out else torch.empty(0, computer.total_dim)
@@ -97,24 +98,123 @@ def _norms(queries: torch.Tensor) -> torch.Tensor:
     return queries.norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
-def dense_scores(
-    cache: GradientCache, queries: torch.Tensor, cosine: bool = False, disable_progress: bool = True
-) -> torch.Tensor:
-    """``[n_query, num_examples]`` scores, columns = dataset indices (skipped examples score 0)."""
-    scores = torch.zeros(queries.shape[0], cache.manifest["num_examples"])
-    with tqdm(total=cache.num_rows, desc="hf-grass: scoring", unit="row", disable=disable_progress) as bar:
-        for indices, block in shard_scores(cache, queries, cosine):
-            scores[:, indices] = block
-            bar.update(len(indices))
-    return scores
-
-
 @dataclass
 class TopK:
     """Best (``largest=True``: most helpful) or worst rows per query."""
 
     scores: torch.Tensor  # [n_query, k] float32, sorted
     indices: torch.Tensor  # [n_query, k] int64 dataset indices
+
+
+@dataclass
+class ScanResult:
+    """What one read of the cache gave (``None`` for what was not asked)."""
+
+    top: TopK | None = None  # most helpful first
+    bottom: TopK | None = None  # most harmful (lowest score) first
+    dense: torch.Tensor | None = None  # [n_query, num_examples], columns = dataset indices
+
+
+def check_k(k: object, rows: int) -> int:
+    """``k`` as a list length over a cache of ``rows`` rows, or a ``ValueError`` saying what fits."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if k > rows:
+        raise ValueError(
+            f"k={k} exceeds the {rows} rows of the cache (a list cannot be larger than the number of "
+            f"cached rows); use k <= {rows}"
+        )
+    return k
+
+
+def scan(
+    cache: GradientCache,
+    queries: torch.Tensor,
+    k: int | None = None,
+    *,
+    top: bool = True,
+    bottom: bool = False,
+    dense: bool = False,
+    cosine: bool = False,
+    dist: Distributed | None = None,
+    disable_progress: bool = True,
+) -> ScanResult:
+    """Score ``queries`` against every cached row in one read of the cache.
+
+    Args:
+        cache: the train rows.
+        queries: ``[n_query, dim]`` query vectors (``query_gradients``).
+        k: list length for ``top`` / ``bottom``.
+        top, bottom: keep the ``k`` highest / lowest scores per query (streaming; memory
+            ``O(n_query * (k + shard_size))`` whatever the cache size).
+        dense: also return every score, ``[n_query, num_examples]`` (skipped examples score 0).
+        cosine: divide each score by both vectors' norms.
+        dist: several processes (``torch.distributed`` initialised): each rank scores every
+            ``world_size``-th shard and the results are merged, so every rank returns the same.
+    """
+    if top or bottom:
+        k = check_k(k, cache.num_rows)
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    queries = queries.to(torch.float32)
+    nq = queries.shape[0]
+    lists = {largest: _Running(nq, largest) for largest, wanted in ((True, top), (False, bottom)) if wanted}
+    scores = torch.zeros(nq, cache.manifest["num_examples"]) if dense else None
+    with tqdm(total=cache.num_rows, desc="hf-grass: scoring", unit="row", disable=disable_progress) as bar:
+        for indices, block in shard_scores(cache, queries, cosine, rank, world):
+            for running in lists.values():
+                running.add(block, indices.unsqueeze(0).expand(nq, -1), k)
+            if scores is not None:
+                scores[:, indices] = block
+            bar.update(len(indices))
+    if world > 1:
+        assert dist is not None
+        for running in lists.values():
+            running.merge_ranks(dist, k)
+        if scores is not None:  # each rank filled the columns of its own shards, zeros elsewhere
+            scores = dist.all_reduce_sum({"scores": scores})["scores"]
+    return ScanResult(
+        top=lists[True].result() if top else None,
+        bottom=lists[False].result() if bottom else None,
+        dense=scores,
+    )
+
+
+class _Running:
+    """The running top-k (or bottom-k) of a stream of score blocks."""
+
+    def __init__(self, n_query: int, largest: bool):
+        self.largest = largest
+        self.fill = float("-inf") if largest else float("inf")
+        self.scores = torch.full((n_query, 0), self.fill)
+        self.indices = torch.zeros((n_query, 0), dtype=torch.int64)
+
+    def add(self, block: torch.Tensor, block_idx: torch.Tensor, k: int) -> None:
+        merged = torch.cat([self.scores, block], dim=1)
+        merged_idx = torch.cat([self.indices, block_idx], dim=1)
+        values, pos = merged.topk(min(k, merged.shape[1]), dim=1, largest=self.largest, sorted=True)
+        self.scores, self.indices = values, merged_idx.gather(1, pos)
+
+    def merge_ranks(self, dist: Distributed, k: int) -> None:
+        """All-gather every rank's list and keep the best ``k``: the same result on every rank."""
+        nq = self.scores.shape[0]
+        pad = k - self.scores.shape[1]  # exactly k per rank, so every rank sends the same shape
+        scores = torch.cat([self.scores, torch.full((nq, pad), self.fill)], dim=1)
+        indices = torch.cat([self.indices, torch.full((nq, pad), -1, dtype=torch.int64)], dim=1)
+        all_scores, all_indices = dist.all_gather(scores), dist.all_gather(indices)
+        self.scores, self.indices = self.scores[:, :0], self.indices[:, :0]
+        self.add(torch.cat(all_scores, 1), torch.cat(all_indices, 1), k)
+
+    def result(self) -> TopK:
+        return TopK(self.scores, self.indices)
+
+
+def dense_scores(
+    cache: GradientCache, queries: torch.Tensor, cosine: bool = False, disable_progress: bool = True
+) -> torch.Tensor:
+    """``[n_query, num_examples]`` scores, columns = dataset indices (skipped examples score 0)."""
+    result = scan(cache, queries, top=False, dense=True, cosine=cosine, disable_progress=disable_progress)
+    assert result.dense is not None
+    return result.dense
 
 
 def topk_scores(
@@ -126,52 +226,11 @@ def topk_scores(
     disable_progress: bool = True,
     dist: Distributed | None = None,
 ) -> TopK:
-    """Streaming top-k over the shards; memory ``O(n_query * (k + shard_size))``, whatever the cache size.
-
-    With ``dist`` (several processes, ``torch.distributed`` initialised), each rank scores every
-    ``world_size``-th shard and the per-rank top-k lists are all-gathered and merged, so every rank
-    returns the same result.
-    """
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if k > cache.num_rows:
-        raise ValueError(
-            f"k={k} is larger than the number of cached rows ({cache.num_rows}); use k <= {cache.num_rows}"
-        )
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    queries = queries.to(torch.float32)
-    nq = queries.shape[0]
-    fill = float("-inf") if largest else float("inf")
-    best = torch.full((nq, 0), fill)
-    best_idx = torch.zeros((nq, 0), dtype=torch.int64)
-    with tqdm(total=cache.num_rows, desc="hf-grass: scoring", unit="row", disable=disable_progress) as bar:
-        for indices, block in shard_scores(cache, queries, cosine, rank, world):
-            best, best_idx = _merge(best, best_idx, block, indices.unsqueeze(0).expand(nq, -1), k, largest)
-            bar.update(len(indices))
-    if world > 1:
-        # pad to exactly k so every rank contributes tensors of the same shape
-        pad = k - best.shape[1]
-        best = torch.cat([best, torch.full((nq, pad), fill)], dim=1)
-        best_idx = torch.cat([best_idx, torch.full((nq, pad), -1, dtype=torch.int64)], dim=1)
-        values = [torch.empty_like(best) for _ in range(world)]
-        positions = [torch.empty_like(best_idx) for _ in range(world)]
-        torch.distributed.all_gather(values, best)
-        torch.distributed.all_gather(positions, best_idx)
-        best, best_idx = _merge(
-            best[:, :0], best_idx[:, :0], torch.cat(values, 1), torch.cat(positions, 1), k, largest
-        )
-    return TopK(best, best_idx)
-
-
-def _merge(
-    best: torch.Tensor,
-    best_idx: torch.Tensor,
-    block: torch.Tensor,
-    block_idx: torch.Tensor,
-    k: int,
-    largest: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    merged = torch.cat([best, block], dim=1)
-    merged_idx = torch.cat([best_idx, block_idx], dim=1)
-    values, pos = merged.topk(min(k, merged.shape[1]), dim=1, largest=largest, sorted=True)
-    return values, merged_idx.gather(1, pos)
+    """The streaming top-k (``largest``) or bottom-k of ``scan``."""
+    result = scan(
+        cache, queries, k, top=largest, bottom=not largest, cosine=cosine, dist=dist,
+        disable_progress=disable_progress,
+    )  # fmt: skip
+    out = result.top if largest else result.bottom
+    assert out is not None
+    return out

@@ -13,16 +13,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from transformers import Trainer
 
-from hf_grass.cache.reader import GradientCache
+from hf_grass.attribution import run_attribution_pass
+from hf_grass.cache.reader import GradientCache, open_cache
 from hf_grass.config import GraSSConfig
-from hf_grass.pipeline import current_distributed, run_attribution_pass
-from hf_grass.query import Attributor, InfluenceResult
+from hf_grass.distributed import current_distributed
+from hf_grass.query import AttributionLookups, Attributor
 
 
-class AttributionTrainer(Trainer):
+class AttributionTrainer(AttributionLookups, Trainer):
     """A Trainer with ``build_gradient_cache``, ``attribute`` and ``find_influential``.
 
     Args:
@@ -49,7 +49,19 @@ class AttributionTrainer(Trainer):
         dataset = self.train_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("no dataset: pass one, or give the trainer a train_dataset")
-        self.gradient_cache = build_with_trainer(self, dataset, self.grass_config, cache_dir, verify_existing)
+        config = self.grass_config
+        self.gradient_cache = run_attribution_pass(
+            self.model,
+            dataset,
+            config,
+            self.processing_class,
+            cache_dir=cache_dir,
+            batch_size=config.batch_size or self.args.per_device_eval_batch_size,
+            dist=current_distributed(),
+            disable_progress=self.args.disable_tqdm or not self.is_local_process_zero(),
+            device=self.args.device,
+            verify_existing=verify_existing,
+        )
         return self.gradient_cache
 
     def _attributor(self, **kwargs: Any) -> Attributor:
@@ -58,7 +70,7 @@ class AttributionTrainer(Trainer):
             path = self.grass_config.cache_dir
             if not os.path.isfile(os.path.join(path, "manifest.json")):
                 raise ValueError(f"no gradient cache at {path!r}: call trainer.build_gradient_cache() first")
-            cache = self.gradient_cache = GradientCache(path)
+            cache = self.gradient_cache = open_cache(path)
         return Attributor(
             self.model,
             self.processing_class,
@@ -67,42 +79,3 @@ class AttributionTrainer(Trainer):
             disable_progress=self.args.disable_tqdm,
             **kwargs,
         )
-
-    def attribute(self, query_dataset: Any, **kwargs: Any) -> torch.Tensor:
-        """Influence scores ``[n_query, n_train]`` of every query on every training example.
-
-        ``kwargs``: ``preconditioner``, ``damping``, ``cosine``, ``check_model`` overrides.
-        """
-        return self._attributor(**kwargs).attribute(query_dataset)
-
-    def find_influential(
-        self,
-        prompt: str | list[dict[str, str]],
-        k: int = 10,
-        completion: str | None = None,
-        **generate_kwargs: Any,
-    ) -> InfluenceResult:
-        """The top-k helpful and harmful training documents behind the model's completion of ``prompt``."""
-        return self._attributor().find_influential(prompt, k=k, completion=completion, **generate_kwargs)
-
-
-def build_with_trainer(
-    trainer: Trainer,
-    dataset: Any,
-    config: GraSSConfig,
-    cache_dir: str | os.PathLike | None = None,
-    verify_existing: bool = False,
-) -> GradientCache:
-    """Run the attribution pass with a Trainer's model, tokenizer, device and process group."""
-    return run_attribution_pass(
-        trainer.model,
-        dataset,
-        config,
-        trainer.processing_class,
-        cache_dir=cache_dir,
-        batch_size=config.batch_size or trainer.args.per_device_eval_batch_size,
-        dist=current_distributed(),
-        disable_progress=trainer.args.disable_tqdm or not trainer.is_local_process_zero(),
-        device=trainer.args.device,
-        verify_existing=verify_existing,
-    )

@@ -11,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from hf_grass.cache import build_cache
+from hf_grass.attribution import AttributionPass
 from hf_grass.capture import GradientComputer
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource
@@ -56,13 +56,8 @@ def config() -> GraSSConfig:
 
 def build(path: str, delay: float = 0.0, verify_existing: bool = False) -> None:
     computer = GradientComputer(TinyLM(), config())
-    build_cache(
-        computer,
-        ExampleSource(SlowData(delay)),
-        path,
-        batch_size=2,
-        disable_progress=True,
-        verify_existing=verify_existing,
+    AttributionPass(computer, ExampleSource(SlowData(delay)), path, batch_size=2, disable_progress=True).run(
+        verify_existing=verify_existing
     )
 
 

@@ -87,7 +87,7 @@ def main() -> None:
     ]
     queries = random_token_examples(3, VOCAB, seed=5)
     scores = trainer.attribute(queries)
-    from hf_grass.pipeline import current_distributed
+    from hf_grass.distributed import current_distributed
     from hf_grass.scoring import topk_scores
 
     attributor = trainer._attributor()

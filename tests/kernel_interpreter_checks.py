@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from hf_grass import kernels  # noqa: E402
-from hf_grass.compressors import build_compressor  # noqa: E402
+from hf_grass.compressors import make_compressor  # noqa: E402
 from hf_grass.config import GraSSConfig  # noqa: E402
 from hf_grass.kernels import reference  # noqa: E402
 from hf_grass.kernels import triton_kernels as tk  # noqa: E402
@@ -296,7 +296,7 @@ def dispatcher_uses_triton() -> str:
 @check
 def compressor_end_to_end() -> str:
     gen = _gen(13)
-    comp = build_compressor(
+    comp = make_compressor(
         GraSSConfig(compressor="factgrass", proj_dim=64), "m", d_in=33, d_out=40, bias=True
     )
     x = torch.randn(3, 10, 32, generator=gen)

@@ -10,7 +10,8 @@ from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from hf_grass import GradientCache, GraSSCallback, GraSSConfig
-from hf_grass.query import Attributor, load_checkpoint
+from hf_grass.checkpoints import load_checkpoint
+from hf_grass.query import Attributor
 
 
 def setup(tmp_path: Path, epochs: int, **callback_kwargs):

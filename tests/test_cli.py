@@ -20,7 +20,7 @@ from hub_server import MockHub
 
 from hf_grass import GradientCache
 from hf_grass.cli import UsageError, main
-from hf_grass.demo import DEMO_CORPUS, DEMO_FACTS
+from hf_grass.cli.demo import DEMO_CORPUS, DEMO_FACTS
 
 # raised inside huggingface_hub's own LFS upload (``data=fileobj``), not by this code
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

@@ -23,9 +23,11 @@ from tolerances import EXACT_ATOL, EXACT_RTOL, FLOAT32_ATOL, FLOAT32_RTOL, STAT_
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from hf_grass.compressors import Compressor, FactorisedCompressor, available_compressors, build_compressor
+from hf_grass.compressors import Compressor, FactorisedCompressor, available_compressors, make_compressor
 from hf_grass.compressors.sjlt import draw_sjlt
-from hf_grass.config import COMPRESSORS, FACTORISED, GraSSConfig
+from hf_grass.config import COMPRESSORS, GraSSConfig, factorised_compressors
+
+FACTORISED = tuple(factorised_compressors())
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 USES_SJLT = ("sjlt", "grass", "factgrass")  # the compressors whose map depends on sjlt_nnz
@@ -69,7 +71,7 @@ def test_registry_matches_config() -> None:
     # the parametrisations below iterate over config.COMPRESSORS; a registered compressor missing
     # from it (or vice versa) would silently go untested
     assert sorted(COMPRESSORS) == available_compressors()
-    assert {n for n in COMPRESSORS if build_compressor(config(n), "m", D_IN, D_OUT).factorised} == set(
+    assert {n for n in COMPRESSORS if make_compressor(config(n), "m", D_IN, D_OUT).factorised} == set(
         FACTORISED
     )
 
@@ -85,7 +87,7 @@ def _touching_bias(cfg: GraSSConfig) -> Compressor:
     (deterministically) whose draw keeps it.
     """
     for i in range(32):
-        c = build_compressor(cfg, f"model.layers.{i}.proj", D_IN, D_OUT, bias=True)
+        c = make_compressor(cfg, f"model.layers.{i}.proj", D_IN, D_OUT, bias=True)
         bias_columns = c.dense_matrix().reshape(c.output_dim, D_OUT, D_IN)[:, :, -1]
         if bias_columns.abs().sum() > 0:
             return c
@@ -95,7 +97,7 @@ def _touching_bias(cfg: GraSSConfig) -> Compressor:
 @pytest.mark.parametrize(("name", "bias", "nnz"), all_cases())
 def test_three_paths_agree(name: str, bias: bool, nnz: int) -> None:
     cfg = config(name, sjlt_nnz=nnz)
-    c = _touching_bias(cfg) if bias else build_compressor(cfg, "model.layers.0.proj", D_IN, D_OUT)
+    c = _touching_bias(cfg) if bias else make_compressor(cfg, "model.layers.0.proj", D_IN, D_OUT)
     assert c.output_dim == cfg.proj_dim == K_SMALL
     x, delta = factors(3, 5, D_IN - int(bias), D_OUT, seed=1)
     g = full_gradient(x, delta, bias)
@@ -122,7 +124,7 @@ def test_three_paths_agree(name: str, bias: bool, nnz: int) -> None:
 @pytest.mark.parametrize("name", FACTORISED)
 def test_factor_space_decomposition(name: str, bias: bool) -> None:
     """compress = project_factor ∘ factor_gradient, and the factor space agrees with the full-G oracle."""
-    c = build_compressor(config(name), "model.layers.0.proj", D_IN, D_OUT, bias=bias)
+    c = make_compressor(config(name), "model.layers.0.proj", D_IN, D_OUT, bias=bias)
     assert isinstance(c, FactorisedCompressor)
     x, delta = factors(2, 7, D_IN - int(bias), D_OUT, seed=2)
     gp = c.factor_gradient(x, delta)
@@ -146,9 +148,9 @@ def test_random_streamed_blocks_equal_resident_matrix(
     cfg = config("random", distribution=distribution)
     # 32-column blocks: p = 120 spans four blocks, the last one partial
     monkeypatch.setattr(random_module, "BLOCK_COLS", 32)
-    resident = build_compressor(cfg, "model.layers.0.proj", D_IN, D_OUT)
+    resident = make_compressor(cfg, "model.layers.0.proj", D_IN, D_OUT)
     monkeypatch.setattr(random_module, "MAX_RESIDENT_BYTES", 0)
-    streamed = build_compressor(cfg, "model.layers.0.proj", D_IN, D_OUT)
+    streamed = make_compressor(cfg, "model.layers.0.proj", D_IN, D_OUT)
     assert resident.resident and not streamed.resident and streamed.n_blocks == 4
     dense = resident.dense_matrix()
     assert torch.equal(dense, streamed.dense_matrix())
@@ -205,7 +207,7 @@ def test_factorised_compress_never_materialises(
         raise AssertionError("Compressor.outer (the [B, d_out, d_in] gradient) was called")
 
     monkeypatch.setattr(Compressor, "outer", forbidden)
-    c = build_compressor(config(name, BIG_K), "model.layers.0.mlp", BIG_IN, BIG_OUT, bias=bias)
+    c = make_compressor(config(name, BIG_K), "model.layers.0.mlp", BIG_IN, BIG_OUT, bias=bias)
     x, delta = factors(BIG_B, BIG_T, BIG_IN - int(bias), BIG_OUT, seed=3, dtype=torch.float32)
     op, shape, numel = _record(c, x, delta).largest()
     assert numel < BIG_IN * BIG_OUT, f"{name}.compress built a tensor {shape} via {op}"
@@ -215,7 +217,7 @@ def test_factorised_compress_never_materialises(
 
 def test_shape_recorder_catches_materialisation() -> None:
     # positive control: the same recorder flags the materialising default path of `sjlt`
-    c = build_compressor(config("sjlt", BIG_K), "model.layers.0.mlp", BIG_IN, BIG_OUT)
+    c = make_compressor(config("sjlt", BIG_K), "model.layers.0.mlp", BIG_IN, BIG_OUT)
     x, delta = factors(BIG_B, BIG_T, BIG_IN, BIG_OUT, seed=3, dtype=torch.float32)
     _, shape, numel = _record(c, x, delta).largest()
     assert numel >= BIG_B * BIG_IN * BIG_OUT and shape[-2:] == (BIG_OUT, BIG_IN)
@@ -240,7 +242,7 @@ DEFAULT_DRAWS = 8
 
 def _stat_compressor(name: str, options: dict[str, Any], draw: int) -> Compressor:
     cfg = config(name, STAT_K.get(name, 512), **options)
-    return build_compressor(cfg, f"model.layers.{draw}.mlp", STAT_IN, STAT_OUT)
+    return make_compressor(cfg, f"model.layers.{draw}.mlp", STAT_IN, STAT_OUT)
 
 
 def _ratios(
@@ -325,7 +327,7 @@ def test_unbiased_on_outer_product_gradients(name: str, options: dict[str, Any])
 _DIGEST_SCRIPT = """
 import hashlib
 import torch
-from hf_grass.compressors import build_compressor
+from hf_grass.compressors import make_compressor
 from hf_grass.config import COMPRESSORS, GraSSConfig
 
 
@@ -336,7 +338,7 @@ def digests():
     out = {}
     for name in COMPRESSORS:
         cfg = GraSSConfig(compressor=name, proj_dim=16, sjlt_nnz=2, seed=7)
-        c = build_compressor(cfg, "model.layers.3.mlp.up_proj", 12, 10, bias=True)
+        c = make_compressor(cfg, "model.layers.3.mlp.up_proj", 12, 10, bias=True)
         h = hashlib.sha256(c.dense_matrix().numpy().tobytes())
         h.update(c.compress(x, delta).numpy().tobytes())
         out[name] = h.hexdigest()
@@ -369,7 +371,7 @@ def test_bit_identical_in_fresh_process() -> None:
 @pytest.mark.parametrize("name", COMPRESSORS)
 def test_draw_depends_on_module_name_and_seed(name: str) -> None:
     def matrix(seed: int, module: str) -> torch.Tensor:
-        return build_compressor(config(name, seed=seed), module, D_IN, D_OUT).dense_matrix()
+        return make_compressor(config(name, seed=seed), module, D_IN, D_OUT).dense_matrix()
 
     base = matrix(0, "model.layers.0.mlp")
     assert torch.equal(base, matrix(0, "model.layers.0.mlp"))
@@ -379,9 +381,9 @@ def test_draw_depends_on_module_name_and_seed(name: str) -> None:
 
 def test_roles_draw_independently() -> None:
     # a square module: if both factors were drawn from one generator role they would coincide
-    logra = build_compressor(config("logra"), "model.layers.0.attn", 20, 20)
+    logra = make_compressor(config("logra"), "model.layers.0.attn", 20, 20)
     assert not torch.equal(logra.p_in, logra.p_out)
-    fact = build_compressor(config("factgrass"), "model.layers.0.attn", 20, 20)
+    fact = make_compressor(config("factgrass"), "model.layers.0.attn", 20, 20)
     assert fact.m_in == fact.m_out == 8 and not torch.equal(fact.in_idx, fact.out_idx)
 
 
@@ -392,7 +394,7 @@ def test_no_global_rng(name: str) -> None:
     for global_seed in (0, 12345):
         torch.manual_seed(global_seed)
         state = torch.get_rng_state()
-        c = build_compressor(config(name, sjlt_nnz=2 if name in USES_SJLT else 1), "m.proj", D_IN, D_OUT)
+        c = make_compressor(config(name, sjlt_nnz=2 if name in USES_SJLT else 1), "m.proj", D_IN, D_OUT)
         outputs.append(c.compress(x, delta))
         # neither building nor compressing may consume the global generator
         assert torch.equal(torch.get_rng_state(), state)
@@ -406,13 +408,13 @@ def test_no_global_rng(name: str) -> None:
 def test_proj_dim_larger_than_gradient(name: str) -> None:
     # 64 is square and 4 * 64 is square, so the config itself is valid for every compressor
     with pytest.raises(ValueError, match="proj_dim=64 is larger than the gradient"):
-        build_compressor(config(name, 64), "tiny", 4, 4)
+        make_compressor(config(name, 64), "tiny", 4, 4)
 
 
 def test_logra_factor_wider_than_module() -> None:
     # p = 400 >= 64, but sqrt(64) = 8 input directions do not exist in a 4-wide input
     with pytest.raises(ValueError, match="proj_dim"):
-        build_compressor(config("logra", 64), "narrow", 4, 100)
+        make_compressor(config("logra", 64), "narrow", 4, 100)
 
 
 @pytest.mark.parametrize(
@@ -441,7 +443,7 @@ def test_unknown_compressor_in_registry() -> None:
     cfg = config("sjlt")
     cfg.compressor = "nope"  # bypasses __post_init__, as a hand-edited manifest could
     with pytest.raises(ValueError, match="unknown compressor 'nope'; available: factgrass"):
-        build_compressor(cfg, "m", D_IN, D_OUT)
+        make_compressor(cfg, "m", D_IN, D_OUT)
 
 
 def test_sjlt_draw_checks_divisibility() -> None:
@@ -452,7 +454,7 @@ def test_sjlt_draw_checks_divisibility() -> None:
 @pytest.mark.parametrize(("d_in", "d_out", "bias"), [(0, 4, False), (4, -1, False), (1, 4, True)])
 def test_bad_module_widths(d_in: int, d_out: int, bias: bool) -> None:
     with pytest.raises(ValueError, match="d_in|d_out"):
-        build_compressor(config("sjlt", 2), "m", d_in, d_out, bias=bias)
+        make_compressor(config("sjlt", 2), "m", d_in, d_out, bias=bias)
 
 
 _BAD_FACTORS = {
@@ -467,7 +469,7 @@ _BAD_FACTORS = {
 @pytest.mark.parametrize("case", list(_BAD_FACTORS))
 @pytest.mark.parametrize("name", COMPRESSORS)
 def test_compress_rejects_bad_shapes(name: str, case: str) -> None:
-    c = build_compressor(config(name), "model.bad", D_IN, D_OUT, bias=True)
+    c = make_compressor(config(name), "model.bad", D_IN, D_OUT, bias=True)
     x_shape, delta_shape = _BAD_FACTORS[case]
     with pytest.raises(ValueError, match="model.bad: expected"):
         c.compress(torch.zeros(x_shape), torch.zeros(delta_shape))
@@ -476,6 +478,6 @@ def test_compress_rejects_bad_shapes(name: str, case: str) -> None:
 @pytest.mark.parametrize("shape", [(3, D_IN, D_OUT), (3, D_OUT * D_IN), (D_OUT, D_IN)], ids=str)
 @pytest.mark.parametrize("name", COMPRESSORS)
 def test_compress_gradient_rejects_bad_shapes(name: str, shape: tuple[int, ...]) -> None:
-    c = build_compressor(config(name), "model.bad", D_IN, D_OUT)
+    c = make_compressor(config(name), "model.bad", D_IN, D_OUT)
     with pytest.raises(ValueError, match=rf"expected gradients of shape \[B, {D_OUT}, {D_IN}\]"):
         c.compress_gradient(torch.zeros(shape))

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from hf_grass.config import COMPRESSORS, FACTORISED, GraSSConfig
+from hf_grass.config import COMPRESSORS, GraSSConfig, factorised_compressors
+
+FACTORISED = tuple(factorised_compressors())
 
 FIELDS = {f.name: f for f in dataclasses.fields(GraSSConfig)}
 

@@ -14,7 +14,8 @@ import torch
 from _models import random_token_examples, tiny_gpt2
 from dist_worker import N_TRAIN, VOCAB
 
-from hf_grass.cache import GradientCache, build_cache
+from hf_grass.attribution import AttributionPass
+from hf_grass.cache import GradientCache
 from hf_grass.capture import GradientComputer
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource
@@ -46,7 +47,7 @@ def single_process(tmp: Path, preconditioner: str) -> tuple[GradientCache, torch
     computer = GradientComputer(model, config)
     data = random_token_examples(N_TRAIN, VOCAB, seed=0)
     cache = GradientCache(
-        build_cache(computer, ExampleSource(data), tmp, batch_size=3, disable_progress=True)
+        AttributionPass(computer, ExampleSource(data), tmp, batch_size=3, disable_progress=True).run()
     )
     scores = Attributor(model, None, cache).attribute(random_token_examples(3, VOCAB, seed=5))
     return cache, scores

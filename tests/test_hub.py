@@ -22,12 +22,11 @@ from hub_server import MockHub
 from huggingface_hub import DatasetCard, HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError
 
-import hf_grass.cache.hub as hub_module
 import hf_grass.cache.reader as reader_module
 from hf_grass import GradientCache, GraSSConfig, find_influential
-from hf_grass.cache import CacheError
-from hf_grass.cache.hub import is_repo_id, load_cache
-from hf_grass.pipeline import run_attribution_pass
+from hf_grass.attribution import run_attribution_pass
+from hf_grass.cache import CacheError, open_cache
+from hf_grass.cache.hub import is_repo_id
 from hf_grass.precondition import Preconditioner
 
 # raised inside huggingface_hub's own LFS upload (``data=fileobj``), not by this code
@@ -226,7 +225,7 @@ def test_manifest_naming_a_path_outside_is_refused(
     )
     _no_reads_before_checks(monkeypatch)
     monkeypatch.setattr(
-        hub_module, "sha256_file", lambda *a: pytest.fail("hashed before the paths were checked")
+        reader_module, "sha256_file", lambda *a: pytest.fail("hashed before the paths were checked")
     )
     with pytest.raises(CacheError, match="outside the cache directory"):
         GradientCache.from_pretrained(REPO, endpoint=hub.url)
@@ -300,14 +299,14 @@ def test_unfinished_or_damaged_caches_are_not_pushed(built: Built, hub: MockHub,
 
 
 def test_local_paths_and_repo_ids(built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert load_cache(built.cache.path).manifest == built.cache.manifest
-    assert load_cache(str(built.cache.path)).manifest == built.cache.manifest
+    assert open_cache(built.cache.path).manifest == built.cache.manifest
+    assert open_cache(str(built.cache.path)).manifest == built.cache.manifest
     monkeypatch.chdir(tmp_path)
     for missing in ("grass_cache", "./a/b", "a/b/c", str(tmp_path / "nope")):
         with pytest.raises(FileNotFoundError):  # a path, never sent to the Hub
-            load_cache(missing)
+            open_cache(missing)
     with pytest.raises(ValueError, match="local path"):
-        load_cache(built.cache.path, revision="main")
+        open_cache(built.cache.path, revision="main")
     assert is_repo_id("alice/grads") and is_repo_id("org-1/my.cache_v2")
     for not_an_id in ("grads", "./a", "a/b/c", "/abs/x", "a/../b", "a--b/c", "-a/b"):
         assert not is_repo_id(not_an_id), not_an_id

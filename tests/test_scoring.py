@@ -9,7 +9,8 @@ import torch
 from _models import random_token_examples, tiny_gpt2, tiny_llama
 from test_capture import autograd_gradient
 
-from hf_grass.cache import GradientCache, build_cache
+from hf_grass.attribution import AttributionPass
+from hf_grass.cache import GradientCache
 from hf_grass.capture import GradientComputer
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource, collate
@@ -24,9 +25,9 @@ def build(
     tmp_path: Path, model, config: GraSSConfig, examples: list[dict]
 ) -> tuple[GradientComputer, GradientCache]:
     computer = GradientComputer(model, config)
-    path = build_cache(
+    path = AttributionPass(
         computer, ExampleSource(examples), tmp_path / "cache", batch_size=3, disable_progress=True
-    )
+    ).run()
     return computer, GradientCache(path, verify=True)
 
 

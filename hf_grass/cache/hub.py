@@ -10,13 +10,15 @@ earlier cache in the same repo that the new manifest no longer lists are deleted
 the commit is pinned to the head it was planned against (``parent_commit``), so a concurrent push
 fails instead of mixing two caches.
 
-**Pull** (``GradientCache.from_pretrained``) downloads with ``snapshot_download`` into a plain
-directory (``local_dir`` mode: real files, not symlinks into the shared blob store, because the reader
-refuses any manifest path that resolves outside the cache directory). The default directory is
-``<HF_HOME>/hf_grass/datasets--<namespace>--<name>/<revision>``; a later pull of the same revision only
-fetches what changed, and works offline from what is there. Before any array is read, the manifest's
-schema and paths are validated (a path outside the directory, ``../x`` or absolute, is refused), then
-the sha256 of every file it lists is checked, and only then are the safetensors headers parsed.
+**Pull** (``download``, used by ``open_cache`` / ``GradientCache.from_pretrained``) fetches with
+``snapshot_download`` into a plain directory (``local_dir`` mode: real files, not symlinks into the
+shared blob store, because the reader refuses any manifest path that resolves outside the cache
+directory). The default directory is ``<HF_HOME>/hf_grass/datasets--<namespace>--<name>/<revision>``;
+a later pull of the same revision only fetches what changed, and works offline from what is there.
+The downloaded folder is then opened like any local cache (``hf_grass.cache.reader.open_cache``):
+manifest schema and paths first, then every file's sha256, and only then the safetensors headers.
+
+This module only moves files; it never imports the reader (the reader imports it).
 
 The endpoint is the ``endpoint`` argument, else ``HF_ENDPOINT`` as set *now* (``huggingface_hub``
 reads it once, at import), else the ``huggingface_hub`` default.
@@ -31,13 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from hf_grass.cache.files import CacheError, sha256_file
-from hf_grass.cache.manifest import MANIFEST, load_json, safe_path, validate_manifest
+from hf_grass.cache.manifest import MANIFEST
+from hf_grass.config import GraSSConfig
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, DatasetCard
-
-    from hf_grass.cache.reader import GradientCache
 
 REPO_TYPE = "dataset"
 CARD_TAGS = ["hf-grass", "gradient-cache", "data-attribution", "training-data-attribution"]
@@ -71,6 +71,31 @@ def is_repo_id(value: str) -> bool:
     return bool(_REPO_ID.match(value)) and ".." not in value and "--" not in value
 
 
+def is_local(spec: str | os.PathLike, bare_names_are_repos: bool = False) -> bool:
+    """Whether a model, dataset or cache argument means a local path rather than a Hub repo id.
+
+    The one rule for every such argument: a path object, an existing path, anything anchored (``/``,
+    ``./``, ``../``, ``~``, ``.``), with more than one slash or with a file suffix is local, so a typo
+    in a path is reported as a missing file instead of being sent to the Hub. Otherwise a string of
+    the form ``namespace/name`` is a repo id, and so is a bare ``name`` when ``bare_names_are_repos``
+    (model ids like ``gpt2``; a bare cache or dataset name is a folder).
+    """
+    if isinstance(spec, os.PathLike):
+        return True
+    if Path(spec).expanduser().exists():
+        return True
+    if (
+        spec.startswith(("/", "./", "../", "~", "."))
+        or spec.count("/") > 1
+        or (os.sep != "/" and os.sep in spec)
+        or re.search(r"\.(jsonl?|txt|csv|parquet|arrow|safetensors|gguf|bin)$", spec)
+    ):
+        return True
+    if bare_names_are_repos and "/" not in spec:
+        return not re.fullmatch(_NAME, spec)
+    return not is_repo_id(spec)
+
+
 # ---- dataset card -------------------------------------------------------------------------------
 
 
@@ -88,17 +113,18 @@ def _cell(value: Any) -> str:
     return f"`{text}`"
 
 
-def dataset_card(cache: GradientCache, repo_id: str, revision: str | None = None) -> DatasetCard:
-    """The ``README.md`` of a pushed cache: tags in the YAML header; the model, compressor, seed,
-    dtype, size and how to load it in the body."""
+def dataset_card(manifest: dict[str, Any], repo_id: str, revision: str | None = None) -> DatasetCard:
+    """The ``README.md`` of a pushed cache, read off its manifest: tags in the YAML header; the model,
+    compressor, seed, dtype, size and how to load it in the body."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    model, config, manifest = cache.model_info, cache.config, cache.manifest
+    model, config = manifest["model"], GraSSConfig.from_dict(manifest["config"])
+    num_rows = sum(s["rows"] for s in manifest["shards"])
     model_name, model_rev = model.get("name_or_path"), model.get("revision")
     data = DatasetCardData(
         pretty_name=f"hf-grass gradient cache: {model_name or model.get('class') or 'model'}",
         tags=CARD_TAGS,
-        size_categories=[_size_category(cache.num_rows)],
+        size_categories=[_size_category(num_rows)],
         # not a table the dataset viewer can show (safetensors shards + a JSON manifest)
         viewer=False,
     )
@@ -117,7 +143,7 @@ def dataset_card(cache: GradientCache, repo_id: str, revision: str | None = None
             f"(weights fingerprint {model.get('weights_sha256')})\ntokenizer = ..."
         )
     cache_arg = f'"{repo_id}"' if not rev_arg else "cache"
-    skipped = len(cache.skipped)
+    skipped = sum(len(s["skipped"]) for s in manifest["shards"])
     rows = [
         ("Model class", _cell(model.get("class"))),
         ("Model", _cell(model_name)),
@@ -127,11 +153,11 @@ def dataset_card(cache: GradientCache, repo_id: str, revision: str | None = None
         ("Compressor config", _cell(json.dumps(compressor, sort_keys=True))),
         ("Seed", _cell(config.seed)),
         ("Storage dtype", _cell(config.dtype)),
-        ("Rows", f"{cache.num_rows} (of {manifest['num_examples']} examples, {skipped} skipped)"),
-        ("Dimension", f"{cache.dim} per row, over {len(cache.modules)} modules"),
+        ("Rows", f"{num_rows} (of {manifest['num_examples']} examples, {skipped} skipped)"),
+        ("Dimension", f"{manifest['dim']} per row, over {len(manifest['modules'])} modules"),
         ("Loss", _cell(config.loss_reduction)),
         ("Preconditioner", f"{_cell(config.preconditioner)} (damping {config.damping})"),
-        ("Shards", str(len(cache.shards))),
+        ("Shards", str(len(manifest["shards"]))),
         ("Cache format", f"{manifest['format']} v{manifest['format_version']}"),
         ("Written by", f"hf-grass {manifest.get('library_version', '')}".strip()),
     ]
@@ -168,7 +194,7 @@ the model's weights fingerprint with the one above and refuses another model.
 ## Files
 
 - `manifest.json`: configuration, model fingerprint, module layout, and the sha256 of every file
-- `shards/shard-NNNNNN.safetensors`: `grads` [rows, {cache.dim}] ({config.dtype}) and `indices` [rows] (dataset index)
+- `shards/shard-NNNNNN.safetensors`: `grads` [rows, {manifest["dim"]}] ({config.dtype}) and `indices` [rows] (dataset index)
 - `shards/shard-NNNNNN.jsonl`: the training documents of those rows (`index`, `text`, `id`)
 - `stats/`, `eigenbasis.safetensors`: the sums the preconditioner is fitted from
 """
@@ -178,8 +204,10 @@ the model's weights fingerprint with the one above and refuses another model.
 # ---- push ---------------------------------------------------------------------------------------
 
 
-def push_to_hub(
-    cache: GradientCache,
+def push_folder(
+    root: Path,
+    manifest: dict[str, Any],
+    files: list[Path],
     repo_id: str,
     private: bool = False,
     token: str | None = None,
@@ -187,33 +215,28 @@ def push_to_hub(
     commit_message: str | None = None,
     endpoint: str | None = None,
 ) -> CommitInfo:
-    """Upload ``cache`` (with a dataset card) to the dataset repo ``repo_id`` in one commit.
+    """Upload a verified cache (``manifest.json`` plus ``files``, with a dataset card) to the dataset
+    repo ``repo_id`` in one commit.
 
     Creates the repo (and the branch ``revision``) if needed. Returns the ``CommitInfo``: a ``str``
     holding the commit URL, with the commit id in ``.oid`` (pin downloads to it for reproducibility).
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    if not cache.manifest["complete"]:
-        raise CacheError(
-            f"{cache.path} is an unfinished build ({cache.num_rows} of {cache.manifest['num_examples']} "
-            "rows); run the build again to finish it before pushing."
-        )
-    cache.verify()  # never publish a damaged cache: every file must match its manifest sha256
     api = HfApi(endpoint=_endpoint(endpoint), token=token)
     api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
     if revision is not None and revision != "main":
         api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
 
-    root = cache.path.resolve()  # cache.files() gives resolved paths
+    root = root.resolve()
     uploads = {MANIFEST: root / MANIFEST}
-    for path, _ in cache.files():
-        uploads[path.relative_to(root).as_posix()] = path
+    for path in files:
+        uploads[path.resolve().relative_to(root).as_posix()] = path
     operations: list[Any] = [
         CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path))
         for rel, path in sorted(uploads.items())
     ]
-    card = str(dataset_card(cache, repo_id, revision)).encode()
+    card = str(dataset_card(manifest, repo_id, revision)).encode()
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
 
     head = api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision).sha
@@ -223,10 +246,10 @@ def push_to_hub(
         for f in remote
         if (f.startswith(_OWNED_PREFIXES) or f in _OWNED_FILES) and f not in uploads
     ]
-    summary = cache.summary()
+    config = manifest["config"]
+    rows = sum(s["rows"] for s in manifest["shards"])
     message = commit_message or (
-        f"Upload hf-grass gradient cache ({summary['rows']} rows, {summary['compressor']}, "
-        f"dim {summary['dim']})"
+        f"Upload hf-grass gradient cache ({rows} rows, {config['compressor']}, dim {manifest['dim']})"
     )
     return api.create_commit(
         repo_id,
@@ -250,91 +273,25 @@ def default_local_dir(repo_id: str, revision: str | None = None) -> Path:
     return Path(home).expanduser() / "hf_grass" / folder / quote(revision or "main", safe="")
 
 
-def _listed_files(manifest: dict[str, Any]) -> list[tuple[str, str]]:
-    """(path, sha256) of every file a validated manifest lists."""
-    out = []
-    for shard in manifest["shards"]:
-        out += [(shard["file"], shard["sha256"]), (shard["docs"], shard["docs_sha256"])]
-    out += [(entry["file"], entry["sha256"]) for entry in manifest["stats"]]
-    if manifest.get("eigenbasis"):
-        out.append((manifest["eigenbasis"]["file"], manifest["eigenbasis"]["sha256"]))
-    return out
-
-
-def _check_file(path: Path, rel: str, expected: str, source: str) -> None:
-    if not path.is_file():
-        raise CacheError(
-            f"{rel} is listed in the manifest of {source} but is missing (looked for {path}); "
-            "the repo is incomplete: push the cache again."
-        )
-    actual = sha256_file(path)
-    if actual != expected:
-        raise CacheError(
-            f"{rel} of {source} does not match the sha256 in its manifest (expected {expected[:16]}..., "
-            f"got {actual[:16]}... for {path}): the repo's copy or the downloaded copy was altered, so "
-            "nothing was loaded. Pull again with force_download=True; if it still fails, the repo "
-            "itself is damaged: push the cache again."
-        )
-
-
-def open_verified(folder: str | os.PathLike, source: str | None = None) -> GradientCache:
-    """Open a downloaded cache, checking it in an order that reads no array of an unchecked file:
-    manifest schema and paths, then the sha256 of every listed file, then the safetensors headers."""
-    from hf_grass.cache.reader import GradientCache
-
-    folder = Path(folder)
-    source = source or str(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise CacheError(f"{source} is not an hf-grass gradient cache: it has no {MANIFEST}")
-    manifest = validate_manifest(load_json(manifest_path), folder)  # refuses ../x and absolute paths
-    checked = set()
-    for rel, expected in _listed_files(manifest):
-        path = safe_path(folder, rel)
-        _check_file(path, rel, expected, source)
-        checked.add(path)
-    cache = GradientCache(folder)  # validates again and checks every shard's header and size
-    root = folder.resolve()
-    for path, expected in cache.files():  # whatever the reader lists that the loop above did not
-        if path not in checked:
-            _check_file(path, path.relative_to(root).as_posix(), expected, source)
-    return cache
-
-
-def load_cache(
-    repo_id_or_path: str | os.PathLike,
+def download(
+    repo_id: str,
     revision: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
     local_dir: str | os.PathLike | None = None,
     force_download: bool = False,
-) -> GradientCache:
-    """A local cache directory, or a Hub dataset repo downloaded and verified.
+) -> Path:
+    """Download the cache in the dataset repo ``repo_id`` into a plain folder; returns the folder.
 
-    Args:
-        repo_id_or_path: a directory (opened as is), or a repo id ``namespace/name``. A string is
-            a path if it exists or is not of the form ``namespace/name``.
-        revision: branch, tag or commit of the repo (default ``main``).
-        token: for private repos (default: the saved login or ``HF_TOKEN``).
-        endpoint: the Hub (default: ``HF_ENDPOINT``, else huggingface.co).
-        local_dir: where to download to (default: see ``default_local_dir``).
-        force_download: download every file again even if the local copy is current.
+    Nothing is checked here: ``open_cache`` opens the folder like any other cache.
     """
-    from hf_grass.cache.reader import GradientCache
-
-    text = os.fspath(repo_id_or_path)
-    if isinstance(repo_id_or_path, os.PathLike) or Path(text).exists() or not is_repo_id(text):
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} applies to Hub repos; {text} is a local path")
-        return GradientCache(text)
-
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    target = Path(local_dir) if local_dir is not None else default_local_dir(text, revision)
+    target = Path(local_dir) if local_dir is not None else default_local_dir(repo_id, revision)
     try:
         folder = snapshot_download(
-            text,
+            repo_id,
             repo_type=REPO_TYPE,
             revision=revision,
             local_dir=target,
@@ -347,8 +304,8 @@ def load_cache(
         )
     except RepositoryNotFoundError as err:
         err.append_to_message(
-            f"\n(hf-grass: there is no local directory {text!r} either; a gradient cache on the Hub is a "
+            f"\n(hf-grass: there is no local directory {repo_id!r} either; a gradient cache on the Hub is a "
             "*dataset* repo, created by GradientCache.push_to_hub.)"
         )
         raise
-    return open_verified(folder, f"{text}@{revision or 'main'}")
+    return Path(folder)

@@ -1,12 +1,19 @@
-"""`GradientCache`: read a cache directory memory-mapped, shard by shard.
+"""`GradientCache`: read a cache directory memory-mapped, shard by shard, and `open_cache`.
 
 Opening validates the manifest (schema, sizes, paths inside the directory) and each shard's header
-and size before any array is read; ``verify()`` (run by ``from_pretrained``) also checks every file's
-sha256. Nothing is unpickled.
+and size before any array is read; ``verify()`` also checks every file's sha256 first. ``open_cache``
+(and ``GradientCache.from_pretrained``, the same function) opens a local folder or a Hub repo id and
+verifies both the same way. Nothing is unpickled.
+
+A verification is remembered in ``.verified.json`` beside the manifest: the size, mtime, ctime and
+inode of each file whose sha256 matched. A later open re-hashes only the files whose stat changed
+since (any write changes ctime, which user code cannot set back), so opening a large cache again
+costs a ``stat`` per file; ``verify(full=True)`` re-hashes everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,9 +24,12 @@ from typing import Any
 
 import torch
 
-from hf_grass.cache.files import CacheError, mmap_tensors, read_header, sha256_file
+from hf_grass.cache import hub
+from hf_grass.cache.files import CacheError, atomic_write_json, mmap_tensors, read_header, sha256_file
 from hf_grass.cache.manifest import MANIFEST, load_json, safe_path, validate_manifest
 from hf_grass.config import GraSSConfig
+
+VERIFIED = ".verified.json"
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -29,12 +39,14 @@ class GradientCache:
 
     Args:
         path: the cache directory.
-        verify: also check the sha256 of every file now (slow for big caches; sizes and headers are
-            always checked).
+        verify: also check the sha256 of every file now (files unchanged since an earlier
+            verification are not hashed again; sizes and headers are always checked).
+        source: how to name the cache in messages (a Hub download names its repo and revision).
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = False):
+    def __init__(self, path: str | os.PathLike, verify: bool = False, source: str | None = None):
         self.path = Path(path)
+        self.source = source
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             hint = (
@@ -154,17 +166,58 @@ class GradientCache:
             out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
         return out
 
-    def verify(self) -> None:
-        """Check every file against its sha256; raises ``CacheError`` naming the first bad file."""
+    def verify(self, full: bool = False, remember: bool = True) -> None:
+        """Check every file against its sha256; raises ``CacheError`` naming the first bad file.
+
+        Files whose size, mtime, ctime and inode match a recorded earlier verification are not
+        hashed again, unless ``full``. With ``remember`` the result is recorded for the next time.
+        """
+        stamps = {} if full else self._stamps()
+        fresh: dict[str, list[Any]] = {}
         for path, expected in self.files():
+            rel = path.relative_to(self.path.resolve()).as_posix()
             if not path.is_file():
-                raise CacheError(f"{path} is missing from the cache; rebuild it (or pull the cache again)")
-            if sha256_file(path) != expected:
-                raise CacheError(
-                    f"{path} does not match its sha256 in the manifest: it is corrupt or was altered. Rebuild "
-                    "that shard by running the same build command again with verification (hf-grass build --verify, "
-                    "or build_cache(..., verify_existing=True)), or pull the cache again."
-                )
+                raise CacheError(self._missing_message(rel, path))
+            stat = _stat_key(path)
+            if stamps.get(rel) == [*stat, expected]:
+                fresh[rel] = stamps[rel]
+                continue
+            actual = sha256_file(path)
+            if actual != expected:
+                raise CacheError(self._mismatch_message(rel, path, expected, actual))
+            fresh[rel] = [*stat, expected]
+        if remember and fresh != stamps:
+            with contextlib.suppress(OSError):  # a read-only cache is verified, just not remembered
+                atomic_write_json(self.path / VERIFIED, fresh)
+
+    def _stamps(self) -> dict[str, list[Any]]:
+        try:
+            stamps = json.loads((self.path / VERIFIED).read_text())
+        except (OSError, ValueError):
+            return {}
+        return stamps if isinstance(stamps, dict) else {}
+
+    def _missing_message(self, rel: str, path: Path) -> str:
+        if self.source is None:
+            return f"{path} is missing from the cache; rebuild it (or pull the cache again)"
+        return (
+            f"{rel} is listed in the manifest of {self.source} but is missing (looked for {path}); "
+            "the repo is incomplete: push the cache again."
+        )
+
+    def _mismatch_message(self, rel: str, path: Path, expected: str, actual: str) -> str:
+        if self.source is None:
+            return (
+                f"{path} does not match its sha256 in the manifest: it is corrupt or was altered. Rebuild "
+                "that shard by running the same build command again with verification (hf-grass build --verify, "
+                "or build_gradient_cache(..., verify_existing=True)), or pull the cache again."
+            )
+        return (
+            f"{rel} of {self.source} does not match the sha256 in its manifest (expected {expected[:16]}..., "
+            f"got {actual[:16]}... for {path}): the repo's copy or the downloaded copy was altered, so "
+            "nothing was loaded. Pull again with force_download=True; if it still fails, the repo "
+            "itself is damaged: push the cache again."
+        )
 
     # ---- data -----------------------------------------------------------------------------------
 
@@ -236,10 +289,17 @@ class GradientCache:
         Returns the commit, a ``huggingface_hub.CommitInfo``: the commit URL as a ``str``, with the
         commit id in ``.oid``. See ``hf_grass.cache.hub`` for what is uploaded.
         """
-        from hf_grass.cache.hub import push_to_hub
-
-        return push_to_hub(
-            self,
+        if not self.manifest["complete"]:
+            raise CacheError(
+                f"{self.path} is an unfinished build ({self.num_rows} of {self.manifest['num_examples']} "
+                "rows); run the build again to finish it before pushing."
+            )
+        # never publish a damaged cache: every file must match its sha256 (and pushing writes nothing here)
+        self.verify(full=True, remember=False)
+        return hub.push_folder(
+            self.path,
+            self.manifest,
+            [path for path, _ in self.files()],
             repo_id,
             private=private,
             token=token,
@@ -258,16 +318,71 @@ class GradientCache:
         endpoint: str | None = None,
         local_dir: str | os.PathLike | None = None,
         force_download: bool = False,
+        verify: bool = True,
     ) -> GradientCache:
-        """Open a local cache directory, or download one from the Hub and verify every checksum
-        before use (see ``hf_grass.cache.hub.load_cache``)."""
-        from hf_grass.cache.hub import load_cache
-
-        return load_cache(
+        """``open_cache``: a local cache directory, or a Hub repo downloaded; verified either way."""
+        return open_cache(
             repo_id_or_path,
             revision=revision,
             token=token,
             endpoint=endpoint,
             local_dir=local_dir,
             force_download=force_download,
+            verify=verify,
         )
+
+
+def open_cache(
+    spec: GradientCache | str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    local_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    verify: bool = True,
+) -> GradientCache:
+    """The one way to open a cache: a ``GradientCache`` as it is, a local directory, or a Hub dataset
+    repo id (downloaded first, see ``hf_grass.cache.hub``).
+
+    Both kinds are checked the same way before any array is read: the manifest's schema and paths,
+    then (with ``verify``) the sha256 of every file it lists (files unchanged since their last
+    verification are not hashed again), then the sizes and safetensors headers of the shards.
+
+    Args:
+        spec: a cache, a path, or a repo id ``namespace/name``. A string is a path if it exists or
+            does not read as ``namespace/name`` (``hf_grass.cache.hub.is_local``).
+        revision: branch, tag or commit of the repo (default ``main``).
+        token: for private repos (default: the saved login or ``HF_TOKEN``).
+        endpoint: the Hub (default: ``HF_ENDPOINT``, else huggingface.co).
+        local_dir: where to download to (default: ``hub.default_local_dir``).
+        force_download: download every file again even if the local copy is current.
+        verify: check every file's sha256 (``False``: sizes and headers only, e.g. to describe a
+            damaged cache).
+    """
+    if isinstance(spec, GradientCache):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"cache must be a GradientCache, a path or a Hub repo id; got {type(spec).__name__}")
+    text = os.fspath(spec)
+    if hub.is_local(spec):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub repos; {text} is a local path")
+        return GradientCache(text, verify=verify)
+    folder = hub.download(
+        text,
+        revision=revision,
+        token=token,
+        endpoint=endpoint,
+        local_dir=local_dir,
+        force_download=force_download,
+    )
+    source = f"{text}@{revision or 'main'}"
+    if not (folder / MANIFEST).is_file():
+        raise CacheError(f"{source} is not an hf-grass gradient cache: it has no {MANIFEST}")
+    return GradientCache(folder, verify=verify, source=source)
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]

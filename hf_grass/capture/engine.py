@@ -19,7 +19,7 @@ from torch import nn
 from hf_grass.capture.hooks import CaptureRequest, GradientCapture
 from hf_grass.capture.loss import per_example_loss
 from hf_grass.capture.targets import TargetModule, find_target_modules
-from hf_grass.compressors import build_compressor
+from hf_grass.compressors import make_compressor
 from hf_grass.compressors.base import Compressor
 from hf_grass.config import GraSSConfig
 
@@ -106,7 +106,7 @@ class GradientComputer:
             device = param.device if param is not None else torch.device("cpu")
         self.device = torch.device(device)
         self.compressors: dict[str, Compressor] = {
-            t.name: build_compressor(config, t.name, d_in=t.d_in, d_out=t.d_out, bias=t.bias).to(self.device)
+            t.name: make_compressor(config, t.name, d_in=t.d_in, d_out=t.d_out, bias=t.bias).to(self.device)
             for t in self.targets
         }
         self.offsets: dict[str, tuple[int, int]] = {}

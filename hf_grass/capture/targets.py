@@ -30,10 +30,6 @@ class TargetModule:
     bias: bool
     transposed: bool
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.d_out, self.d_in)
-
 
 def is_conv1d(module: nn.Module) -> bool:
     """HF's GPT-2 style ``Conv1D`` (checked by duck typing so capture needs no transformers import)."""

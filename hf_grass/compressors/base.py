@@ -15,25 +15,40 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
 from hf_grass.kernels.reference import accumulation_dtype
 from hf_grass.seeding import make_generator
 
-if TYPE_CHECKING:
-    from hf_grass.config import GraSSConfig
+
+class CompressorSettings(Protocol):
+    """What a compressor reads of the run's configuration (``GraSSConfig`` provides it)."""
+
+    compressor: str
+    proj_dim: int
+    sparsify_factor: int
+    sjlt_nnz: int
+    distribution: str
+    seed: int
+
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 
 
 def register_compressor(name: str):
-    """Class decorator: make a compressor buildable by ``GraSSConfig(compressor=name)``."""
+    """Class decorator: make a compressor buildable by ``GraSSConfig(compressor=name)``.
+
+    ``name`` must be the name of the module that defines the class: that is how
+    ``hf_grass.compressors.available_compressors()`` finds it without importing anything.
+    """
 
     def wrap(cls: type[Compressor]) -> type[Compressor]:
         if name in _REGISTRY:
             raise ValueError(f"compressor {name!r} is registered twice")
+        if cls.__module__.rpartition(".")[2] != name:
+            raise ValueError(f"compressor {name!r} must be defined in a module named {name}.py")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -41,29 +56,13 @@ def register_compressor(name: str):
     return wrap
 
 
-def available_compressors() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build_compressor(
-    config: GraSSConfig, module_name: str, d_in: int, d_out: int, bias: bool = False
-) -> Compressor:
-    """Build the compressor of ``config.compressor`` for one module.
-
-    Args:
-        config: the run's configuration (compressor, proj_dim, seed, ...).
-        module_name: full module name; it seeds the module's random objects.
-        d_in: input width of the gradient, counting the bias column when ``bias=True``.
-        d_out: output width.
-        bias: whether the last input column is the implicit bias column (see module docstring).
-    """
+def registered(name: str) -> type[Compressor]:
+    """The class of an imported compressor module (``hf_grass.compressors.compressor_class``
+    imports it first)."""
     try:
-        cls = _REGISTRY[config.compressor]
+        return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown compressor {config.compressor!r}; available: {', '.join(available_compressors())}"
-        ) from None
-    return cls(config, module_name, d_in, d_out, bias=bias)
+        raise ValueError(f"compressor module {name!r} registers no compressor class") from None
 
 
 class Compressor(ABC):
@@ -73,7 +72,9 @@ class Compressor(ABC):
     #: factorised compressors never build the [B, d_out, d_in] gradient and expose a factor space
     factorised: ClassVar[bool] = False
 
-    def __init__(self, config: GraSSConfig, module_name: str, d_in: int, d_out: int, bias: bool = False):
+    def __init__(
+        self, config: CompressorSettings, module_name: str, d_in: int, d_out: int, bias: bool = False
+    ):
         for label, value in (("d_in", d_in), ("d_out", d_out)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{label} must be a positive int, got {value!r} (module {module_name!r})")
@@ -92,16 +93,22 @@ class Compressor(ABC):
                 f"({d_out} x {d_in} = {self.p} numbers); lower proj_dim or exclude that module."
             )
         self.device = torch.device("cpu")
-        self._build()
+        self._draw()
 
     # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, config: CompressorSettings) -> None:
+        """Refuse settings this compressor cannot use, with a ``ValueError`` saying how to fix them
+        (called by ``GraSSConfig`` validation; the base accepts everything)."""
+        return None
 
     def generator(self, role: str) -> torch.Generator:
         """The CPU generator of one random object of this module (seeded by seed, name, role)."""
         return make_generator(self.config.seed, self.module_name, f"{self.name}/{role}")
 
     @abstractmethod
-    def _build(self) -> None:
+    def _draw(self) -> None:
         """Draw the random objects (on the CPU, from ``self.generator(role)``)."""
 
     def _tensors(self) -> list[str]:
@@ -220,6 +227,12 @@ class FactorisedCompressor(Compressor):
     def _compress_flat(self, v: torch.Tensor) -> torch.Tensor:
         g = v.reshape(v.shape[0], self.d_out, self.d_in)
         return self.project_factor(self.factor_gradient_from_full(g))
+
+
+def nearest_square(n: int) -> int:
+    """The perfect square closest to ``n`` (for error messages that suggest a value)."""
+    r = math.isqrt(n)
+    return r * r if n - r * r <= (r + 1) ** 2 - n else (r + 1) ** 2
 
 
 def check_square(name: str, value: int) -> int:

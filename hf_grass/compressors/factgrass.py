@@ -15,8 +15,13 @@ import math
 import torch
 
 from hf_grass import kernels
-from hf_grass.compressors.base import FactorisedCompressor, register_compressor
-from hf_grass.compressors.sjlt import draw_sjlt, sjlt_dense
+from hf_grass.compressors.base import (
+    CompressorSettings,
+    FactorisedCompressor,
+    nearest_square,
+    register_compressor,
+)
+from hf_grass.compressors.sjlt import check_sjlt_settings, draw_sjlt, sjlt_dense
 from hf_grass.kernels.reference import accumulation_dtype, gather_columns, take_columns
 from hf_grass.seeding import sample_without_replacement
 
@@ -32,7 +37,18 @@ def factor_sizes(k_prime: int, d_in: int, d_out: int) -> tuple[int, int]:
 
 @register_compressor("factgrass")
 class FactGraSSCompressor(FactorisedCompressor):
-    def _build(self) -> None:
+    @classmethod
+    def check_config(cls, config: CompressorSettings) -> None:
+        check_sjlt_settings(config)
+        k_prime = config.sparsify_factor * config.proj_dim
+        if math.isqrt(k_prime) ** 2 != k_prime:
+            raise ValueError(
+                f"factgrass masks both factors to sqrt(sparsify_factor*proj_dim) coordinates, so "
+                f"sparsify_factor*proj_dim={k_prime} must be a perfect square. Use a square proj_dim "
+                f"(e.g. {nearest_square(config.proj_dim)}) with sparsify_factor=4, or adjust both."
+            )
+
+    def _draw(self) -> None:
         k_prime = self.config.sparsify_factor * self.output_dim
         self.m_in, self.m_out = factor_sizes(k_prime, self.d_in, self.d_out)
         self.in_idx = sample_without_replacement(self.d_in, self.m_in, self.generator("mask_in"))

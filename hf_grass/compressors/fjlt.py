@@ -49,7 +49,7 @@ def fwht(v: torch.Tensor) -> torch.Tensor:
 
 @register_compressor("fjlt")
 class FJLTCompressor(Compressor):
-    def _build(self) -> None:
+    def _draw(self) -> None:
         self.padded = 1 << max(0, (self.p - 1).bit_length())
         self.signs = random_signs(self.p, self.generator("signs"))
         self.rows = sample_without_replacement(self.padded, self.output_dim, self.generator("rows"))

@@ -14,13 +14,15 @@ import torch
 from hf_grass import kernels
 from hf_grass.compressors.base import Compressor, register_compressor
 from hf_grass.compressors.mask import masked_coordinates
-from hf_grass.compressors.sjlt import draw_sjlt, sjlt_dense
+from hf_grass.compressors.sjlt import check_sjlt_settings, draw_sjlt, sjlt_dense
 from hf_grass.seeding import sample_without_replacement
 
 
 @register_compressor("grass")
 class GraSSCompressor(Compressor):
-    def _build(self) -> None:
+    check_config = staticmethod(check_sjlt_settings)
+
+    def _draw(self) -> None:
         self.k_prime = min(self.config.sparsify_factor * self.output_dim, self.p)
         self.idx = sample_without_replacement(self.p, self.k_prime, self.generator("mask"))
         self.scale = math.sqrt(self.p / self.k_prime)

@@ -12,13 +12,27 @@ import math
 
 import torch
 
-from hf_grass.compressors.base import FactorisedCompressor, check_square, register_compressor
+from hf_grass.compressors.base import (
+    CompressorSettings,
+    FactorisedCompressor,
+    check_square,
+    nearest_square,
+    register_compressor,
+)
 from hf_grass.kernels.reference import accumulation_dtype
 
 
 @register_compressor("logra")
 class LoGraCompressor(FactorisedCompressor):
-    def _build(self) -> None:
+    @classmethod
+    def check_config(cls, config: CompressorSettings) -> None:
+        if math.isqrt(config.proj_dim) ** 2 != config.proj_dim:
+            raise ValueError(
+                f"logra factorises proj_dim into r_in*r_out with r_in=r_out, so it must be a perfect "
+                f"square; got {config.proj_dim}. Try {nearest_square(config.proj_dim)}."
+            )
+
+    def _draw(self) -> None:
         r = check_square("proj_dim (logra)", self.output_dim)
         if r > self.d_in or r > self.d_out:
             raise ValueError(

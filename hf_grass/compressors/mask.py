@@ -32,7 +32,7 @@ def masked_coordinates(
 
 @register_compressor("mask")
 class MaskCompressor(Compressor):
-    def _build(self) -> None:
+    def _draw(self) -> None:
         self.idx = sample_without_replacement(self.p, self.output_dim, self.generator("mask"))
         self.scale = math.sqrt(self.p / self.output_dim)
 

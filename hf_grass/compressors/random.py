@@ -22,7 +22,7 @@ MAX_RESIDENT_BYTES = int(os.environ.get("HF_GRASS_MAX_DENSE_BYTES", str(1 << 30)
 
 @register_compressor("random")
 class RandomCompressor(Compressor):
-    def _build(self) -> None:
+    def _draw(self) -> None:
         self.n_blocks = math.ceil(self.p / BLOCK_COLS)
         self.resident = self.output_dim * self.p * 4 <= MAX_RESIDENT_BYTES
         if self.resident:

@@ -11,7 +11,16 @@ import math
 import torch
 
 from hf_grass import kernels
-from hf_grass.compressors.base import Compressor, register_compressor
+from hf_grass.compressors.base import Compressor, CompressorSettings, register_compressor
+
+
+def check_sjlt_settings(config: CompressorSettings) -> None:
+    """The SJLT puts one non-zero in each of ``sjlt_nnz`` row blocks of ``proj_dim / sjlt_nnz`` rows."""
+    if config.proj_dim % config.sjlt_nnz != 0:
+        raise ValueError(
+            f"proj_dim={config.proj_dim} must be divisible by sjlt_nnz={config.sjlt_nnz} (the SJLT puts "
+            f"one non-zero in each of sjlt_nnz row blocks); pick e.g. sjlt_nnz=1 or a multiple."
+        )
 
 
 def draw_sjlt(gen: torch.Generator, n: int, k: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +46,9 @@ def sjlt_dense(rows: torch.Tensor, signs: torch.Tensor, k: int) -> torch.Tensor:
 
 @register_compressor("sjlt")
 class SJLTCompressor(Compressor):
-    def _build(self) -> None:
+    check_config = staticmethod(check_sjlt_settings)
+
+    def _draw(self) -> None:
         self.rows, self.signs = draw_sjlt(
             self.generator("sjlt"), self.p, self.output_dim, self.config.sjlt_nnz
         )

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_grass.capture.engine import BatchGradients
+from hf_grass.precondition.eigenbasis import rotate
+
 
 @dataclass(frozen=True)
 class ModuleSpec:
@@ -68,20 +71,15 @@ class StatsAccumulator:
             "covariances": self.preconditioner in ("kfac", "ekfac"),
         }
 
-    def update(
-        self,
-        rows: torch.Tensor,
-        factor_grads: dict[str, torch.Tensor],
-        cov_in: dict[str, torch.Tensor],
-        cov_out: dict[str, torch.Tensor],
-        tokens: dict[str, int],
-        rotated: dict[str, torch.Tensor] | None = None,
-    ) -> None:
+    def update(self, grads: BatchGradients, rotated: dict[str, torch.Tensor] | None = None) -> None:
         """Add one batch (all of its examples count). ``rotated``: the factor gradients already
         rotated into the eigenbasis (float64), when the caller computed them anyway."""
-        self.sums["examples"] += rows.shape[0]
+        rows, factor_grads = grads.rows, grads.factor_grads
+        cov_in, cov_out, tokens = grads.cov_in, grads.cov_out, grads.tokens
+        self.sums["examples"] += grads.losses.shape[0]
         for m in self.modules:
             if self.preconditioner == "fim":
+                assert rows is not None, "fim statistics need the compressed rows"
                 start, stop = self.offsets[m.name]
                 block = rows[:, start:stop].to(self.device, torch.float64)
                 self.sums[f"{m.name}::fisher"] += block.T @ block
@@ -97,6 +95,15 @@ class StatsAccumulator:
                 else:
                     turned = rotate(self.eigenbasis, m.name, factor_grads[m.name].to(self.device))
                 self.sums[f"{m.name}::lambda"] += turned.square().sum(dim=0)
+
+    def covariances(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float], float]:
+        """``(cov_in, cov_out, tokens, examples)`` per module name: what ``fit_eigenbasis`` reads."""
+        cov_in, cov_out, tokens = {}, {}, {}
+        for m in self.modules:
+            k_in, k_out, k_tok = covariance_keys(m.name)
+            cov_in[m.name], cov_out[m.name] = self.sums[k_in], self.sums[k_out]
+            tokens[m.name] = float(self.sums[k_tok])
+        return cov_in, cov_out, tokens, float(self.sums["examples"])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.sums.items()}
@@ -114,49 +121,3 @@ class StatsAccumulator:
                     f"statistic {k} has shape {tuple(state[k].shape)}, expected {tuple(self.sums[k].shape)}"
                 )
             self.sums[k] = state[k].to(self.device, torch.float64).clone()
-
-
-def fit_eigenbasis(
-    modules: list[ModuleSpec],
-    cov_in: dict[str, torch.Tensor],
-    cov_out: dict[str, torch.Tensor],
-    tokens: dict[str, float] | None = None,
-    examples: float = 1.0,
-    damping: float = 0.1,
-) -> dict[str, torch.Tensor]:
-    """The warm-up K-FAC fit, per module: eigenvectors ``name::q_in`` / ``name::q_out`` of the
-    covariances, and the whitening ``name::whiten = (L / mean L)^(-1/2)`` with ``L`` the damped
-    K-FAC eigenvalues ``outer(l_out, l_in) + damping * mean``.
-
-    The whitening only balances the two sides of the final random projection (train rows are
-    stored as ``S (whiten * R g')``, queries as ``S (R H^-1 g' / whiten)``); it cancels exactly in
-    expectation, so it need not be accurate, only well scaled (mean 1, so fp16 rows keep their range).
-    """
-    basis: dict[str, torch.Tensor] = {}
-    for m in modules:
-        eig_in, q_in = torch.linalg.eigh(_symmetrise(cov_in[m.name]))
-        eig_out, q_out = torch.linalg.eigh(_symmetrise(cov_out[m.name]))
-        basis[f"{m.name}::q_in"], basis[f"{m.name}::q_out"] = q_in, q_out
-        n_tokens = max(float((tokens or {}).get(m.name, 1.0)), 1.0)
-        eig = torch.outer(eig_out.clamp(min=0) / max(examples, 1.0), eig_in.clamp(min=0) / n_tokens)
-        eig = eig + damping * eig.mean()
-        if not float(eig.mean()) > 0:  # a module without gradient in the sample: no reweighting
-            eig = torch.ones_like(eig)
-        basis[f"{m.name}::whiten"] = (eig / eig.mean()).rsqrt()
-    return basis
-
-
-def rotate(basis: dict[str, torch.Tensor], name: str, gp: torch.Tensor) -> torch.Tensor:
-    """Factor gradients ``[B, m_out, m_in]`` in the eigenbasis: ``Q_out^T G' Q_in`` (float64)."""
-    q_in = basis[f"{name}::q_in"].to(gp.device, torch.float64)
-    q_out = basis[f"{name}::q_out"].to(gp.device, torch.float64)
-    return q_out.T @ gp.to(torch.float64) @ q_in
-
-
-def is_whitened(basis: dict[str, torch.Tensor] | None) -> bool:
-    return basis is not None and any(k.endswith("::whiten") for k in basis)
-
-
-def _symmetrise(mat: torch.Tensor) -> torch.Tensor:
-    mat = mat.to(torch.float64).cpu()
-    return (mat + mat.T) / 2

@@ -1,7 +1,7 @@
 """Preconditioners of the query gradient: block-diagonal Fisher, K-FAC, EK-FAC, identity.
 
 The preconditioner is applied to the query side at query time; train rows are never rewritten (a
-K-FAC cache stores them whitened by its fixed warm-up fit, see ``hf_grass.scoring.query_gradients``,
+K-FAC cache stores them whitened by its fixed warm-up fit, ``hf_grass.precondition.eigenbasis``,
 which cancels exactly in expectation). Each module's curvature is
 eigendecomposed once (``fit``) and saved under ``<cache>/preconditioner/``; the damping
 ``lambda_l = damping * mean(eigenvalues_l)`` is applied at query time, so any damping can be tried
@@ -27,10 +27,10 @@ import torch
 
 from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors
 from hf_grass.cache.reader import GradientCache
+from hf_grass.config import PRECONDITIONERS
+from hf_grass.precondition import linalg
 
 logger = logging.getLogger("transformers.hf_grass")
-
-KINDS = ("fim", "kfac", "ekfac", "identity")
 
 
 class Preconditioner:
@@ -44,8 +44,8 @@ class Preconditioner:
     """
 
     def __init__(self, kind: str, factors: dict[str, dict[str, torch.Tensor]], damping: float = 0.1):
-        if kind not in KINDS:
-            raise ValueError(f"preconditioner must be one of {KINDS}, got {kind!r}")
+        if kind not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {kind!r}")
         if damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
         self.kind = kind
@@ -122,19 +122,9 @@ class Preconditioner:
         if not self.needs_factor_grads:
             raise ValueError(f"{self.kind} preconditions compressed rows; use apply_rows")
         f = self.factors[name]
-        q_in, q_out = f["q_in"].to(gp.device), f["q_out"].to(gp.device)
         inv = self._inverse(f["eig"]).to(gp.device)
-        rotated = q_out.T @ gp.to(torch.float64) @ q_in
-        return (q_out @ (rotated * inv) @ q_in.T).to(gp.dtype)
-
-    def dense_inverse(self, name: str) -> torch.Tensor:
-        """The explicit damped inverse of one module (float64; small sizes, for tests)."""
-        f = self.factors[name]
-        inv = self._inverse(f["eig"])
-        if self.kind == "fim":
-            return f["q"] @ torch.diag(inv) @ f["q"].T
-        q = torch.kron(f["q_out"], f["q_in"])
-        return q @ torch.diag(inv.reshape(-1)) @ q.T
+        rotated = linalg.rotate(f["q_out"], f["q_in"], gp)
+        return linalg.unrotate(f["q_out"], f["q_in"], rotated * inv).to(gp.dtype)
 
 
 def _fit(cache: GradientCache, kind: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -148,13 +138,13 @@ def _fit(cache: GradientCache, kind: str) -> dict[str, dict[str, torch.Tensor]]:
         raise CacheError(f"{cache.path} has no eigenbasis file; rebuild it with preconditioner='ekfac'")
     for name in cache.module_names:
         if kind == "fim":
-            eig, q = torch.linalg.eigh(_sym(stats[f"{name}::fisher"] / n))
-            factors[name] = {"q": q, "eig": eig.clamp(min=0)}
+            eig, q = linalg.eigh_psd(stats[f"{name}::fisher"] / n)
+            factors[name] = {"q": q, "eig": eig}
         elif kind == "kfac":
             tokens = float(stats[f"{name}::tokens"])
-            eig_in, q_in = torch.linalg.eigh(_sym(stats[f"{name}::cov_in"] / max(tokens, 1.0)))
-            eig_out, q_out = torch.linalg.eigh(_sym(stats[f"{name}::cov_out"] / n))
-            eig = torch.outer(eig_out.clamp(min=0), eig_in.clamp(min=0))
+            eig_in, q_in = linalg.eigh_psd(stats[f"{name}::cov_in"] / max(tokens, 1.0))
+            eig_out, q_out = linalg.eigh_psd(stats[f"{name}::cov_out"] / n)
+            eig = torch.outer(eig_out, eig_in)
             factors[name] = {"q_in": q_in, "q_out": q_out, "eig": eig}
         else:
             factors[name] = {
@@ -163,11 +153,6 @@ def _fit(cache: GradientCache, kind: str) -> dict[str, dict[str, torch.Tensor]]:
                 "eig": stats[f"{name}::lambda"] / n,
             }
     return factors
-
-
-def _sym(mat: torch.Tensor) -> torch.Tensor:
-    mat = mat.to(torch.float64)
-    return (mat + mat.T) / 2
 
 
 def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

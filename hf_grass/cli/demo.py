@@ -20,23 +20,22 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_grass import __version__
-from hf_grass.cli import (
+from hf_grass._version import __version__
+from hf_grass.cli.common import (
     EXIT_OK,
     PROG,
-    SCORE_LEGEND,
     UsageError,
-    _check_output_file,
-    _dir_bytes,
-    _human_bytes,
-    _matplotlib,
-    format_result,
-    plot_scores,
+    check_output_file,
+    dir_bytes,
+    human_bytes,
+    positive_int,
 )
+from hf_grass.cli.plots import matplotlib_classes, plot_scores
 from hf_grass.config import GraSSConfig
+from hf_grass.results import SCORE_LEGEND, format_result
 
 if TYPE_CHECKING:
-    from hf_grass.query import InfluenceResult
+    from hf_grass.results import InfluenceResult
 
 
 DEMO_CORPUS = "demo_data/demo_corpus.jsonl"
@@ -159,9 +158,9 @@ class _Stages:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train a tiny GPT-2 on a shipped corpus of a fictional world, cache its gradients, and show
     which documents taught it its answers. Offline; about a minute on a laptop CPU."""
-    plot_path = _check_output_file(args.plot, "--plot") if args.plot else None
+    plot_path = check_output_file(args.plot, "--plot") if args.plot else None
     if plot_path is not None:
-        _matplotlib()
+        matplotlib_classes()
     out = _prepare_demo_dir(Path(args.output_dir).expanduser())
     with _quiet_transformers():
         return _run_demo(args, out, plot_path)
@@ -233,7 +232,7 @@ def _run_demo(args: argparse.Namespace, out: Path, plot_path: Path | None) -> in
         s = cache.summary()
         print(
             f"      {s['rows']} rows x {s['dim']} numbers ({s['modules']} modules x {s['proj_dim']}, "
-            f"factgrass), {s['dtype']}, {_human_bytes(_dir_bytes(cache.path))} in {cache.path}"
+            f"factgrass), {s['dtype']}, {human_bytes(dir_bytes(cache.path))} in {cache.path}"
         )
         return cache
 
@@ -288,7 +287,7 @@ def _demo_trainer(model: Any, tokenizer: Any, train: Any, cache_dir: Path, epoch
         TrainingArguments,
     )
 
-    from hf_grass import AttributionTrainer
+    from hf_grass.trainer import AttributionTrainer
 
     steps_per_epoch = math.ceil(len(train) / 16)
     args = TrainingArguments(
@@ -389,3 +388,28 @@ def _demo_verdict(fact: dict[str, Any], result: InfluenceResult, n_docs: int) ->
             f"is weak (the strongest is {share:.0%} of the top helpful score)."
         )
     return lines
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add this command's parser (its flags sit next to its code)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        formatter_class=fmt,
+        help="train a tiny model on a shipped corpus and show the documents behind its answers (offline)",
+        description="Train a tiny GPT-2 on a small shipped corpus about a fictional world, build its "
+        "gradient cache, and show for a few prompts which training documents helped or hurt the "
+        "model's answer. Runs offline in about a minute on a CPU.",
+    )
+    p.add_argument(
+        "--output-dir",
+        default="hf_grass_demo",
+        help="where the trained model and its gradient cache are written (an earlier demo's directory "
+        "is overwritten; any other non-empty directory is refused)",
+    )
+    p.add_argument("--plot", metavar="PATH", help="also save the score distributions as a PNG (matplotlib)")
+    p.add_argument("-k", type=positive_int, default=3, help="documents shown per table")
+    # a shorter training for tests; the recipe above is what makes the demo's point
+    p.add_argument("--epochs", type=positive_int, default=DEMO_EPOCHS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,82 @@
+"""The attribution pass: a model and a dataset in, a gradient cache on disk out.
+
+``run_attribution_pass`` is what ``AttributionTrainer.build_gradient_cache``, ``GraSSCallback`` and
+``hf-grass build`` call. It resolves defaults the way a `transformers` user expects (context length
+from the model config, pad token and padding side from the tokenizer, the running process group)
+and runs ``AttributionPass`` (``runner.py``: warm-up, statistics, sharding, writing).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_grass.attribution.runner import AttributionPass
+from hf_grass.cache.reader import GradientCache
+from hf_grass.capture.engine import GradientComputer, context_length
+from hf_grass.capture.fingerprint import model_fingerprint
+from hf_grass.config import GraSSConfig
+from hf_grass.data import ExampleSource, pad_token_id, padding_side
+from hf_grass.distributed import Distributed, current_distributed
+
+__all__ = ["AttributionPass", "example_source", "run_attribution_pass"]
+
+
+def example_source(
+    dataset: Any, tokenizer: Any, config: GraSSConfig, model: nn.Module, text_column: str = "text"
+) -> ExampleSource:
+    """The dataset as examples truncated to ``config.max_length`` (default: the model's context)."""
+    max_length = config.max_length or context_length(model)
+    return ExampleSource(dataset, tokenizer=tokenizer, max_length=max_length, text_column=text_column)
+
+
+def run_attribution_pass(
+    model: nn.Module,
+    dataset: Any,
+    config: GraSSConfig,
+    tokenizer: Any = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    dist: Distributed | None = None,
+    disable_progress: bool = False,
+    device: torch.device | str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    verify_existing: bool = False,
+    text_column: str = "text",
+) -> GradientCache:
+    """Compress the per-example gradients of ``dataset`` into a cache (resuming if it exists).
+
+    Args:
+        model: the model (any wrapper: DDP, DeepSpeed, PEFT).
+        dataset: a ``datasets.Dataset``, a list of dicts or a list of strings.
+        config: what to compute and where (``config.cache_dir`` unless ``cache_dir`` is given).
+        tokenizer: tokenizes text rows; its pad token and padding side pad the batches.
+        batch_size: examples per forward/backward (default ``config.batch_size`` or 8).
+        dist: the process group (default: the one torch.distributed runs in, if any).
+        device: where the compressors live (default: the model's device).
+        checkpoint: the directory the weights were saved to, recorded so that multi-checkpoint
+            queries can reload them.
+        verify_existing: on resume, also re-hash the shards already written and redo damaged ones.
+        text_column: the column holding raw text.
+    """
+    computer = GradientComputer(model, config, device=device)
+    source = example_source(dataset, tokenizer, config, model, text_column)
+    model_info = model_fingerprint(computer.model, computer.targets)
+    if checkpoint is not None:
+        model_info["checkpoint"] = os.fspath(checkpoint)
+    runner = AttributionPass(
+        computer,
+        source,
+        cache_dir or config.cache_dir,
+        batch_size=batch_size or config.batch_size or 8,
+        pad_token_id=pad_token_id(tokenizer),
+        padding_side=padding_side(tokenizer),
+        dist=dist or current_distributed(),
+        model_info=model_info,
+        disable_progress=disable_progress,
+    )
+    return GradientCache(runner.run(verify_existing=verify_existing))

@@ -1,0 +1,395 @@
+"""`AttributionPass`: examples -> per-example compressed gradients -> a gradient cache on disk.
+
+The pass, in order:
+
+1. **warm-up** (kfac/ekfac only): rank 0 accumulates the factor covariances of the first
+   ``ekfac_sample_size`` examples and fits the K-FAC eigenbasis that whitens the stored rows;
+2. **statistics**: the running float64 sums the preconditioner is fitted from, checkpointed with
+   every shard (resumed from the last checkpoint);
+3. **sharding**: shard ``s`` covers examples ``[s * shard_size, (s + 1) * shard_size)``; in a
+   multi-process run rank ``r`` computes the shards with ``s % world_size == r``, so every rank
+   writes whole shards of its own and no sampler padding can duplicate an example. Batches never
+   cross a shard boundary, which makes a resumed run bit-identical to an uninterrupted one;
+4. **writing**: each finished shard is committed through ``CacheWriter`` (crash-safe); rank 0
+   merges the per-rank manifests at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_grass._version import __version__
+from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
+from hf_grass.cache.writer import CacheWriter, num_shards
+from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteError, context_length, is_zero3
+from hf_grass.capture.fingerprint import model_fingerprint
+from hf_grass.capture.hooks import CaptureRequest
+from hf_grass.capture.loss import supervised_tokens
+from hf_grass.data import ExampleSource, collate, is_lm_example
+from hf_grass.distributed import Distributed
+from hf_grass.precondition.eigenbasis import fit_eigenbasis, is_whitened, rotate, whiten_train
+from hf_grass.precondition.statistics import ModuleSpec, StatsAccumulator
+
+logger = logging.getLogger("transformers.hf_grass")
+
+
+def module_specs(computer: GradientComputer) -> list[ModuleSpec]:
+    specs = []
+    for t in computer.targets:
+        c = computer.compressors[t.name]
+        specs.append(ModuleSpec(t.name, c.output_dim, getattr(c, "m_in", 0), getattr(c, "m_out", 0)))
+    return specs
+
+
+def module_entries(computer: GradientComputer) -> list[dict[str, Any]]:
+    """The manifest's per-module layout: shapes, the row slice and the factor-space widths."""
+    entries = []
+    for t in computer.targets:
+        c = computer.compressors[t.name]
+        start, stop = computer.offsets[t.name]
+        entry = {
+            "name": t.name,
+            "d_in": t.d_in,
+            "d_out": t.d_out,
+            "bias": t.bias,
+            "offset": start,
+            "dim": stop - start,
+        }
+        if c.factorised:
+            entry.update(m_in=c.m_in, m_out=c.m_out)  # type: ignore[attr-defined]
+        entries.append(entry)
+    return entries
+
+
+@dataclass
+class Step:
+    """One batch of the plan."""
+
+    shard: int
+    indices: list[int]
+    last: bool  # the shard's last batch: the shard is committed after it
+    repair: bool  # a damaged shard recomputed: its statistics were counted already
+
+
+@dataclass
+class Batch:
+    """What one batch gave: the examples kept (those with supervised tokens) and their gradients."""
+
+    indices: list[int]
+    examples: list[dict[str, Any]]
+    skipped: list[int]
+    grads: BatchGradients | None
+
+
+@dataclass
+class ShardBuffer:
+    """The rows of the shard being computed, until it is committed."""
+
+    indices: list[int] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+    docs: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+
+class AttributionPass:
+    """One attribution pass of ``computer`` over ``source`` into the cache at ``cache_dir``.
+
+    Args:
+        computer: the model's capture (targets, compressors, hooks).
+        source: the examples, with stable indices.
+        cache_dir: the cache directory (created, or resumed when it holds this run's cache).
+        batch_size: examples per forward/backward.
+        pad_token_id, padding_side: how batches are padded (the tokenizer's).
+        dist: this process's rank in the job (default: one process).
+        model_info: the model's fingerprint for the manifest (default: computed from ``computer``).
+        disable_progress: no progress bars.
+    """
+
+    def __init__(
+        self,
+        computer: GradientComputer,
+        source: ExampleSource,
+        cache_dir: str | os.PathLike,
+        *,
+        batch_size: int = 8,
+        pad_token_id: int | None = 0,
+        padding_side: str = "right",
+        dist: Distributed | None = None,
+        model_info: dict[str, Any] | None = None,
+        disable_progress: bool = False,
+    ):
+        self.computer = computer
+        self.config = computer.config
+        self.source = source
+        if source.max_length is None:  # never feed the model more positions than it has
+            source.max_length = self.config.max_length or context_length(computer.model)
+        self.cache_dir = Path(cache_dir)
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.dist = dist or Distributed()
+        self.model_info = model_info or model_fingerprint(computer.model, computer.targets)
+        self.disable_progress = disable_progress
+        self.specs = module_specs(computer)
+        # under ZeRO-3 forwards gather parameters collectively: every rank must run as many
+        self.lockstep = self.dist.world_size > 1 and is_zero3(computer.model)
+
+    # ---- the pass -------------------------------------------------------------------------------
+
+    def run(self, verify_existing: bool = False) -> Path:
+        """Write (or resume) the cache. On resume, shards already listed but missing or truncated on
+        disk (with ``verify_existing``, also any whose sha256 does not match) are recomputed."""
+        n = len(self.source)
+        header = {
+            "model": self.model_info,
+            "modules": module_entries(self.computer),
+            "dim": self.computer.total_dim,
+            "num_examples": n,
+            "dataset": self.source.fingerprint(),
+            "library_version": __version__,
+        }
+        writer = CacheWriter(self.cache_dir, self.config, header, self.dist.rank, self.dist.world_size)
+        try:
+            writer.cleanup_orphans()
+            basis = self.warmup(writer) if self.config.preconditioner in ("kfac", "ekfac") else None
+            stats = self._statistics(writer, basis)
+            mine = [
+                s
+                for s in range(num_shards(n, self.config.shard_size))
+                if s % self.dist.world_size == self.dist.rank
+            ]
+            todo = [s for s in mine if s not in writer.completed]
+            damaged = writer.damaged_shards(verify=verify_existing)
+            if damaged:
+                logger.warning("Gradient cache %s: recomputing damaged shards %s.", self.cache_dir, damaged)
+            if len(todo) < len(mine):
+                logger.info(
+                    "Gradient cache %s: %d of %d shards done, resuming.",
+                    self.cache_dir,
+                    len(mine) - len(todo),
+                    len(mine),
+                )
+            self._write_shards(writer, self._plan(damaged, todo), basis, stats)
+            writer.finish(complete=True)
+            self.dist.barrier()
+            if self.dist.world_size > 1 and self.dist.rank == 0:
+                writer.merge()
+            self.dist.barrier()
+        finally:
+            writer.close()
+        return self.cache_dir
+
+    def _plan(self, damaged: list[int], todo: list[int]) -> list[Step]:
+        """The batches of the shards to compute. Damaged shards (missing or corrupt files) come first;
+        they are recomputed with the same request, so their rows come out bit-identical, but their
+        examples are not counted in the statistics again."""
+        size, n = self.config.shard_size, len(self.source)
+        plan = []
+        for shard in damaged + todo:
+            indices = list(range(shard * size, min((shard + 1) * size, n)))
+            batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+            for pos, idx in enumerate(batches):
+                plan.append(Step(shard, idx, last=pos == len(batches) - 1, repair=shard in damaged))
+        return plan
+
+    def _write_shards(
+        self,
+        writer: CacheWriter,
+        plan: list[Step],
+        basis: dict[str, torch.Tensor] | None,
+        stats: StatsAccumulator | None,
+    ) -> None:
+        config = self.config
+        whitened = is_whitened(basis)
+        if whitened:  # rows are built below from the factor gradients: S (whiten * R G')
+            request = CaptureRequest(rows=False, factor_grads=True, covariances=True)
+        else:
+            request = CaptureRequest(rows=True, **(stats.request_kwargs if stats else {}))
+        total = sum(len(step.indices) for step in plan)
+        buffer, truncated_before = ShardBuffer(), self.source.truncated
+        with self.computer.session(), self._progress(total, "hf-grass: caching gradients") as bar:
+            for step in self._lockstep(plan):
+                if step is None:
+                    self._dummy_step()
+                    continue
+                batch = self._compute(step.indices, request)
+                buffer.skipped += batch.skipped
+                bar.update(len(step.indices))
+                if batch.grads is not None:
+                    grads, rotated = batch.grads, None
+                    if whitened:
+                        assert basis is not None
+                        rotated = {name: rotate(basis, name, g) for name, g in grads.factor_grads.items()}
+                        grads.rows = self._whitened_rows(basis, rotated)
+                        bad = (~torch.isfinite(grads.rows).all(dim=1)).nonzero().flatten().tolist()
+                        if bad:
+                            raise ValueError(
+                                f"non-finite gradient for training example index {batch.indices[bad[0]]}"
+                            )
+                    if stats is not None and not step.repair:
+                        stats.update(grads, rotated)
+                    buffer.rows.append(self._stored_rows(grads.rows, batch.indices))
+                    buffer.indices += batch.indices
+                    buffer.docs += [
+                        {"index": i, "text": ex.get("text"), "id": ex.get("id")}
+                        for i, ex in zip(batch.indices, batch.examples)
+                    ]
+                elif self.lockstep:  # nothing to compute here, but the other ranks run a forward
+                    self._dummy_step()
+                if not step.last:
+                    continue
+                empty = torch.empty(0, self.computer.total_dim, dtype=config.torch_dtype)
+                writer.commit_shard(
+                    step.shard,
+                    buffer.indices,
+                    torch.cat(buffer.rows) if buffer.rows else empty,
+                    buffer.docs,
+                    buffer.skipped,
+                    stats.state_dict() if stats is not None and not step.repair else None,
+                    truncated=self.source.truncated - truncated_before,
+                )
+                buffer, truncated_before = ShardBuffer(), self.source.truncated
+
+    def _stored_rows(self, rows: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """Rows in the storage dtype, on the CPU; refuses a row that does not fit that dtype."""
+        stored = rows.to(self.config.torch_dtype).cpu()
+        overflow = (~torch.isfinite(stored).all(dim=1)).nonzero().flatten().tolist()
+        if overflow:  # finite in fp32 but not in the storage dtype (fp16 tops out at 65504)
+            raise ValueError(
+                f"the compressed gradient of training example index {indices[overflow[0]]} overflows "
+                f"{self.config.dtype}; use GraSSConfig(dtype='bfloat16') or 'float32' for this model."
+            )
+        return stored
+
+    def _whitened_rows(
+        self, basis: dict[str, torch.Tensor], rotated: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Train rows of a K-FAC cache: per module ``S (whiten * Q_out^T G' Q_in)`` -> ``[B, dim]`` fp32."""
+        computer = self.computer
+        batch = next(iter(rotated.values())).shape[0]
+        rows = torch.zeros(batch, computer.total_dim, dtype=torch.float32, device=computer.device)
+        for name, (start, stop) in computer.offsets.items():
+            if name not in rotated:  # never reached by the forward: zero gradient
+                continue
+            scaled = whiten_train(basis, name, rotated[name])
+            rows[:, start:stop] = computer.compressors[name].project_factor(scaled)  # type: ignore[attr-defined]
+        return rows
+
+    # ---- warm-up and statistics -----------------------------------------------------------------
+
+    def warmup(self, writer: CacheWriter) -> dict[str, torch.Tensor]:
+        """The K-FAC eigenbasis (and row whitening) from the covariances of the first
+        ``ekfac_sample_size`` examples; reused from the cache folder on resume."""
+        entry, path = writer.eigenbasis_entry(), writer.eigenbasis_path
+        if entry is not None and path.exists():
+            if sha256_file(path) != entry["sha256"]:
+                raise CacheError(
+                    f"{path} does not match its checksum; delete the cache directory and rebuild"
+                )
+            return {k: v.clone() for k, v in mmap_tensors(path).items()}
+        # rank 0 alone runs the warm-up sample, in the same batches as a single process would: the
+        # basis (which rotates the stored rows) is then bit-identical for any number of processes,
+        # where summing per-rank parts in another order could turn eigenvectors of (near-)degenerate
+        # eigenvalues arbitrarily. The sample is small; other ranks wait (or, under ZeRO-3, step along).
+        n = min(len(self.source), self.config.ekfac_sample_size) if self.dist.rank == 0 else 0
+        sample = list(range(n))
+        sums = StatsAccumulator(self.specs, "kfac")
+        request = CaptureRequest(rows=False, covariances=True)
+        batches = [sample[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        with self.computer.session(), self._progress(n, "hf-grass: fitting K-FAC eigenbasis") as bar:
+            for idx in self._lockstep(batches):
+                grads = self._compute(idx, request).grads if idx is not None else None
+                if idx is not None:
+                    bar.update(len(idx))
+                if grads is None:
+                    if self.lockstep:
+                        self._dummy_step(request)
+                    continue
+                sums.update(grads)
+        # every rank reduces the same keys (modules without gradient in the sample hold zeros)
+        sums.load_state_dict(self.dist.all_reduce_sum(sums.state_dict()))
+        cov_in, cov_out, tokens, examples = sums.covariances()
+        basis = fit_eigenbasis(
+            self.specs, cov_in, cov_out, tokens=tokens, examples=examples, damping=self.config.damping
+        )
+        if self.dist.rank == 0:
+            save_tensors(path, basis)
+        self.dist.barrier()
+        writer.record_eigenbasis(sha256_file(path))
+        # every rank uses rank 0's file, so the basis is bit-identical across processes
+        return {k: v.clone() for k, v in mmap_tensors(path).items()}
+
+    def _statistics(
+        self, writer: CacheWriter, basis: dict[str, torch.Tensor] | None
+    ) -> StatsAccumulator | None:
+        """The preconditioner's running sums, resumed from this rank's last checkpoint."""
+        if self.config.preconditioner == "identity":
+            return None
+        stats = StatsAccumulator(self.specs, self.config.preconditioner, basis, device=self.computer.device)
+        if writer.stats_file is not None:
+            if not writer.stats_file.exists():
+                raise CacheError(
+                    f"{writer.stats_file} is missing; delete {self.cache_dir} and rebuild the cache"
+                )
+            stats.load_state_dict(mmap_tensors(writer.stats_file))
+        return stats
+
+    # ---- batches ----------------------------------------------------------------------------------
+
+    def _compute(self, indices: list[int], request: CaptureRequest) -> Batch:
+        """Forward + backward of the examples ``indices`` that have supervised tokens."""
+        examples = [self.source.example(i) for i in indices]
+        batch = collate(examples, self.pad_token_id, self.padding_side)
+        counts = supervised_tokens(batch["labels"], batch.get("attention_mask"))
+        keep = [k for k in range(len(indices)) if counts[k] > 0]
+        skipped = [indices[k] for k in range(len(indices)) if counts[k] == 0]
+        if skipped:
+            logger.warning(
+                "Skipping examples %s: they have no supervised tokens (all labels are -100).", skipped
+            )
+        if not keep:
+            return Batch([], [], skipped, None)
+        if len(keep) < len(indices):
+            examples = [examples[k] for k in keep]
+            batch = collate(examples, self.pad_token_id, self.padding_side)
+        try:
+            grads = self.computer.compute(batch, request)
+        except NonFiniteError as err:
+            bad = [indices[keep[r]] for r in err.rows]
+            raise ValueError(
+                f"non-finite {err.what} for training example index {bad[0]} (all: {bad}); check that "
+                "example and the model's numerics (e.g. fp16 overflow)."
+            ) from None
+        return Batch([indices[k] for k in keep], examples, skipped, grads)
+
+    def _dummy_step(self, request: CaptureRequest | None = None) -> None:
+        """A batch with one supervised token, run and discarded to keep ZeRO-3 ranks in step."""
+        example = self.source.example(0)
+        if is_lm_example(example):
+            ids = (list(example["input_ids"]) + [self.pad_token_id or 0] * 2)[:2]
+            example = {"input_ids": ids, "labels": ids}
+        self.computer.compute(
+            collate([example], self.pad_token_id, self.padding_side), request or CaptureRequest()
+        )
+
+    def _lockstep(self, items: list) -> Iterator:
+        """The items, then ``None`` until every rank has had as many steps as the busiest one.
+
+        The step count is agreed on before the first item, so this collective never interleaves
+        with the collectives of the steps themselves.
+        """
+        steps = self.dist.max_int(len(items)) if self.lockstep else len(items)
+        yield from items
+        for _ in range(steps - len(items)):
+            yield None
+
+    def _progress(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="ex", disable=self.disable_progress or total == 0)

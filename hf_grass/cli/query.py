@@ -1,0 +1,146 @@
+"""``hf-grass query``: the training documents behind a model's completion of each prompt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from hf_grass.cli.common import EXIT_OK, UsageError, check_output_file, existing_file, positive_int, status
+from hf_grass.cli.loaders import add_model_arguments, load_model_and_tokenizer, open_cache_arg, read_jsonl
+from hf_grass.cli.plots import matplotlib_classes, plot_scores
+from hf_grass.config import PRECONDITIONERS
+from hf_grass.results import SCORE_LEGEND, format_result
+
+
+def read_prompts(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(prompt, completion) pairs from --prompt and --prompts-file."""
+    pairs: list[tuple[str, str | None]] = [(p, args.completion) for p in args.prompt or []]
+    if args.prompts_file:
+        path = existing_file(args.prompts_file, "prompts file")
+        if path.suffix.lower() in (".jsonl", ".json"):
+            for number, row in enumerate(read_jsonl(path), 1):
+                if not isinstance(row.get("prompt"), str):
+                    raise UsageError(f"row {number} of {path} has no string 'prompt' field")
+                pairs.append((row["prompt"], row.get("completion", args.completion)))
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            pairs += [(line, args.completion) for line in lines if line.strip()]
+    if not pairs:
+        raise UsageError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    for prompt, _ in pairs:
+        if not prompt.strip():
+            raise UsageError("a prompt is empty: give the text whose completion you want to explain")
+    return pairs
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Top-k helpful and harmful training documents for each prompt, as tables or JSON."""
+    pairs = read_prompts(args)
+    plot_path = check_output_file(args.plot, "--plot") if args.plot else None
+    if plot_path is not None:
+        matplotlib_classes()  # fail now, not after the work
+    if args.damping is not None and (not math.isfinite(args.damping) or args.damping < 0):
+        raise UsageError(f"--damping must be a finite number >= 0, got {args.damping}")
+    cache = open_cache_arg(args.cache)
+    from hf_grass.scoring import check_k
+
+    try:
+        check_k(args.k, cache.num_rows)
+    except ValueError as err:
+        raise UsageError(f"-k {args.k}: {err} ({args.cache})") from None
+    model_spec = args.model or cache.model_info.get("name_or_path")
+    if not model_spec:
+        raise UsageError(f"the cache {args.cache} does not record which model built it; give it with --model")
+    model, tokenizer = load_model_and_tokenizer(
+        model_spec,
+        args.tokenizer,
+        dtype=args.model_dtype,
+        device=args.device,
+        gguf_file=args.gguf_file,
+        trust_remote_code=args.trust_remote_code,
+        revision=args.revision,
+    )
+    from hf_grass.query import Attributor
+
+    attributor = Attributor(
+        model,
+        tokenizer,
+        cache,
+        preconditioner=args.preconditioner,
+        damping=args.damping,
+        cosine=args.cosine,
+        check_model=not args.no_check_model,
+    )
+    results, panels = [], []
+    for prompt, completion in pairs:
+        result = attributor.find_influential(
+            prompt,
+            k=args.k,
+            completion=completion,
+            all_scores=plot_path is not None,
+            max_new_tokens=args.max_new_tokens,
+        )
+        results.append(result)
+        if result.scores is not None:
+            panels.append((result, result.scores))
+        if not args.json:
+            print(format_result(result) + "\n")
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
+    else:
+        print(SCORE_LEGEND)
+    if plot_path is not None:
+        plot_scores(plot_path, panels)
+        status(f"Score distribution plotted to {plot_path}")
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add this command's parser (its flags sit next to its code)."""
+    p = sub.add_parser(
+        "query",
+        parents=[common],
+        help="the training documents behind a model's completion of a prompt",
+        description="For each prompt, generate the model's completion (or take --completion) and list "
+        "the training documents that most helped (score > 0) and most hurt (score < 0) it.",
+    )
+    p.add_argument("--cache", required=True, help="gradient cache directory or Hub dataset repo id")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    g.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="one prompt per line, or JSON Lines with 'prompt' and optional 'completion' fields",
+    )
+    g.add_argument(
+        "--completion",
+        help="attribute this completion instead of generating one (applies to every prompt without its own)",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=32,
+        help="length of generated completions (default: 32)",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("-k", type=positive_int, default=10, help="documents per list (default: 10)")
+    g.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+    g.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="save a PNG of each prompt's score distribution with the top documents marked (matplotlib)",
+    )
+    g = p.add_argument_group("scoring overrides (default: the cache's configuration)")
+    g.add_argument("--preconditioner", choices=list(PRECONDITIONERS), help="fim, kfac, ekfac or identity")
+    g.add_argument("--damping", type=float, help="damping as a fraction of the mean eigenvalue")
+    g.add_argument(
+        "--cosine", action=argparse.BooleanOptionalAction, default=None, help="cosine-normalise scores"
+    )
+    g.add_argument(
+        "--no-check-model",
+        action="store_true",
+        help="score even if the model's weights differ from those the cache was built with",
+    )
+    add_model_arguments(p, required=False)
+    p.set_defaults(func=cmd_query)

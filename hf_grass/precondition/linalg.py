@@ -1,0 +1,34 @@
+"""The small float64 linear algebra every preconditioner shares."""
+
+from __future__ import annotations
+
+import torch
+
+
+def symmetrise(mat: torch.Tensor) -> torch.Tensor:
+    """``(M + M^T) / 2`` in float64 on the CPU: sums of outer products are symmetric only up to
+    rounding, and ``eigh`` reads one triangle."""
+    mat = mat.to(torch.float64).cpu()
+    return (mat + mat.T) / 2
+
+
+def eigh_psd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0: a covariance has none below) and eigenvectors of a symmetrised
+    matrix."""
+    eig, vecs = torch.linalg.eigh(symmetrise(mat))
+    return eig.clamp(min=0), vecs
+
+
+def rotate(q_out: torch.Tensor, q_in: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
+    """Factor-space gradients ``[B, m_out, m_in]`` in a Kronecker eigenbasis: ``Q_out^T G' Q_in``
+    (float64)."""
+    q_in = q_in.to(gp.device, torch.float64)
+    q_out = q_out.to(gp.device, torch.float64)
+    return q_out.T @ gp.to(torch.float64) @ q_in
+
+
+def unrotate(q_out: torch.Tensor, q_in: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``rotate``: ``Q_out G' Q_in^T`` (float64)."""
+    q_in = q_in.to(gp.device, torch.float64)
+    q_out = q_out.to(gp.device, torch.float64)
+    return q_out @ gp.to(torch.float64) @ q_in.T

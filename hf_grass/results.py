@@ -1,0 +1,94 @@
+"""What a lookup returns: `InfluenceResult`, its documents, and how they are printed.
+
+One formatting for every front door: ``print(result)`` in Python, the ``hf-grass query`` tables and
+the demo all use ``format_result``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # results and their printing need no torch (``hf-grass --help`` stays quick)
+    import torch
+
+SCORE_LEGEND = (
+    "score > 0  helpful: upweighting the document in training would lower the loss of this completion\n"
+    "score < 0  harmful: upweighting it would raise that loss (it pushes towards another answer)"
+)
+
+
+@dataclass
+class InfluentialDocument:
+    index: int  # dataset index of the training example
+    score: float  # > 0 helpful (proponent), < 0 harmful (opponent)
+    text: str | None
+    id: Any = None
+
+
+@dataclass
+class InfluenceResult:
+    prompt: str
+    completion: str
+    documents: list[InfluentialDocument]  # most helpful first
+    harmful: list[InfluentialDocument] = field(default_factory=list)  # most harmful first
+    scores: torch.Tensor | None = None  # every cached row's score (row order), when asked for
+
+    def __str__(self) -> str:
+        return format_result(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "documents": [vars(d) for d in self.documents],
+            "harmful": [vars(d) for d in self.harmful],
+        }
+
+
+def format_score(score: float) -> str:
+    """Signed, without an exponent for the usual magnitudes (scores are dot products: their scale
+    depends on the model and the preconditioner, cosine scores lie in [-1, 1])."""
+    mag = abs(score)
+    if mag == 0 or not math.isfinite(score):
+        return f"{score:+g}"
+    if mag >= 1e7 or mag < 1e-4:
+        return f"{score:+.3e}"
+    if mag >= 100:
+        return f"{score:+.0f}"
+    if mag >= 1:
+        return f"{score:+.2f}"
+    return f"{score:+.4f}"
+
+
+def snippet(text: str | None, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters."""
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: max(width - 3, 1)] + "..."
+
+
+def format_documents(docs: Sequence[InfluentialDocument], width: int | None = None) -> list[str]:
+    """Rows ``rank  score  index  [id]  text`` fitted to the terminal width."""
+    width = width or shutil.get_terminal_size((110, 24)).columns
+    ids = [("" if d.id is None else str(d.id)) for d in docs]
+    id_width = min(max((len(i) for i in ids), default=0), 30)
+    head = f"  {'rank':>4}  {'score':>10}  {'index':>7}  " + (f"{'id':<{id_width}}  " if id_width else "")
+    text_width = max(width - len(head), 20)
+    lines = [head + "text"]
+    for rank, (d, doc_id) in enumerate(zip(docs, ids), 1):
+        row = f"  {rank:>4}  {format_score(d.score):>10}  {d.index:>7}  "
+        if id_width:
+            row += f"{snippet(doc_id, id_width):<{id_width}}  "
+        lines.append(row + snippet(d.text, text_width))
+    return lines
+
+
+def format_result(result: InfluenceResult, width: int | None = None) -> str:
+    lines = [f"Prompt:     {result.prompt!r}", f"Completion: {result.completion!r}", ""]
+    lines += ["Most helpful training documents:"] + format_documents(result.documents, width)
+    if result.harmful:
+        lines += ["", "Most harmful training documents:"] + format_documents(result.harmful, width)
+    return "\n".join(lines)
