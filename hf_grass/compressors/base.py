@@ -19,6 +19,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from hf_grass.kernels import SJLTMap
 from hf_grass.kernels.reference import accumulation_dtype
 from hf_grass.seeding import make_generator
 
@@ -112,8 +113,8 @@ class Compressor(ABC):
         """Draw the random objects (on the CPU, from ``self.generator(role)``)."""
 
     def _tensors(self) -> list[str]:
-        """Names of tensor attributes that follow the compressor to a device."""
-        return [k for k, v in vars(self).items() if isinstance(v, torch.Tensor)]
+        """Names of the attributes that follow the compressor to a device (tensors and SJLT maps)."""
+        return [k for k, v in vars(self).items() if isinstance(v, (torch.Tensor, SJLTMap))]
 
     def to(self, device: torch.device | str) -> Compressor:
         device = torch.device(device)

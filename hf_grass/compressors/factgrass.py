@@ -21,7 +21,7 @@ from hf_grass.compressors.base import (
     nearest_square,
     register_compressor,
 )
-from hf_grass.compressors.sjlt import check_sjlt_settings, draw_sjlt, sjlt_dense
+from hf_grass.compressors.sjlt import check_sjlt_settings, make_sjlt
 from hf_grass.kernels.reference import accumulation_dtype, gather_columns, take_columns
 from hf_grass.seeding import sample_without_replacement
 
@@ -59,7 +59,7 @@ class FactGraSSCompressor(FactorisedCompressor):
         self.mask_bias_index = self.bias_index if drawn else None
         self.scale_in = math.sqrt(self.d_in / self.m_in)
         self.scale_out = math.sqrt(self.d_out / self.m_out)
-        self.rows, self.signs = draw_sjlt(
+        self.sjlt = make_sjlt(
             self.generator("sjlt"), self.m_in * self.m_out, self.output_dim, self.config.sjlt_nnz
         )
 
@@ -71,9 +71,7 @@ class FactGraSSCompressor(FactorisedCompressor):
     def compress(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         # fused path: gather + outer-product sum + scatter (Triton on CUDA), scale applied once at the end
         self._check_factors(x, delta)
-        out = kernels.factgrass_project(
-            x, delta, self.in_idx, self.out_idx, self.rows, self.signs, self.output_dim, self.mask_bias_index
-        )
+        out = kernels.factgrass_project(x, delta, self.in_idx, self.out_idx, self.sjlt, self.mask_bias_index)
         return out * (self.scale_in * self.scale_out)
 
     def factor_gradient_from_full(self, g: torch.Tensor) -> torch.Tensor:
@@ -82,10 +80,10 @@ class FactGraSSCompressor(FactorisedCompressor):
         return sub * (self.scale_in * self.scale_out)
 
     def project_factor(self, gp: torch.Tensor) -> torch.Tensor:
-        return kernels.sjlt_project(gp.reshape(gp.shape[0], -1), self.rows, self.signs, self.output_dim)
+        return kernels.sjlt_project(gp.reshape(gp.shape[0], -1), self.sjlt)
 
     def project_factor_matrix(self) -> torch.Tensor:
-        return sjlt_dense(self.rows, self.signs, self.output_dim)
+        return self.sjlt.dense()
 
     def mask_matrix(self) -> torch.Tensor:
         """The explicit ``[m_out*m_in, p]`` float64 matrix of the scaled two-sided mask."""

@@ -14,7 +14,7 @@ import torch
 from hf_grass import kernels
 from hf_grass.compressors.base import Compressor, register_compressor
 from hf_grass.compressors.mask import masked_coordinates
-from hf_grass.compressors.sjlt import check_sjlt_settings, draw_sjlt, sjlt_dense
+from hf_grass.compressors.sjlt import check_sjlt_settings, make_sjlt
 from hf_grass.seeding import sample_without_replacement
 
 
@@ -26,19 +26,17 @@ class GraSSCompressor(Compressor):
         self.k_prime = min(self.config.sparsify_factor * self.output_dim, self.p)
         self.idx = sample_without_replacement(self.p, self.k_prime, self.generator("mask"))
         self.scale = math.sqrt(self.p / self.k_prime)
-        self.rows, self.signs = draw_sjlt(
-            self.generator("sjlt"), self.k_prime, self.output_dim, self.config.sjlt_nnz
-        )
+        self.sjlt = make_sjlt(self.generator("sjlt"), self.k_prime, self.output_dim, self.config.sjlt_nnz)
 
     def compress(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         self._check_factors(x, delta)
         masked = masked_coordinates(x, delta, self.idx, self.d_in, self.bias_index)
-        return kernels.sjlt_project(masked, self.rows, self.signs, self.output_dim) * self.scale
+        return kernels.sjlt_project(masked, self.sjlt) * self.scale
 
     def _compress_flat(self, v: torch.Tensor) -> torch.Tensor:
-        return kernels.sjlt_project(v[:, self.idx], self.rows, self.signs, self.output_dim) * self.scale
+        return kernels.sjlt_project(v[:, self.idx], self.sjlt) * self.scale
 
     def dense_matrix(self) -> torch.Tensor:
         mask = torch.zeros(self.k_prime, self.p, dtype=torch.float64)
         mask[torch.arange(self.k_prime), self.idx.cpu()] = self.scale
-        return sjlt_dense(self.rows, self.signs, self.output_dim) @ mask
+        return self.sjlt.dense() @ mask

@@ -12,6 +12,7 @@ import torch
 
 from hf_grass import kernels
 from hf_grass.compressors.base import Compressor, CompressorSettings, register_compressor
+from hf_grass.kernels import SJLTMap
 
 
 def check_sjlt_settings(config: CompressorSettings) -> None:
@@ -34,14 +35,10 @@ def draw_sjlt(gen: torch.Generator, n: int, k: int, s: int) -> tuple[torch.Tenso
     return rows, signs / math.sqrt(s)
 
 
-def sjlt_dense(rows: torch.Tensor, signs: torch.Tensor, k: int) -> torch.Tensor:
-    """The explicit ``[k, n]`` float64 matrix of an SJLT."""
-    n = rows.shape[1]
-    mat = torch.zeros(k, n, dtype=torch.float64)
-    cols = torch.arange(n)
-    for r in range(rows.shape[0]):
-        mat[rows[r].cpu(), cols] += signs[r].cpu().to(torch.float64)
-    return mat
+def make_sjlt(gen: torch.Generator, n: int, k: int, s: int) -> SJLTMap:
+    """The SJLT R^n -> R^k drawn by :func:`draw_sjlt`, as the map the kernels take."""
+    rows, signs = draw_sjlt(gen, n, k, s)
+    return SJLTMap(rows, signs, k)
 
 
 @register_compressor("sjlt")
@@ -49,12 +46,10 @@ class SJLTCompressor(Compressor):
     check_config = staticmethod(check_sjlt_settings)
 
     def _draw(self) -> None:
-        self.rows, self.signs = draw_sjlt(
-            self.generator("sjlt"), self.p, self.output_dim, self.config.sjlt_nnz
-        )
+        self.sjlt = make_sjlt(self.generator("sjlt"), self.p, self.output_dim, self.config.sjlt_nnz)
 
     def _compress_flat(self, v: torch.Tensor) -> torch.Tensor:
-        return kernels.sjlt_project(v, self.rows, self.signs, self.output_dim)
+        return kernels.sjlt_project(v, self.sjlt)
 
     def dense_matrix(self) -> torch.Tensor:
-        return sjlt_dense(self.rows, self.signs, self.output_dim)
+        return self.sjlt.dense()

@@ -2,6 +2,17 @@
 
 These are the definitions the Triton kernels must match (see ``tests/test_kernels.py``); they run on
 any device. Accumulation is float32, or float64 when the inputs are float64 (the oracle tests).
+
+The SJLT has two equivalent forms here:
+
+* :func:`sjlt_project` scatters: input coordinate ``j`` adds into its rows with ``index_add_``. On
+  the CPU ``index_add_`` adds the coordinates of each output in a fixed order (replica ``r``, then
+  ``j`` ascending), so it is deterministic; this is the CPU path, and every cache on disk was written
+  with it. On CUDA ``index_add_`` uses atomics and its summation order changes from run to run.
+* :func:`sjlt_project_gather` gathers: each output row walks its own list of input coordinates (the
+  inverse index of :func:`sjlt_gather_index`, derived from the rows once) and adds them one after
+  another. No two threads ever write one output, so it is deterministic on every device; it is the
+  torch path on non-CPU devices and, step for step, what the deterministic Triton kernel computes.
 """
 
 from __future__ import annotations
@@ -31,6 +42,73 @@ def sjlt_project(g: torch.Tensor, rows: torch.Tensor, signs: torch.Tensor, k: in
     for r in range(rows.shape[0]):
         # index_add_ along dim 1 measured fastest on CPU (vs CSR matmul or a transposed scatter)
         out.index_add_(1, rows[r], g * signs[r].to(acc))
+    return out
+
+
+def sjlt_gather_index(rows: torch.Tensor, signs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse index of an SJLT: for each output row, the input coordinates that map to it.
+
+    Returns ``cols [L, k]`` (int64, ``-1`` past a row's end) and ``vals [L, k]`` (the signs, 0 there),
+    where ``L`` is the longest row: entry ``(e, r)`` is the ``e``-th input of output ``r``. Inputs of
+    a row are in the order ``index_add_`` adds them (replica ``r`` first, then ``j`` ascending), and a
+    stable sort makes that order, and so the tables, a pure function of ``rows``: the same integers on
+    every device. The ``[L, k]`` layout puts the ``e``-th inputs of neighbouring outputs side by side
+    (coalesced loads on a GPU).
+    """
+    if rows.dim() != 2 or rows.shape != signs.shape:
+        raise ValueError(f"rows and signs must both be [s, n]; got {tuple(rows.shape)}, {tuple(signs.shape)}")
+    s, n = rows.shape
+    flat = rows.reshape(-1).to(torch.int64)
+    if flat.numel() == 0 or k == 0:
+        empty = torch.empty(0, k, dtype=torch.int64, device=rows.device)
+        return empty, torch.empty(0, k, dtype=torch.float32, device=rows.device)
+    order = torch.argsort(flat, stable=True)  # entry r * n + j: replica-major, then j
+    target = flat[order]
+    counts = torch.bincount(flat, minlength=k)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(flat.numel(), device=rows.device) - starts[target]
+    width = int(counts.max())
+    cols = torch.full((width, k), -1, dtype=torch.int64, device=rows.device)
+    vals = torch.zeros(width, k, dtype=torch.float32, device=rows.device)
+    cols[position, target] = order % n
+    vals[position, target] = signs.reshape(-1)[order].to(torch.float32)
+    return cols, vals
+
+
+def sjlt_project_gather(
+    g: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, steps_per_part: int | None = None
+) -> torch.Tensor:
+    """:func:`sjlt_project` through the inverse index, in a fixed summation order (any device).
+
+    Output ``r`` is ``((v_0 + v_1) + v_2) + ...`` with ``v_e = g[:, cols[e, r]] * vals[e, r]`` in
+    the accumulation dtype, skipping padding. With ``steps_per_part`` the steps are summed in parts
+    of that many, each from zero, and the parts are then added in order: the split the Triton kernel
+    uses to spread long rows over programs. Rows are the same as :func:`sjlt_project`'s up to float
+    rounding (bit for bit where both add in the same order, as with one part).
+    """
+    acc = accumulation_dtype(g)
+    width, k = cols.shape
+    g = g.to(acc)
+    if steps_per_part is not None and steps_per_part <= 0:
+        raise ValueError(f"steps_per_part must be positive, got {steps_per_part}")
+    step = max(width, 1) if steps_per_part is None else steps_per_part
+    out = torch.zeros(g.shape[0], k, dtype=acc, device=g.device)
+    for start in range(0, width, step):
+        part = torch.zeros_like(out)
+        for e in range(start, min(start + step, width)):
+            valid = cols[e] >= 0
+            v = g.index_select(1, cols[e].clamp_min(0)) * vals[e].to(acc)
+            # a padding step leaves the sum as it is: it must not add g[:, 0] * 0 (NaN if g is inf there)
+            part = torch.where(valid, part + v, part)
+        out = part if start == 0 else out + part
+    return out
+
+
+def sum_parts(parts: torch.Tensor) -> torch.Tensor:
+    """``((parts[0] + parts[1]) + parts[2]) + ...`` over dim 0: partial sums added in a fixed order."""
+    out = parts[0]
+    for c in range(1, parts.shape[0]):
+        out = out + parts[c]
     return out
 
 
