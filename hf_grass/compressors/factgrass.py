@@ -4,8 +4,9 @@ Masks ``S_in`` (m_in of the d_in input columns) and ``S_out`` (m_out of the d_ou
 m_in * m_out = k' = sparsify_factor * k (each 2 sqrt(k) by default; clamped to the module's widths
 with the product kept >= k'), give the masked gradient ``G' = sum_t delta_t[S_out] x_t[S_in]^T``
 scaled by ``sqrt(d_in d_out / (m_in m_out))``; an SJLT maps vec(G') to k. Cost O(T k') per example,
-with no dependence on d_in d_out, and G is never built. The fused kernel does gather, outer-product
-sum and scatter in one pass on CUDA.
+with no dependence on d_in d_out, and G is never built. On CUDA two deterministic Triton kernels
+do it: gather and outer-product sum per token chunk, then the SJLT gathered through its inverse
+index (:mod:`hf_grass.kernels.triton_kernels`).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class FactGraSSCompressor(FactorisedCompressor):
         return xs, take_columns(delta, self.out_idx).to(acc) * self.scale_out
 
     def compress(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        # fused path: gather + outer-product sum + scatter (Triton on CUDA), scale applied once at the end
+        # factor path: gather + outer-product sum + SJLT (Triton on CUDA), scale applied once at the end
         self._check_factors(x, delta)
         out = kernels.factgrass_project(x, delta, self.in_idx, self.out_idx, self.sjlt, self.mask_bias_index)
         return out * (self.scale_in * self.scale_out)
