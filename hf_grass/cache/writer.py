@@ -22,10 +22,13 @@ from hf_grass.cache.files import (
     FileLock,
     atomic_write_bytes,
     atomic_write_json,
+    durable_unlink,
+    host_tag,
     read_header,
     save_tensors,
     sha256_bytes,
     sha256_file,
+    temp_owner,
 )
 from hf_grass.cache.manifest import (
     FORMAT,
@@ -245,7 +248,7 @@ class CacheWriter:
             and old_stats != self.stats_file
             and old_stats.exists()
         ):
-            old_stats.unlink()
+            durable_unlink(old_stats)
 
     def _write_part(self) -> None:
         atomic_write_json(self.root / part_name(self.rank, self.world_size), self.part)
@@ -265,15 +268,23 @@ class CacheWriter:
         return manifest
 
     def cleanup_orphans(self) -> None:
-        """Remove temp files and stats files of this rank that no part references (after a crash)."""
+        """Remove stats files of this rank that no part references, and temp files of dead
+        processes of this host (after a crash).
+
+        Temp files are named by host and pid (``.{name}.tmp-{host}-{pid}``). A pid says nothing about
+        a process on another node of a shared filesystem, so only this host's temp files whose pid
+        is no longer running are removed; another host's, and unparseable names (temp files of
+        older versions, which carried no host), are left alone.
+        """
         referenced = {s["file"] for s in self.part["stats"]}
         for path in (self.root / "stats").glob(f"rank{self.rank}-*.safetensors"):
             if f"stats/{path.name}" not in referenced:
-                path.unlink(missing_ok=True)
+                durable_unlink(path)
+        me = host_tag()
         for path in self.root.rglob(".*.tmp-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                path.unlink(missing_ok=True)
+            owner = temp_owner(path.name)
+            if owner is not None and owner[0] == me and not _pid_alive(owner[1]):
+                durable_unlink(path)
 
     def close(self) -> None:
         self.lock.release()
