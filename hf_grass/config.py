@@ -21,14 +21,29 @@ from hf_grass.compressors import available_compressors, compressor_class
 COMPRESSORS = tuple(available_compressors())
 # the preconditioners, in one place: hf_grass.precondition applies them
 PRECONDITIONERS = ("fim", "kfac", "ekfac", "identity")
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = ("int8", "float16", "bfloat16", "float32")
+MASK_BASES = ("eigen", "input")
+# The default per-document budget: numbers per row across all modules. int8 rows of 30720 numbers
+# plus their scale, norms and index are 30,744 bytes, under 32 KB with room for the document's text
+# on any model depth (docs/howto/choosing.md "Budget"; measured in benchmarks/quality.py).
+DEFAULT_TOTAL_DIM = 30720
+# The per-module layout's default (proj_dim numbers per module), for the compressors without a
+# global layout and for the block Fisher, which needs per-module blocks.
+DEFAULT_PROJ_DIM = 1024
+# The smallest damping the warm-up whitening uses: at 0 the whitening factors of near-null
+# directions grow without bound (~1500x measured), which only adds noise to fp16/int8 rows.
+MIN_WHITENING_DAMPING = 1e-3
 
 # Fields that change what is written to the cache. A cache written with other values of these is
-# refused on resume; cosine, cache_dir and batch_size only affect scoring or I/O. damping is a
-# query-time choice, but a kfac/ekfac build also uses it for the warm-up whitening of its rows.
+# refused on resume; cosine, cache_dir and batch_size only affect scoring or I/O. damping is the
+# default damping of queries, but a kfac/ekfac build also whitens its rows with it, so it is part
+# of the cache (a query may still pass another damping: unbiased, a little noisier).
 _CACHE_FIELDS = (
     "compressor",
     "proj_dim",
+    "total_dim",
+    "factor_dim",
+    "mask_basis",
     "sparsify_factor",
     "sjlt_nnz",
     "distribution",
@@ -38,6 +53,7 @@ _CACHE_FIELDS = (
     "dtype",
     "loss_reduction",
     "preconditioner",
+    "damping",
     "ekfac_sample_size",
     "max_length",
     "shard_size",
@@ -48,7 +64,10 @@ _CACHE_FIELDS = (
 class GraSSConfig:
     """Configuration of gradient compression, caching and scoring.
 
-    For example ``GraSSConfig(compressor="factgrass", proj_dim=1024, sparsify_factor=4, seed=0)``.
+    ``GraSSConfig()`` is the measured default: FactGraSS with masks in the warm-up K-FAC eigenbasis,
+    every module projected into one row of ``total_dim`` int8 numbers, EK-FAC. Giving ``proj_dim``
+    instead selects the per-module layout (``proj_dim`` numbers per module), e.g.
+    ``GraSSConfig(compressor="factgrass", proj_dim=1024, sparsify_factor=4, seed=0)``.
     Every field has a help text, so ``transformers.HfArgumentParser(GraSSConfig)`` makes flags of them.
     """
 
@@ -56,9 +75,37 @@ class GraSSConfig:
         default="factgrass",
         metadata={"help": f"Gradient compressor, one of {', '.join(COMPRESSORS)}."},
     )
-    proj_dim: int = field(
-        default=1024,
-        metadata={"help": "Compressed dimension k_hat per module (logra needs a perfect square)."},
+    proj_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "Per-module layout: compressed numbers k_hat per module, so a row grows with the "
+            "model's depth (logra needs a perfect square). Default: 1024 where the global layout "
+            "(total_dim) does not apply (compressors other than factgrass, or preconditioner fim)."
+        },
+    )
+    total_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "Global layout: numbers per document across all modules (every module's "
+            f"compressed gradient is projected into one shared row), independent of depth. Default: "
+            f"{DEFAULT_TOTAL_DIM} for factgrass unless proj_dim is given or preconditioner='fim'."
+        },
+    )
+    factor_dim: int = field(
+        default=128,
+        metadata={
+            "help": "Global layout: coordinates kept per factor (input and output side) of each module "
+            "before the projection into the row; the pass costs about factor_dim*(d_in+d_out) per "
+            "token and module."
+        },
+    )
+    mask_basis: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where factgrass draws its masks: 'eigen' (eigen-directions of the warm-up K-FAC "
+            "factors, whitened there; needs kfac/ekfac) or 'input' (the module's own coordinates, "
+            "the original FactGraSS). Default: eigen in the global layout with kfac/ekfac, else input."
+        },
     )
     sparsify_factor: int = field(
         default=4,
@@ -89,8 +136,11 @@ class GraSSConfig:
         metadata={"help": "Modules to leave out, same syntax as target_modules."},
     )
     dtype: str = field(
-        default="float16",
-        metadata={"help": "Storage dtype of the cached gradients: float16, bfloat16 or float32."},
+        default="int8",
+        metadata={
+            "help": "Storage dtype of the cached rows: int8 (with a float32 scale per row), float16, "
+            "bfloat16 or float32."
+        },
     )
     loss_reduction: str = field(
         default="sum",
@@ -142,13 +192,17 @@ class GraSSConfig:
         _check_choice("distribution", self.distribution, ("gaussian", "rademacher"))
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("loss_reduction", self.loss_reduction, ("sum", "mean"))
-        for name in ("proj_dim", "sparsify_factor", "sjlt_nnz", "shard_size", "ekfac_sample_size"):
+        for name in ("sparsify_factor", "sjlt_nnz", "shard_size", "ekfac_sample_size", "factor_dim"):
             _check_positive_int(name, getattr(self, name))
-        for name in ("max_length", "batch_size"):
+        for name in ("proj_dim", "total_dim", "max_length", "batch_size"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}.")
+        if self.preconditioner is None:
+            self.preconditioner = default_preconditioner(self.compressor)
+        _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+        self._resolve_layout()
         compressor_class(self.compressor).check_config(self)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -160,9 +214,6 @@ class GraSSConfig:
                 )
             if not value:
                 raise ValueError(f"{name} is an empty list; use None for the default, or name some modules.")
-        if self.preconditioner is None:
-            self.preconditioner = default_preconditioner(self.compressor)
-        _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
         if self.preconditioner in ("kfac", "ekfac") and not compressor_class(self.compressor).factorised:
             raise ValueError(
                 f"preconditioner={self.preconditioner!r} needs Kronecker factors, which only the "
@@ -176,11 +227,67 @@ class GraSSConfig:
         if not math.isfinite(self.damping) or self.damping < 0:
             raise ValueError(f"damping must be a finite number >= 0 (default 0.1), got {self.damping}.")
 
+    def _resolve_layout(self) -> None:
+        """Fill the layout fields left at None (see their help) and check they go together."""
+        if self.proj_dim is not None and self.total_dim is not None:
+            raise ValueError(
+                f"give proj_dim (per-module layout) or total_dim (one row for all modules), not both; "
+                f"got proj_dim={self.proj_dim}, total_dim={self.total_dim}."
+            )
+        if self.proj_dim is None and self.total_dim is None:
+            if global_layout_applies(self.compressor, self.preconditioner):
+                self.total_dim = DEFAULT_TOTAL_DIM
+            else:
+                self.proj_dim = DEFAULT_PROJ_DIM
+        if self.total_dim is not None:
+            if self.compressor != "factgrass":
+                raise ValueError(
+                    f"total_dim (the global layout) is implemented for compressor='factgrass'; for "
+                    f"{self.compressor!r} give proj_dim (numbers per module) instead."
+                )
+            if self.preconditioner == "fim":
+                raise ValueError(
+                    "preconditioner='fim' fits one Fisher block per module, which needs the per-module "
+                    "layout: give proj_dim (e.g. 1024) instead of total_dim, or use 'ekfac'/'kfac'."
+                )
+        if self.mask_basis is None:
+            eigen = self.total_dim is not None and self.preconditioner in ("kfac", "ekfac")
+            self.mask_basis = "eigen" if eigen else "input"
+        _check_choice("mask_basis", self.mask_basis, MASK_BASES)
+        if self.mask_basis == "eigen" and (
+            self.compressor != "factgrass" or self.preconditioner not in ("kfac", "ekfac")
+        ):
+            raise ValueError(
+                "mask_basis='eigen' takes factgrass's masks in the eigenbasis of the warm-up K-FAC fit, "
+                "so it needs compressor='factgrass' and preconditioner='kfac' or 'ekfac'; use "
+                "mask_basis='input' otherwise."
+            )
+
+    @property
+    def row_dim(self) -> int | None:
+        """Numbers per row of the global layout (``total_dim``), or None for the per-module layout."""
+        return self.total_dim
+
+    @property
+    def output_dim(self) -> int:
+        """What each module's compressor maps into: the shared row, or its own ``proj_dim`` slice."""
+        return self.total_dim if self.total_dim is not None else int(self.proj_dim or DEFAULT_PROJ_DIM)
+
+    @property
+    def whitening_damping(self) -> float:
+        """The damping of the warm-up whitening: ``damping``, floored (see MIN_WHITENING_DAMPING)."""
+        return max(float(self.damping), MIN_WHITENING_DAMPING)
+
     @property
     def torch_dtype(self):  # noqa: ANN201 - torch imported lazily to keep config import light
         import torch
 
-        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[self.dtype]
+        return {
+            "int8": torch.int8,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "float32": torch.float32,
+        }[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,15 +309,35 @@ class GraSSConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> GraSSConfig:
-        """A copy with some fields changed. A preconditioner that was the compressor's default stays
-        "the default" when the compressor changes (ekfac for factgrass becomes fim for sjlt)."""
+        """A copy with some fields changed. A value that was a default stays "the default" when what
+        it depends on changes: the preconditioner follows the compressor (ekfac for factgrass becomes
+        fim for sjlt), and the layout and mask basis follow both."""
         if (
             "compressor" in changes
             and "preconditioner" not in changes
             and self.preconditioner == default_preconditioner(self.compressor)
         ):
             changes["preconditioner"] = None
+        if {"compressor", "preconditioner"} & set(changes):
+            if not {"proj_dim", "total_dim"} & set(changes) and self._default_layout():
+                changes.update(proj_dim=None, total_dim=None)
+            if "mask_basis" not in changes and self._default_mask_basis():
+                changes["mask_basis"] = None
         return dataclasses.replace(self, **changes)
+
+    def _default_layout(self) -> bool:
+        if global_layout_applies(self.compressor, self.preconditioner):
+            return self.total_dim == DEFAULT_TOTAL_DIM
+        return self.proj_dim == DEFAULT_PROJ_DIM
+
+    def _default_mask_basis(self) -> bool:
+        eigen = self.total_dim is not None and self.preconditioner in ("kfac", "ekfac")
+        return self.mask_basis == ("eigen" if eigen else "input")
+
+
+def global_layout_applies(compressor: str, preconditioner: str | None) -> bool:
+    """Whether the default layout is the global one (factgrass, any preconditioner but fim)."""
+    return compressor == "factgrass" and preconditioner != "fim"
 
 
 def default_preconditioner(compressor: str) -> str:

@@ -28,6 +28,7 @@ from hf_grass.capture.fingerprint import weights_fingerprint
 from hf_grass.checkpoints import checkpoint_weights
 from hf_grass.config import GraSSConfig
 from hf_grass.data import IGNORE_INDEX, collate, pad_token_id, padded_batches, padding_side
+from hf_grass.precondition.eigenbasis import attach_basis
 from hf_grass.precondition.preconditioner import Preconditioner
 from hf_grass.results import InfluenceResult, InfluentialDocument
 from hf_grass.scoring import TopK, check_k, dense_scores, query_gradients, scan
@@ -71,6 +72,7 @@ class Attributor:
         self._check_model(check_model)
         self.preconditioner = Preconditioner.fit(self.cache, preconditioner, damping)
         self.basis = self.cache.eigenbasis()  # K-FAC caches: the whitening of their train rows
+        attach_basis(self.computer.compressors, self.basis)  # masks in the eigenbasis: their maps
 
     def _check_model(self, check_weights: bool) -> None:
         found = {t.name: (t.d_out, t.d_in, t.bias) for t in self.computer.targets}

@@ -53,8 +53,12 @@ def query_gradients(
             except NonFiniteError as err:
                 raise ValueError(f"non-finite {err.what} for query rows {err.rows} of this batch") from None
             rows = torch.zeros(grads.losses.shape[0], computer.total_dim, device=computer.device)
+            if not factor and preconditioner.kind == "identity":  # also the global layout's shared row
+                assert grads.rows is not None
+                out.append(grads.rows.float().cpu())
+                continue
             for name, (start, stop) in computer.offsets.items():
-                if not factor:
+                if not factor:  # fim: one block per module (the per-module layout)
                     assert grads.rows is not None
                     rows[:, start:stop] = preconditioner.apply_rows(name, grads.rows[:, start:stop]).float()
                     continue
@@ -64,7 +68,7 @@ def query_gradients(
                 if whitened:
                     assert basis is not None
                     pre = whiten_query(basis, name, pre)
-                rows[:, start:stop] = computer.compressors[name].project_factor(pre.float()).float()  # type: ignore[attr-defined]
+                rows[:, start:stop] += computer.compressors[name].project_factor(pre.float()).float()  # type: ignore[attr-defined]
             out.append(rows.cpu())
     return torch.cat(out) if out else torch.empty(0, computer.total_dim)
 
@@ -80,17 +84,23 @@ def shard_scores(
     step = chunk_rows(queries.shape[0], cache.dim)
     buf = torch.empty(step, cache.dim, dtype=torch.float32)
     qn = _norms(queries) if cosine else None
-    for position, (indices, grads) in enumerate(cache.iter_shards()):
+    for position, (indices, grads, scales) in enumerate(cache.iter_stored()):
         if position % world_size != rank:  # another rank scores this shard
             continue
         block = torch.empty(queries.shape[0], grads.shape[0], dtype=torch.float32)
         for start in range(0, grads.shape[0], step):
             stop = min(start + step, grads.shape[0])
             rows = buf[: stop - start]
-            rows.copy_(grads[start:stop])
-            block[:, start:stop] = queries @ rows.T
+            rows.copy_(grads[start:stop])  # the only conversion of stored rows: int8/fp16 -> fp32
+            part = queries @ rows.T
+            if scales is not None:  # int8 rows: row = stored * scale, applied to the scores instead
+                part *= scales[start:stop].to(torch.float32)
             if cosine:
-                block[:, start:stop] /= qn * rows.norm(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
+                norms = rows.norm(dim=1)
+                if scales is not None:
+                    norms = norms * scales[start:stop].to(torch.float32).abs()
+                part /= qn * norms.clamp(min=torch.finfo(torch.float32).tiny)
+            block[:, start:stop] = part
         yield indices, block
 
 

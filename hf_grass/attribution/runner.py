@@ -28,15 +28,22 @@ from tqdm.auto import tqdm
 
 from hf_grass._version import __version__
 from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
-from hf_grass.cache.writer import CacheWriter, num_shards
+from hf_grass.cache.writer import CacheWriter, encode_rows, num_shards
 from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteError, context_length, is_zero3
 from hf_grass.capture.fingerprint import model_fingerprint
-from hf_grass.capture.hooks import CaptureRequest
+from hf_grass.capture.hooks import FULL_COVARIANCE_MAX_WIDTH, CaptureRequest
 from hf_grass.capture.loss import supervised_tokens
 from hf_grass.data import ExampleSource, collate, is_lm_example
 from hf_grass.distributed import Distributed
-from hf_grass.precondition.eigenbasis import fit_eigenbasis, is_whitened, rotate, whiten_train
-from hf_grass.precondition.statistics import ModuleSpec, StatsAccumulator
+from hf_grass.precondition.eigenbasis import (
+    attach_basis,
+    fit_eigenbasis,
+    fit_rotated_masks,
+    is_whitened,
+    rotate,
+    whiten_train,
+)
+from hf_grass.precondition.statistics import FullCovariances, ModuleSpec, StatsAccumulator
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -95,6 +102,7 @@ class ShardBuffer:
 
     indices: list[int] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)
+    scales: list[torch.Tensor] = field(default_factory=list)  # int8 rows: one scale per row
     docs: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
 
@@ -152,6 +160,7 @@ class AttributionPass:
             "model": self.model_info,
             "modules": module_entries(self.computer),
             "dim": self.computer.total_dim,
+            "layout": "global" if self.config.total_dim is not None else "module",
             "num_examples": n,
             "dataset": self.source.fingerprint(),
             "library_version": __version__,
@@ -160,6 +169,7 @@ class AttributionPass:
         try:
             writer.cleanup_orphans()
             basis = self.warmup(writer) if self.config.preconditioner in ("kfac", "ekfac") else None
+            attach_basis(self.computer.compressors, basis)  # masks in the eigenbasis: their maps
             stats = self._statistics(writer, basis)
             mine = [
                 s
@@ -210,7 +220,8 @@ class AttributionPass:
         config = self.config
         whitened = is_whitened(basis)
         if whitened:  # rows are built below from the factor gradients: S (whiten * R G')
-            request = CaptureRequest(rows=False, factor_grads=True, covariances=True)
+            covariances = stats.covariances_needed if stats is not None else False
+            request = CaptureRequest(rows=False, factor_grads=True, covariances=covariances)
         else:
             request = CaptureRequest(rows=True, **(stats.request_kwargs if stats else {}))
         total = sum(len(step.indices) for step in plan)
@@ -236,7 +247,10 @@ class AttributionPass:
                             )
                     if stats is not None and not step.repair:
                         stats.update(grads, rotated)
-                    buffer.rows.append(self._stored_rows(grads.rows, batch.indices))
+                    stored, scales = self._stored_rows(grads.rows, batch.indices)
+                    buffer.rows.append(stored)
+                    if scales is not None:
+                        buffer.scales.append(scales)
                     buffer.indices += batch.indices
                     buffer.docs += [
                         {"index": i, "text": ex.get("text"), "id": ex.get("id")}
@@ -255,19 +269,28 @@ class AttributionPass:
                     buffer.skipped,
                     stats.state_dict() if stats is not None and not step.repair else None,
                     truncated=self.source.truncated - truncated_before,
+                    scales=self._shard_scales(buffer),
                 )
                 buffer, truncated_before = ShardBuffer(), self.source.truncated
 
-    def _stored_rows(self, rows: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        """Rows in the storage dtype, on the CPU; refuses a row that does not fit that dtype."""
-        stored = rows.to(self.config.torch_dtype).cpu()
+    def _shard_scales(self, buffer: ShardBuffer) -> torch.Tensor | None:
+        if self.config.torch_dtype != torch.int8:
+            return None
+        return torch.cat(buffer.scales) if buffer.scales else torch.empty(0, dtype=torch.float32)
+
+    def _stored_rows(self, rows: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows in the storage dtype on the CPU (with their scales for int8); refuses a row that
+        does not fit that dtype."""
+        stored, scales = encode_rows(rows.cpu(), self.config.torch_dtype)
+        if scales is not None:
+            return stored, scales
         overflow = (~torch.isfinite(stored).all(dim=1)).nonzero().flatten().tolist()
         if overflow:  # finite in fp32 but not in the storage dtype (fp16 tops out at 65504)
             raise ValueError(
                 f"the compressed gradient of training example index {indices[overflow[0]]} overflows "
                 f"{self.config.dtype}; use GraSSConfig(dtype='bfloat16') or 'float32' for this model."
             )
-        return stored
+        return stored, None
 
     def _whitened_rows(
         self, basis: dict[str, torch.Tensor], rotated: dict[str, torch.Tensor]
@@ -280,7 +303,7 @@ class AttributionPass:
             if name not in rotated:  # never reached by the forward: zero gradient
                 continue
             scaled = whiten_train(basis, name, rotated[name])
-            rows[:, start:stop] = computer.compressors[name].project_factor(scaled)  # type: ignore[attr-defined]
+            rows[:, start:stop] += computer.compressors[name].project_factor(scaled)  # type: ignore[attr-defined]
         return rows
 
     # ---- warm-up and statistics -----------------------------------------------------------------
@@ -301,8 +324,14 @@ class AttributionPass:
         # eigenvalues arbitrarily. The sample is small; other ranks wait (or, under ZeRO-3, step along).
         n = min(len(self.source), self.config.ekfac_sample_size) if self.dist.rank == 0 else 0
         sample = list(range(n))
-        sums = StatsAccumulator(self.specs, "kfac")
-        request = CaptureRequest(rows=False, covariances=True)
+        rotated = self.config.mask_basis == "eigen"
+        sums: StatsAccumulator | FullCovariances
+        if rotated:  # covariances of the full factor spaces, whose eigen-directions the masks keep
+            sums = FullCovariances(self.computer.compressors, FULL_COVARIANCE_MAX_WIDTH)
+            request = CaptureRequest(rows=False, full_covariances=True)
+        else:  # covariances of the masked factors
+            sums = StatsAccumulator(self.specs, "kfac")
+            request = CaptureRequest(rows=False, covariances=True)
         batches = [sample[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
         with self.computer.session(), self._progress(n, "hf-grass: fitting K-FAC eigenbasis") as bar:
             for idx in self._lockstep(batches):
@@ -315,11 +344,15 @@ class AttributionPass:
                     continue
                 sums.update(grads)
         # every rank reduces the same keys (modules without gradient in the sample hold zeros)
-        sums.load_state_dict(self.dist.all_reduce_sum(sums.state_dict()))
-        cov_in, cov_out, tokens, examples = sums.covariances()
-        basis = fit_eigenbasis(
-            self.specs, cov_in, cov_out, tokens=tokens, examples=examples, damping=self.config.damping
-        )
+        damping = self.config.whitening_damping
+        if isinstance(sums, FullCovariances):
+            sums.sums = self.dist.all_reduce_sum(sums.sums)
+            full_in, full_out, tokens, examples = sums.parts()
+            basis = fit_rotated_masks(self.computer.compressors, full_in, full_out, tokens, examples, damping)
+        else:
+            sums.load_state_dict(self.dist.all_reduce_sum(sums.state_dict()))
+            cov_in, cov_out, tokens, examples = sums.covariances()
+            basis = fit_eigenbasis(self.specs, cov_in, cov_out, tokens=tokens, examples=examples, damping=damping)
         if self.dist.rank == 0:
             save_tensors(path, basis)
         self.dist.barrier()

@@ -43,6 +43,7 @@ _DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "F64": (np.dtype("<f8"), torch.float64),
     "I64": (np.dtype("<i8"), torch.int64),
     "I32": (np.dtype("<i4"), torch.int32),
+    "I8": (np.dtype("i1"), torch.int8),
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 

@@ -4,7 +4,8 @@ Layout of a cache directory::
 
     manifest.json                  what readers read (merged view of all parts)
     parts/rank{r}-of{W}.json       each writer process's own manifest, rewritten after every shard
-    shards/shard-{id:06d}.safetensors   "grads" [rows, dim] (storage dtype), "indices" [rows] int64
+    shards/shard-{id:06d}.safetensors   "grads" [rows, dim] (storage dtype), "indices" [rows] int64,
+                                   and for int8 rows "scales" [rows] float32 (row = grads * scale)
     shards/shard-{id:06d}.jsonl    the documents of those rows: {"index", "text", "id"}
     stats/rank{r}-{seq:06d}.safetensors running float64 sums for the preconditioner
     eigenbasis.safetensors         warm-up K-FAC eigenvectors and row whitening (kfac/ekfac only)
@@ -52,6 +53,7 @@ _SHARD_FIELDS = {
     "docs_sha256": str,
     "skipped": list,
 }
+STORAGE_DTYPES = ("int8", "float16", "bfloat16", "float32")
 _MODULE_FIELDS = {"name": str, "d_in": int, "d_out": int, "bias": bool, "offset": int, "dim": int}
 
 
@@ -93,15 +95,22 @@ def validate_manifest(manifest: Any, root: Path) -> dict[str, Any]:
         raise CacheError(
             f"{root} was written by a newer hf-grass (format {manifest['format_version']}); upgrade hf-grass"
         )
-    if manifest["dtype"] not in ("float16", "bfloat16", "float32"):
+    if manifest["dtype"] not in STORAGE_DTYPES:
         raise CacheError(f"{root / MANIFEST}: unsupported dtype {manifest['dtype']!r}")
+    layout = manifest.get("layout", "module")  # caches written before the global layout: per module
+    if layout not in ("module", "global"):
+        raise CacheError(f"{root / MANIFEST}: unknown layout {layout!r}")
     offset = 0
     for module in manifest["modules"]:
         _check_fields(module, _MODULE_FIELDS, root, "module")
+        if layout == "global":  # every module is projected into the whole row
+            if module["offset"] != 0 or module["dim"] != manifest["dim"]:
+                raise CacheError(f"{root / MANIFEST}: module {module['name']!r} does not span the shared row")
+            continue
         if module["offset"] != offset or module["dim"] <= 0:
             raise CacheError(f"{root / MANIFEST}: module offsets are inconsistent at {module['name']!r}")
         offset += module["dim"]
-    if offset != manifest["dim"]:
+    if layout == "module" and offset != manifest["dim"]:
         raise CacheError(f"{root / MANIFEST}: module dims add up to {offset}, not dim={manifest['dim']}")
     seen: set[int] = set()
     for shard in manifest["shards"]:

@@ -144,7 +144,9 @@ class GradientCache:
         grads, indices = header.get("grads"), header.get("indices")
         if grads is None or indices is None:
             raise CacheError(f"{path} lacks the 'grads' or 'indices' tensor; rebuild shard {shard['id']}")
-        expected_dtype = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[self.manifest["dtype"]]
+        expected_dtype = {"int8": "I8", "float16": "F16", "bfloat16": "BF16", "float32": "F32"}[
+            self.manifest["dtype"]
+        ]
         if grads["shape"] != [shard["rows"], self.dim] or grads["dtype"] != expected_dtype:
             raise CacheError(
                 f"{path} holds {grads['dtype']}{grads['shape']}, but the manifest says "
@@ -152,6 +154,11 @@ class GradientCache:
             )
         if indices["shape"] != [shard["rows"]] or indices["dtype"] != "I64":
             raise CacheError(f"{path} has an invalid 'indices' tensor; rebuild shard {shard['id']}")
+        scales = header.get("scales")
+        if (expected_dtype == "I8") != (scales is not None) or (
+            scales is not None and (scales["shape"] != [shard["rows"]] or scales["dtype"] != "F32")
+        ):
+            raise CacheError(f"{path} has a missing or invalid 'scales' tensor; rebuild shard {shard['id']}")
 
     def files(self) -> list[tuple[Path, str]]:
         """Every data file with its expected sha256."""
@@ -221,11 +228,19 @@ class GradientCache:
 
     # ---- data -----------------------------------------------------------------------------------
 
-    def iter_shards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yields ``(indices [rows] int64, grads [rows, dim])`` per shard, memory-mapped."""
+    def iter_stored(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Yields ``(indices [rows] int64, stored rows [rows, dim], scales [rows] or None)`` per shard,
+        memory-mapped, as stored: a row is ``stored * scale`` for int8 caches, ``stored`` otherwise.
+        The scan converts them chunk by chunk (``hf_grass.scoring.shard_scores``)."""
         for path in self._shard_paths:
             tensors = mmap_tensors(path)
-            yield tensors["indices"], tensors["grads"]
+            yield tensors["indices"], tensors["grads"], tensors.get("scales")
+
+    def iter_shards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields ``(indices [rows] int64, grads [rows, dim])`` per shard: memory-mapped, or, for int8
+        caches, decoded to float32 one shard at a time."""
+        for indices, grads, scales in self.iter_stored():
+            yield indices, (grads if scales is None else decode_rows(grads, scales))
 
     @cached_property
     def indices(self) -> torch.Tensor:
@@ -381,6 +396,12 @@ def open_cache(
     if not (folder / MANIFEST).is_file():
         raise CacheError(f"{source} is not an hf-grass gradient cache: it has no {MANIFEST}")
     return GradientCache(folder, verify=verify, source=source)
+
+
+def decode_rows(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """float32 rows from their stored form (see ``hf_grass.cache.writer.encode_rows``)."""
+    rows = stored.to(torch.float32)
+    return rows if scales is None else rows * scales.to(torch.float32)[:, None]
 
 
 def _stat_key(path: Path) -> list[int]:

@@ -41,6 +41,8 @@ class BatchGradients:
     cov_in: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_in, m_in] float64 sums
     cov_out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_out, m_out] float64 sums
     tokens: dict[str, int] = field(default_factory=dict)
+    full_in: dict[str, torch.Tensor] = field(default_factory=dict)  # full-space covariance sums
+    full_out: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -109,13 +111,18 @@ class GradientComputer:
             t.name: make_compressor(config, t.name, d_in=t.d_in, d_out=t.d_out, bias=t.bias).to(self.device)
             for t in self.targets
         }
+        # where each module's compressed gradient goes in a row: its own slice (per-module layout), or
+        # the whole row, shared by every module and summed (global layout, config.total_dim)
         self.offsets: dict[str, tuple[int, int]] = {}
         start = 0
         for t in self.targets:
+            if config.total_dim is not None:
+                self.offsets[t.name] = (0, config.total_dim)
+                continue
             stop = start + self.compressors[t.name].output_dim
             self.offsets[t.name] = (start, stop)
             start = stop
-        self.total_dim = start
+        self.total_dim = config.total_dim if config.total_dim is not None else start
         self.capture = GradientCapture(self.targets, self.compressors)
         sig = _forward_signature(self.model)
         self._accepts_position_ids = "position_ids" in sig.parameters
@@ -185,6 +192,8 @@ class GradientComputer:
             cov_in=state.cov_in,
             cov_out=state.cov_out,
             tokens=state.tokens,
+            full_in=state.full_in,
+            full_out=state.full_out,
         )
         batch_size = labels.shape[0]
         if request.rows:
@@ -194,7 +203,7 @@ class GradientComputer:
             rows = torch.zeros(batch_size, self.total_dim, dtype=dtype, device=self.device)
             for name, (start, stop) in self.offsets.items():
                 if name in state.rows:  # a module the forward never reached has zero gradient
-                    rows[:, start:stop] = state.rows[name]
+                    rows[:, start:stop] += state.rows[name]
             bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
             if bad:
                 raise NonFiniteError("gradient", bad)

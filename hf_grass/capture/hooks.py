@@ -40,6 +40,15 @@ class CaptureRequest:
     rows: bool = True  # compressed per-example gradients [B, k] per module
     factor_grads: bool = False  # factor-space per-example gradients [B, m_out, m_in] (factorised only)
     covariances: bool = False  # token sums of x' x'^T and delta' delta'^T in factor space (float64)
+    # token sums of x x^T (bias column included) and delta delta^T in each module's full input and
+    # output space (float64), for the warm-up fit of an eigen-basis cache; a side wider than
+    # FULL_COVARIANCE_MAX_WIDTH gets the sums of squares (its diagonal) instead
+    full_covariances: bool = False
+
+
+# Above this width a factor's full covariance (width^2 float64 numbers, and an eigendecomposition of
+# width^3) costs more than it is worth: e.g. a 49k-word lm_head output. Its diagonal is kept instead.
+FULL_COVARIANCE_MAX_WIDTH = 8192
 
 
 @dataclass
@@ -49,6 +58,8 @@ class CaptureState:
     cov_in: dict[str, torch.Tensor] = field(default_factory=dict)
     cov_out: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    full_in: dict[str, torch.Tensor] = field(default_factory=dict)  # [d_in, d_in] or [d_in] float64
+    full_out: dict[str, torch.Tensor] = field(default_factory=dict)  # [d_out, d_out] or [d_out]
 
 
 class GradientCapture:
@@ -111,6 +122,8 @@ class GradientCapture:
         x3, d3 = as_3d(x), as_3d(delta)
         compressor = self.compressors[target.name]
         request, state = self.request, self.state
+        if request.full_covariances:
+            self._add_full_covariances(target, x3, d3)
         factor_grad = None
         if request.factor_grads or request.covariances:
             if not isinstance(compressor, FactorisedCompressor):
@@ -128,12 +141,27 @@ class GradientCapture:
                 rows = compressor.compress(x3, d3)
             _accumulate(state.rows, target.name, rows)
 
-    def _add_covariances(self, name: str, xs: torch.Tensor, ds: torch.Tensor) -> None:
+    def _add_full_covariances(self, target: TargetModule, x: torch.Tensor, delta: torch.Tensor) -> None:
+        x, delta = self._real_tokens(x), self._real_tokens(delta)
+        x = x.to(torch.float64)
+        if target.bias:  # the gradient's input has a trailing 1 (DESIGN.md §2)
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+        delta = delta.to(torch.float64)
+        for store, t in ((self.state.full_in, x), (self.state.full_out, delta)):
+            part = t.T @ t if t.shape[1] <= FULL_COVARIANCE_MAX_WIDTH else t.square().sum(0)
+            _accumulate(store, target.name, part)
+        if not self.request.covariances:  # otherwise _add_covariances counts them
+            self.state.tokens[target.name] = self.state.tokens.get(target.name, 0) + x.shape[0]
+
+    def _real_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d]`` -> ``[tokens, d]``: padding positions carry inputs but are not data."""
         mask = self.token_mask
-        if mask is not None and mask.shape == xs.shape[:2]:
-            xs, ds = xs[mask], ds[mask]  # padding positions carry inputs but are not data
-        else:
-            xs, ds = xs.reshape(-1, xs.shape[-1]), ds.reshape(-1, ds.shape[-1])
+        if mask is not None and mask.shape == t.shape[:2]:
+            return t[mask]
+        return t.reshape(-1, t.shape[-1])
+
+    def _add_covariances(self, name: str, xs: torch.Tensor, ds: torch.Tensor) -> None:
+        xs, ds = self._real_tokens(xs), self._real_tokens(ds)
         _accumulate(self.state.cov_in, name, (xs.T @ xs).to(torch.float64))
         _accumulate(self.state.cov_out, name, (ds.T @ ds).to(torch.float64))
         self.state.tokens[name] = self.state.tokens.get(name, 0) + xs.shape[0]

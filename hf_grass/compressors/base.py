@@ -28,7 +28,10 @@ class CompressorSettings(Protocol):
     """What a compressor reads of the run's configuration (``GraSSConfig`` provides it)."""
 
     compressor: str
-    proj_dim: int
+    proj_dim: int | None
+    total_dim: int | None  # the global layout: every module maps into one shared row
+    factor_dim: int
+    mask_basis: str | None
     sparsify_factor: int
     sjlt_nnz: int
     distribution: str
@@ -87,8 +90,9 @@ class Compressor(ABC):
         self.d_out = d_out
         self.bias = bias
         self.p = d_in * d_out
-        self.output_dim = config.proj_dim
-        if self.output_dim > self.p:
+        # the global layout maps every module into the shared row, which may be wider than a module
+        self.output_dim = config.total_dim if config.total_dim is not None else int(config.proj_dim)
+        if config.total_dim is None and self.output_dim > self.p:
             raise ValueError(
                 f"proj_dim={self.output_dim} is larger than the gradient of module {module_name!r} "
                 f"({d_out} x {d_in} = {self.p} numbers); lower proj_dim or exclude that module."

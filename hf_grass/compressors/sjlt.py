@@ -16,10 +16,11 @@ from hf_grass.kernels import SJLTMap
 
 
 def check_sjlt_settings(config: CompressorSettings) -> None:
-    """The SJLT puts one non-zero in each of ``sjlt_nnz`` row blocks of ``proj_dim / sjlt_nnz`` rows."""
-    if config.proj_dim % config.sjlt_nnz != 0:
+    """The SJLT puts one non-zero in each of ``sjlt_nnz`` row blocks of ``k / sjlt_nnz`` rows."""
+    name, k = ("total_dim", config.total_dim) if config.total_dim is not None else ("proj_dim", config.proj_dim)
+    if k is not None and k % config.sjlt_nnz != 0:
         raise ValueError(
-            f"proj_dim={config.proj_dim} must be divisible by sjlt_nnz={config.sjlt_nnz} (the SJLT puts "
+            f"{name}={k} must be divisible by sjlt_nnz={config.sjlt_nnz} (the SJLT puts "
             f"one non-zero in each of sjlt_nnz row blocks); pick e.g. sjlt_nnz=1 or a multiple."
         )
 

@@ -6,16 +6,25 @@ Train rows of such a cache are stored as ``S (whiten * R g')`` and queries go th
 ``S`` the module's final projection. The whitening cancels exactly in expectation, so it only
 balances the two sides of the random projection (see docs/concepts.md, "Whitened rows").
 
-A basis is a flat dict of float64 tensors ``name::q_in``, ``name::q_out``, ``name::whiten``, the
-form it is saved in (``eigenbasis.safetensors``).
+A basis is a flat dict of tensors, the form it is saved in (``eigenbasis.safetensors``):
+
+- masks in the module's own coordinates (``mask_basis="input"``): ``name::q_in``, ``name::q_out``,
+  the eigenvectors of the *masked* factor covariances, and ``name::whiten``;
+- masks in the eigenbasis (``mask_basis="eigen"``, ``fit_rotated_masks``): ``name::basis_in``
+  ``[d_in, m_in]`` and ``name::basis_out``, the eigen-directions of the *full* factor covariances that
+  the masks drew (the compressor's factor maps), their eigenvalues ``name::eig_in`` /
+  ``name::eig_out``, the mask scales ``name::scale`` and ``name::whiten``. The factor space is then
+  already an eigenbasis: there is no further rotation (``rotate`` is the identity).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
 
+from hf_grass.compressors.base import Compressor
 from hf_grass.precondition import linalg
 
 
@@ -57,7 +66,83 @@ def fit_eigenbasis(
 
 def rotate(basis: dict[str, torch.Tensor], name: str, gp: torch.Tensor) -> torch.Tensor:
     """Factor gradients ``[B, m_out, m_in]`` of module ``name`` in the basis (float64)."""
+    if f"{name}::q_in" not in basis:  # masks taken in the eigenbasis: already there
+        return gp.to(torch.float64)
     return linalg.rotate(basis[f"{name}::q_out"], basis[f"{name}::q_in"], gp)
+
+
+def is_rotated(basis: dict[str, torch.Tensor] | None) -> bool:
+    """Whether the basis holds the factor maps of masks taken in the eigenbasis."""
+    return basis is not None and any(k.endswith("::basis_in") for k in basis)
+
+
+def fit_rotated_masks(
+    compressors: dict[str, Compressor],
+    full_in: dict[str, torch.Tensor],
+    full_out: dict[str, torch.Tensor],
+    tokens: dict[str, float],
+    examples: float,
+    damping: float,
+) -> dict[str, torch.Tensor]:
+    """The warm-up fit of an eigen-basis cache (``mask_basis="eigen"``), per module.
+
+    Each factor's mask ``idx`` (``m`` of ``d``, drawn from the seed) picks eigen-directions of that
+    factor's full covariance: the factor map is ``Q[:, idx]`` with scale ``sqrt(d / m)``, so the
+    masked, rotated gradient is an unbiased subsample of the gradient in the K-FAC eigenbasis. A
+    factor stored as a diagonal (wider than ``FULL_COVARIANCE_MAX_WIDTH``) gets a signed hashing of
+    its coordinates into ``m`` buckets instead (``E[B B^T] = I``, scale 1), which keeps every
+    coordinate (every word of an ``lm_head``) where a mask would drop most of them. The whitening
+    is ``(L / mean L)^(-1/2)`` of the damped K-FAC eigenvalues ``outer(l_out, l_in)`` of the kept
+    coordinates.
+    """
+    basis: dict[str, torch.Tensor] = {}
+    for name, comp in compressors.items():
+        b_in, e_in, s_in = _factor_map(full_in.get(name), comp.d_in, comp.in_idx, comp.generator("hash_in"))  # type: ignore[attr-defined]
+        b_out, e_out, s_out = _factor_map(full_out.get(name), comp.d_out, comp.out_idx, comp.generator("hash_out"))  # type: ignore[attr-defined]
+        e_in = e_in / max(float(tokens.get(name, 0.0)), 1.0)
+        e_out = e_out / max(examples, 1.0)
+        eig = torch.outer(e_out, e_in)
+        eig = eig + damping * eig.mean()
+        if not float(eig.mean()) > 0:  # a module without gradient in the sample: no reweighting
+            eig = torch.ones_like(eig)
+        basis[f"{name}::basis_in"], basis[f"{name}::basis_out"] = b_in, b_out
+        basis[f"{name}::eig_in"], basis[f"{name}::eig_out"] = e_in, e_out
+        basis[f"{name}::scale"] = torch.tensor([s_in, s_out], dtype=torch.float64)
+        basis[f"{name}::whiten"] = (eig / eig.mean()).rsqrt()
+    return basis
+
+
+def _factor_map(
+    cov: torch.Tensor | None, d: int, idx: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B [d, m] float32, eigenvalues [m] float64, scale)`` of one factor (see fit_rotated_masks)."""
+    idx = idx.cpu()
+    m = idx.numel()
+    if cov is not None and cov.dim() == 1:  # a wide factor: signed hashing, bucket variances
+        buckets = torch.randint(0, m, (d,), generator=gen)
+        signs = torch.randint(0, 2, (d,), generator=gen).to(torch.float32).mul_(2).sub_(1)
+        b = torch.zeros(d, m, dtype=torch.float32)
+        b[torch.arange(d), buckets] = signs
+        eig = torch.zeros(m, dtype=torch.float64).index_add_(0, buckets, cov.double().cpu().clamp(min=0))
+        return b, eig, 1.0
+    if cov is None:  # never reached by the warm-up sample: masks in the module's own coordinates
+        b = torch.zeros(d, m, dtype=torch.float32)
+        b[idx, torch.arange(m)] = 1.0
+        return b, torch.zeros(m, dtype=torch.float64), math.sqrt(d / m)
+    eig, q = linalg.eigh_psd(cov)
+    return q[:, idx].to(torch.float32).contiguous(), eig[idx], math.sqrt(d / m)
+
+
+def attach_basis(compressors: dict[str, Compressor], basis: dict[str, torch.Tensor] | None) -> None:
+    """Give every compressor its factor maps from an eigen-basis fit (no-op for other bases)."""
+    if not is_rotated(basis):
+        return
+    assert basis is not None
+    for name, comp in compressors.items():
+        scale = basis[f"{name}::scale"]
+        comp.set_basis(  # type: ignore[attr-defined]
+            basis[f"{name}::basis_in"], basis[f"{name}::basis_out"], float(scale[0]), float(scale[1])
+        )
 
 
 def is_whitened(basis: dict[str, torch.Tensor] | None) -> bool:

@@ -29,6 +29,7 @@ from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors
 from hf_grass.cache.reader import GradientCache
 from hf_grass.config import PRECONDITIONERS
 from hf_grass.precondition import linalg
+from hf_grass.precondition.eigenbasis import is_rotated
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -123,6 +124,8 @@ class Preconditioner:
             raise ValueError(f"{self.kind} preconditions compressed rows; use apply_rows")
         f = self.factors[name]
         inv = self._inverse(f["eig"]).to(gp.device)
+        if "q_in" not in f:  # masks in the eigenbasis: the factor space is the eigenbasis
+            return (gp.to(torch.float64) * inv).to(gp.dtype)
         rotated = linalg.rotate(f["q_out"], f["q_in"], gp)
         return linalg.unrotate(f["q_out"], f["q_in"], rotated * inv).to(gp.dtype)
 
@@ -133,9 +136,22 @@ def _fit(cache: GradientCache, kind: str) -> dict[str, dict[str, torch.Tensor]]:
     if n <= 0:
         raise ValueError("the cache holds no examples: nothing to fit a preconditioner on")
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    basis = cache.eigenbasis() if kind == "ekfac" else None
+    basis = cache.eigenbasis() if kind in ("kfac", "ekfac") else None
     if kind == "ekfac" and basis is None:
         raise CacheError(f"{cache.path} has no eigenbasis file; rebuild it with preconditioner='ekfac'")
+    if is_rotated(basis):  # masks in the eigenbasis: eigenvalues in the factor space directly
+        assert basis is not None
+        for name in cache.module_names:
+            if kind == "kfac":
+                eig = torch.outer(basis[f"{name}::eig_out"], basis[f"{name}::eig_in"]).to(torch.float64)
+            else:
+                # the sums are of the scaled (sqrt(d/m) per side) factor gradients: the curvature of
+                # the unscaled eigen-coordinates is theirs divided by the scales squared, so that the
+                # masked sum estimates the full-space score (and kfac's eigenvalues are unscaled too)
+                scale = float(basis[f"{name}::scale"].prod())
+                eig = stats[f"{name}::lambda"] / n / scale**2
+            factors[name] = {"eig": eig}
+        return factors
     for name in cache.module_names:
         if kind == "fim":
             eig, q = linalg.eigh_psd(stats[f"{name}::fisher"] / n)

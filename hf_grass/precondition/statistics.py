@@ -4,7 +4,11 @@
 - ``kfac``/``ekfac``: per module the token sums of ``x' x'^T`` and ``delta' delta'^T`` in the
   factor space (masked inputs / output gradients for factgrass, projected ones for logra), and the
   token count. ``ekfac`` also sums ``(Q_out^T G'_i Q_in)^2`` per example: the corrected eigenvalues
-  in the eigenbasis of a warm-up fit (``eigenbasis``).
+  in the eigenbasis of a warm-up fit (``eigenbasis``). With masks taken in the eigenbasis
+  (``mask_basis="eigen"``) the K-FAC eigenvalues come from the warm-up fit itself, so only the
+  EK-FAC sums are kept.
+- ``FullCovariances``: the warm-up's sums of ``x x^T`` and ``delta delta^T`` in each module's full
+  input and output space, which ``fit_rotated_masks`` eigendecomposes.
 
 All sums are plain tensors in a ``state_dict`` so they are checkpointed with every shard.
 """
@@ -16,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from hf_grass.capture.engine import BatchGradients
-from hf_grass.precondition.eigenbasis import rotate
+from hf_grass.compressors.base import Compressor
+from hf_grass.precondition.eigenbasis import is_rotated, rotate
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,14 @@ class StatsAccumulator:
         if preconditioner == "ekfac" and eigenbasis is None:
             raise ValueError("ekfac statistics need the warm-up eigenbasis")
         self.device = torch.device(device)
+        # masks in the eigenbasis: K-FAC's eigenvalues come with the basis, no covariance to sum
+        self.covariances_needed = preconditioner in ("kfac", "ekfac") and not is_rotated(eigenbasis)
         self.sums: dict[str, torch.Tensor] = {"examples": torch.zeros((), dtype=torch.float64)}
         f64 = {"dtype": torch.float64, "device": self.device}
         for m in modules:
             if preconditioner == "fim":
                 self.sums[f"{m.name}::fisher"] = torch.zeros(m.dim, m.dim, **f64)
-            if preconditioner in ("kfac", "ekfac"):
+            if self.covariances_needed:
                 k_in, k_out, k_tok = covariance_keys(m.name)
                 self.sums[k_in] = torch.zeros(m.m_in, m.m_in, **f64)
                 self.sums[k_out] = torch.zeros(m.m_out, m.m_out, **f64)
@@ -68,7 +75,7 @@ class StatsAccumulator:
         """What the capture must compute for these statistics."""
         return {
             "factor_grads": self.preconditioner == "ekfac",
-            "covariances": self.preconditioner in ("kfac", "ekfac"),
+            "covariances": self.covariances_needed,
         }
 
     def update(self, grads: BatchGradients, rotated: dict[str, torch.Tensor] | None = None) -> None:
@@ -83,7 +90,7 @@ class StatsAccumulator:
                 start, stop = self.offsets[m.name]
                 block = rows[:, start:stop].to(self.device, torch.float64)
                 self.sums[f"{m.name}::fisher"] += block.T @ block
-            if self.preconditioner in ("kfac", "ekfac") and m.name in cov_in:
+            if self.covariances_needed and m.name in cov_in:
                 k_in, k_out, k_tok = covariance_keys(m.name)
                 self.sums[k_in] += cov_in[m.name].to(self.device)
                 self.sums[k_out] += cov_out[m.name].to(self.device)
@@ -121,3 +128,35 @@ class StatsAccumulator:
                     f"statistic {k} has shape {tuple(state[k].shape)}, expected {tuple(self.sums[k].shape)}"
                 )
             self.sums[k] = state[k].to(self.device, torch.float64).clone()
+
+
+class FullCovariances:
+    """The warm-up sums of an eigen-basis cache: per module ``x x^T`` (bias column included) and
+    ``delta delta^T`` over tokens in the full input and output spaces (a side stored as its diagonal
+    when the capture kept only that), the token count, and the example count. Every rank holds the
+    same keys and shapes, so the sums can be all-reduced."""
+
+    def __init__(self, compressors: dict[str, Compressor], max_width: int):
+        f64 = {"dtype": torch.float64}
+        self.sums: dict[str, torch.Tensor] = {"examples": torch.zeros((), **f64)}
+        for name, comp in compressors.items():
+            for side, d in (("full_in", comp.d_in), ("full_out", comp.d_out)):
+                shape = (d, d) if d <= max_width else (d,)
+                self.sums[f"{name}::{side}"] = torch.zeros(shape, **f64)
+            self.sums[f"{name}::tokens"] = torch.zeros((), **f64)
+        self.names = list(compressors)
+
+    def update(self, grads: BatchGradients) -> None:
+        self.sums["examples"] += grads.losses.shape[0]
+        for name in self.names:
+            if name in grads.full_in:
+                self.sums[f"{name}::full_in"] += grads.full_in[name].to("cpu", torch.float64)
+                self.sums[f"{name}::full_out"] += grads.full_out[name].to("cpu", torch.float64)
+                self.sums[f"{name}::tokens"] += grads.tokens.get(name, 0)
+
+    def parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float], float]:
+        """``(full_in, full_out, tokens, examples)`` per module: what ``fit_rotated_masks`` reads."""
+        full_in = {n: self.sums[f"{n}::full_in"] for n in self.names}
+        full_out = {n: self.sums[f"{n}::full_out"] for n in self.names}
+        tokens = {n: float(self.sums[f"{n}::tokens"]) for n in self.names}
+        return full_in, full_out, tokens, float(self.sums["examples"])
