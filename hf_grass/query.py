@@ -14,6 +14,7 @@ and completion tokens, loss on the completion) -> ``Attributor.query_vectors``
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -25,12 +26,15 @@ from hf_grass.attribution import example_source
 from hf_grass.cache.reader import GradientCache, open_cache
 from hf_grass.capture.engine import GradientComputer, unwrap_model
 from hf_grass.capture.fingerprint import weights_fingerprint
+from hf_grass.capture.loss import PerExampleLoss, loss_name
 from hf_grass.checkpoints import checkpoint_weights
 from hf_grass.config import GraSSConfig
 from hf_grass.data import IGNORE_INDEX, collate, pad_token_id, padded_batches, padding_side
 from hf_grass.precondition.preconditioner import Preconditioner
 from hf_grass.results import InfluenceResult, InfluentialDocument
 from hf_grass.scoring import TopK, check_k, dense_scores, query_gradients, scan
+
+logger = logging.getLogger("transformers.hf_grass")
 
 
 class Attributor:
@@ -42,6 +46,8 @@ class Attributor:
         cache: a ``GradientCache``, a local path or a Hub repo id.
         preconditioner, damping, cosine: override the cache's config for scoring.
         check_model: refuse a model whose weights differ from the one that built the cache.
+        per_example_loss: the ``fn(model, batch) -> [B]`` loss the cache was built with, if it was
+            built with one (see ``GradientComputer``); queries take their gradient of the same loss.
     """
 
     def __init__(
@@ -56,8 +62,11 @@ class Attributor:
         check_model: bool = True,
         batch_size: int | None = None,
         disable_progress: bool = True,
+        per_example_loss: PerExampleLoss | None = None,
     ):
         self.cache = open_cache(cache)
+        self.per_example_loss = per_example_loss
+        _check_loss(self.cache, per_example_loss)
         self.model = model
         self.tokenizer = tokenizer
         cfg = self.cache.config
@@ -67,7 +76,9 @@ class Attributor:
         self.disable_progress = disable_progress
         names = self.cache.module_names
         # rebuild the exact compressors of the cache (same config, same module names -> same seeds)
-        self.computer = GradientComputer(model, cfg.replace(target_modules=names, exclude_modules=None))
+        self.computer = GradientComputer(
+            model, cfg.replace(target_modules=names, exclude_modules=None), per_example_loss=per_example_loss
+        )
         self._check_model(check_model)
         self.preconditioner = Preconditioner.fit(self.cache, preconditioner, damping)
         self.basis = self.cache.eigenbasis()  # K-FAC caches: the whitening of their train rows
@@ -97,7 +108,13 @@ class Attributor:
 
     def attribute(self, query_dataset: Any) -> torch.Tensor:
         """Scores ``[n_query, n_train]`` (columns = training dataset indices)."""
-        source = example_source(query_dataset, self.tokenizer, self.config, self.model)
+        source = example_source(
+            query_dataset,
+            self.tokenizer,
+            self.config,
+            self.model,
+            all_columns=self.per_example_loss is not None,
+        )
         queries = self.query_vectors(padded_batches(source, self.tokenizer, self.batch_size))
         return dense_scores(self.cache, queries, cosine=self.cosine, disable_progress=self.disable_progress)
 
@@ -127,6 +144,28 @@ class Attributor:
         if found.dense is not None:  # columns are dataset indices; skipped examples have no row
             result.scores = found.dense[0, self.cache.indices]
         return result
+
+
+def _check_loss(cache: GradientCache, fn: PerExampleLoss | None) -> None:
+    """Queries must take the gradient of the loss the train rows were computed with."""
+    built, given = cache.manifest.get("loss"), loss_name(fn)
+    if built is not None and fn is None:
+        raise ValueError(
+            f"this cache was built with per_example_loss={built}; pass the same function "
+            "(per_example_loss=...) so that queries use the same loss"
+        )
+    if built is None and fn is not None:
+        raise ValueError(
+            f"this cache was built with the built-in per-example loss, but per_example_loss={given} was "
+            "given; query without it, or rebuild the cache with it"
+        )
+    if built != given:
+        logger.warning(
+            "The cache was built with per_example_loss=%s and the query uses %s; make sure they compute "
+            "the same loss.",
+            built,
+            given,
+        )
 
 
 def make_result(
@@ -298,11 +337,21 @@ def find_influential(
     preconditioner: str | None = None,
     damping: float | None = None,
     check_model: bool = True,
+    per_example_loss: PerExampleLoss | None = None,
     **generate_kwargs: Any,
 ) -> InfluenceResult:
-    """One call from a prompt to its influential training documents (cache: object, path or Hub id)."""
+    """One call from a prompt to its influential training documents (cache: object, path or Hub id).
+
+    ``per_example_loss``: the loss the cache was built with, if it was built with one.
+    """
     attributor = Attributor(
-        model, tokenizer, cache, preconditioner=preconditioner, damping=damping, check_model=check_model
+        model,
+        tokenizer,
+        cache,
+        preconditioner=preconditioner,
+        damping=damping,
+        check_model=check_model,
+        per_example_loss=per_example_loss,
     )
     return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
 

@@ -32,7 +32,7 @@ from hf_grass.cache.writer import CacheWriter, num_shards
 from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteError, context_length, is_zero3
 from hf_grass.capture.fingerprint import model_fingerprint
 from hf_grass.capture.hooks import CaptureRequest
-from hf_grass.capture.loss import supervised_tokens
+from hf_grass.capture.loss import loss_name, supervised_tokens
 from hf_grass.data import ExampleSource, collate, is_lm_example
 from hf_grass.distributed import Distributed
 from hf_grass.precondition.eigenbasis import fit_eigenbasis, is_whitened, rotate, whiten_train
@@ -156,6 +156,8 @@ class AttributionPass:
             "dataset": self.source.fingerprint(),
             "library_version": __version__,
         }
+        if self.computer.loss_fn is not None:  # absent for the built-in loss (and in older caches)
+            header["loss"] = loss_name(self.computer.loss_fn)
         writer = CacheWriter(self.cache_dir, self.config, header, self.dist.rank, self.dist.world_size)
         try:
             writer.cleanup_orphans()
@@ -348,7 +350,10 @@ class AttributionPass:
         """Forward + backward of the examples ``indices`` that have supervised tokens."""
         examples = [self.source.example(i) for i in indices]
         batch = collate(examples, self.pad_token_id, self.padding_side)
-        counts = supervised_tokens(batch["labels"], batch.get("attention_mask"))
+        if "labels" in batch:
+            counts = supervised_tokens(batch["labels"], batch.get("attention_mask"))
+        else:  # a user's loss without labels: every example counts
+            counts = torch.ones(len(indices), dtype=torch.long)
         keep = [k for k in range(len(indices)) if counts[k] > 0]
         skipped = [indices[k] for k in range(len(indices)) if counts[k] == 0]
         if skipped:

@@ -56,7 +56,8 @@ class CacheWriter:
         config: the run's configuration; its ``cache_hash`` must match an existing cache.
         header: the identity of the run, recorded in the manifest and compared on resume:
             ``model`` (fingerprint dict), ``modules`` (list of module dicts), ``dim``,
-            ``num_examples`` and ``dataset`` (fingerprint string).
+            ``num_examples``, ``dataset`` (fingerprint string) and, for a user's loss, ``loss``
+            (its name).
         rank, world_size: this process and the number of writers.
     """
 
@@ -139,6 +140,7 @@ class CacheWriter:
             ("dim", "gradient dimension"),
             ("num_examples", "dataset size"),
             ("dataset", "dataset content"),
+            ("loss", "per-example loss (per_example_loss)"),
         ]
         for key, what in checks:
             if old.get(key) != new.get(key):
