@@ -38,6 +38,9 @@ class ExampleSource:
         model_inputs: the argument names of the model's forward; columns of non-causal-LM rows
             that the forward does not take are left out, as the Trainer's
             ``remove_unused_columns`` does (``None``: keep every column).
+        prefix: the special token ids the documents of a cache begin with
+            (``GradientCache.document_prefix``); text rows then begin with them instead of the
+            tokenizer's own leading special tokens (``encode_text``). ``None``: as the tokenizer adds.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class ExampleSource:
         max_length: int | None = None,
         text_column: str = "text",
         model_inputs: Collection[str] | None = None,
+        prefix: Sequence[int] | None = None,
     ):
         if dataset is None:
             raise ValueError(
@@ -63,6 +67,9 @@ class ExampleSource:
         self.max_length = max_length
         self.text_column = text_column
         self.model_inputs = None if model_inputs is None else frozenset(model_inputs)
+        self.prefix = None if prefix is None else [int(t) for t in prefix]
+        self._special: frozenset[int] | None = None
+        self._own_prefix: list[int] | None = None
         self.truncated = 0
         self._warned = False
 
@@ -100,7 +107,9 @@ class ExampleSource:
             text = row[self.text_column]
             if not isinstance(text, str):
                 raise TypeError(f"example {index}: column {self.text_column!r} must hold strings")
-            out["input_ids"] = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+            if self.prefix is not None and self._own_prefix is None:
+                self._own_prefix = tokenizer_prefix(self.tokenizer)
+            out["input_ids"] = encode_text(self.tokenizer, text, self.prefix, self._own_prefix)
             if "labels" in row:
                 out["labels"] = row["labels"]
         elif inputs:  # tensor columns (features, pixel_values, ...), passed through as they are
@@ -145,6 +154,21 @@ class ExampleSource:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
         return None
 
+    @property
+    def special_ids(self) -> frozenset[int] | None:
+        """The tokenizer's special token ids (``None`` without a tokenizer)."""
+        if self._special is None and self.tokenizer is not None:
+            self._special = special_ids(self.tokenizer)
+        return self._special
+
+    def leading_special(self, example: dict[str, Any]) -> list[int] | None:
+        """The special token ids an example's tokens begin with (``None``: not known, e.g. no
+        tokenizer or no token ids)."""
+        ids, specials = example.get("input_ids"), self.special_ids
+        if specials is None or not _is_int_vector(ids):
+            return None
+        return leading_special(ids, specials)
+
     def fingerprint(self) -> str:
         """A cheap content hash (size and three examples) to refuse resuming on other data."""
         n = len(self)
@@ -154,6 +178,88 @@ class ExampleSource:
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---- how documents begin (the manifest's "documents" record; queries are encoded the same way) ----
+
+
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """Every special token id of a tokenizer (named ones and added tokens marked special)."""
+    ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {int(i) for i, token in added.items() if getattr(token, "special", False)}
+    return frozenset(ids)
+
+
+def leading_special(ids: Sequence[int] | torch.Tensor, specials: Collection[int]) -> list[int]:
+    """The run of special token ids that ``ids`` begins with."""
+    out = []
+    for token in ids:
+        token = int(token)
+        if token not in specials:
+            break
+        out.append(token)
+    return out
+
+
+def common_prefix(sequences: Sequence[Sequence[int] | None]) -> list[int] | None:
+    """The longest prefix every sequence shares (``None`` if one is unknown or there are none)."""
+    if not sequences or any(s is None for s in sequences):
+        return None
+    first = list(sequences[0])  # type: ignore[arg-type]
+    length = len(first)
+    for seq in sequences[1:]:
+        seq = list(seq)  # type: ignore[arg-type]
+        length = min(length, len(seq))
+        length = next((i for i in range(length) if seq[i] != first[i]), length)
+    return first[:length]
+
+
+def tokenizer_prefix(tokenizer: Any) -> list[int]:
+    """The token ids the tokenizer puts in front of a text itself (Llama: BOS; GPT-2: none)."""
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start]
+    return leading_special(full, special_ids(tokenizer))
+
+
+def chat_prefix(tokenizer: Any) -> list[int] | None:
+    """The special token ids the tokenizer's chat template begins a conversation with (``None``
+    without a template, or when it cannot be rendered)."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception:  # a template that needs other roles or variables: we cannot tell
+        return None
+    return leading_special(ids, special_ids(tokenizer))
+
+
+def document_encoding(tokenizer: Any) -> dict[str, Any]:
+    """What the manifest records about the tokenizer's own encoding; the pass adds the documents'
+    shared prefix per shard and the manifest merge the rest (``cache.manifest.merge_parts``)."""
+    if tokenizer is None:
+        return {"tokenizer_prefix": None, "chat_prefix": None}
+    return {"tokenizer_prefix": tokenizer_prefix(tokenizer), "chat_prefix": chat_prefix(tokenizer)}
+
+
+def encode_text(
+    tokenizer: Any, text: str, prefix: Sequence[int] | None = None, own_prefix: Sequence[int] | None = None
+) -> list[int]:
+    """Token ids of ``text`` as the tokenizer encodes it (with its special tokens), except that with
+    ``prefix`` the text begins with exactly those ids instead of the tokenizer's own leading ones
+    (``own_prefix``, default ``tokenizer_prefix``): documents that begin with ``<eos>`` give queries
+    that begin with it, and a tokenizer that adds ``<bos>`` itself does not get it twice."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if prefix is None:
+        return ids
+    own = list(tokenizer_prefix(tokenizer) if own_prefix is None else own_prefix)
+    if own and ids[: len(own)] == own:
+        ids = ids[len(own) :]
+    return [int(t) for t in prefix] + ids
 
 
 def _labels_alias(row: dict[str, Any]) -> dict[str, Any]:

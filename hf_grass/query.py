@@ -29,7 +29,16 @@ from hf_grass.capture.fingerprint import weights_fingerprint
 from hf_grass.capture.loss import PerExampleLoss, loss_name
 from hf_grass.checkpoints import checkpoint_weights
 from hf_grass.config import GraSSConfig
-from hf_grass.data import IGNORE_INDEX, collate, pad_token_id, padded_batches, padding_side
+from hf_grass.data import (
+    IGNORE_INDEX,
+    collate,
+    encode_text,
+    leading_special,
+    pad_token_id,
+    padded_batches,
+    padding_side,
+    special_ids,
+)
 from hf_grass.precondition.preconditioner import Preconditioner
 from hf_grass.results import InfluenceResult, InfluentialDocument
 from hf_grass.scoring import TopK, check_k, dense_scores, query_gradients, scan
@@ -114,6 +123,7 @@ class Attributor:
             self.config,
             self.model,
             all_columns=self.per_example_loss is not None,
+            prefix=self.cache.document_prefix,  # text queries begin as the documents do
         )
         queries = self.query_vectors(padded_batches(source, self.tokenizer, self.batch_size))
         return dense_scores(self.cache, queries, cosine=self.cosine, disable_progress=self.disable_progress)
@@ -135,7 +145,7 @@ class Attributor:
         """
         check_k(k, self.cache.num_rows)
         prompt_text, text, batch = encode_query(
-            self.model, self.tokenizer, prompt, completion, **generate_kwargs
+            self.model, self.tokenizer, prompt, completion, documents=self.cache, **generate_kwargs
         )
         query = self.query_vectors([batch])
         found = scan(self.cache, query, k, top=True, bottom=True, dense=all_scores, cosine=self.cosine)
@@ -191,12 +201,38 @@ def encode_query(
     tokenizer: Any,
     prompt: str | list[dict[str, str]],
     completion: str | None,
+    *,
+    documents: GradientCache | None = None,
     **generate_kwargs: Any,
 ) -> tuple[str, str, dict[str, torch.Tensor]]:
-    """(prompt text, completion text, a one-example batch whose loss covers the completion only)."""
+    """(prompt text, completion text, a one-example batch whose loss covers the completion only).
+
+    The query begins the way the cached ``documents`` begin (``GradientCache.document_prefix``):
+    a string prompt starts with exactly the special token ids every document starts with, in place
+    of those the tokenizer adds itself, so documents that begin with ``<eos>`` give a query that
+    begins with ``<eos>``, and a tokenizer that adds ``<bos>`` does not put it in twice. A chat
+    prompt is tokenized as its template renders it (the template holds its own special tokens);
+    the documents' prefix goes in front only when the rendered prompt begins with no special token.
+    Without a recorded prefix (older caches) the prompt is tokenized as the tokenizer does.
+    """
     prompt_text = render_prompt(tokenizer, prompt)
-    # a rendered chat template already holds its special tokens
-    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=not isinstance(prompt, list))["input_ids"])
+    prefix = documents.document_prefix if documents is not None else None
+    if isinstance(prompt, list):
+        # a rendered chat template already holds its special tokens
+        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        if (
+            prefix
+            and prompt_ids[: len(prefix)] != prefix
+            and not leading_special(prompt_ids, special_ids(tokenizer))
+        ):
+            prompt_ids = list(prefix) + prompt_ids
+    else:
+        if documents is not None and documents.chat_documents:
+            logger.warning(
+                "The cached documents begin the way the chat template begins a conversation; pass the "
+                "prompt as a list of messages so that the query is encoded like them."
+            )
+        prompt_ids = encode_text(tokenizer, prompt_text, prefix)
     if completion is None:
         completion_ids = generate(model, tokenizer, prompt_ids, **generate_kwargs)
     else:
@@ -290,7 +326,7 @@ class MultiCheckpointAttributor:
         check_k(k, self.caches[-1].num_rows)
         # the completion comes from the current (final) model; its gradient is taken at every checkpoint
         prompt_text, text, batch = encode_query(
-            self.model, self.tokenizer, prompt, completion, **generate_kwargs
+            self.model, self.tokenizer, prompt, completion, documents=self.caches[-1], **generate_kwargs
         )
         total: torch.Tensor | None = None
         for attributor in self._each():

@@ -34,11 +34,13 @@ def example_source(
     text_column: str = "text",
     *,
     all_columns: bool = False,
+    prefix: list[int] | None = None,
 ) -> ExampleSource:
     """The dataset as examples truncated to ``config.max_length`` (default: the model's context).
 
     Columns of non-causal-LM rows that the model's forward does not take are left out (as the
     Trainer does), unless ``all_columns`` (a user's ``per_example_loss`` may read any column).
+    ``prefix``: the special ids text rows begin with (queries: the cache's ``document_prefix``).
     """
     max_length = config.max_length or context_length(model)
     return ExampleSource(
@@ -47,6 +49,7 @@ def example_source(
         max_length=max_length,
         text_column=text_column,
         model_inputs=None if all_columns else forward_parameters(model),
+        prefix=prefix,
     )
 
 

@@ -33,7 +33,7 @@ from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteE
 from hf_grass.capture.fingerprint import model_fingerprint
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import loss_name, supervised_tokens
-from hf_grass.data import ExampleSource, collate, is_lm_example
+from hf_grass.data import ExampleSource, collate, common_prefix, document_encoding, is_lm_example
 from hf_grass.distributed import Distributed
 from hf_grass.precondition.eigenbasis import fit_eigenbasis, is_whitened, rotate, whiten_train
 from hf_grass.precondition.statistics import ModuleSpec, StatsAccumulator
@@ -97,6 +97,7 @@ class ShardBuffer:
     rows: list[torch.Tensor] = field(default_factory=list)
     docs: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    leads: list[list[int] | None] = field(default_factory=list)  # each document's leading special ids
 
 
 class AttributionPass:
@@ -155,6 +156,8 @@ class AttributionPass:
             "num_examples": n,
             "dataset": self.source.fingerprint(),
             "library_version": __version__,
+            # how the tokenizer encodes; each shard adds the special ids its documents begin with
+            "documents": document_encoding(self.source.tokenizer),
         }
         if self.computer.loss_fn is not None:  # absent for the built-in loss (and in older caches)
             header["loss"] = loss_name(self.computer.loss_fn)
@@ -244,6 +247,7 @@ class AttributionPass:
                         {"index": i, "text": ex.get("text"), "id": ex.get("id")}
                         for i, ex in zip(batch.indices, batch.examples)
                     ]
+                    buffer.leads += [self.source.leading_special(ex) for ex in batch.examples]
                 elif self.lockstep:  # nothing to compute here, but the other ranks run a forward
                     self._dummy_step()
                 if not step.last:
@@ -257,6 +261,7 @@ class AttributionPass:
                     buffer.skipped,
                     stats.state_dict() if stats is not None and not step.repair else None,
                     truncated=self.source.truncated - truncated_before,
+                    prefix=common_prefix(buffer.leads),
                 )
                 buffer, truncated_before = ShardBuffer(), self.source.truncated
 

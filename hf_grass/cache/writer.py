@@ -207,8 +207,13 @@ class CacheWriter:
         skipped: list[int],
         stats: dict[str, torch.Tensor] | None,
         truncated: int = 0,
+        prefix: list[int] | None = None,
     ) -> None:
-        """Write one complete shard (rows already in the storage dtype) and checkpoint the stats."""
+        """Write one complete shard (rows already in the storage dtype) and checkpoint the stats.
+
+        ``prefix``: the special token ids every document of the shard begins with (``None``: not
+        known); the manifest merges them into ``documents.prefix``.
+        """
         if rows.shape[0] != len(indices) or len(docs) != len(indices):
             raise ValueError("rows, indices and docs of a shard must have the same length")
         tensor_file, docs_file = shard_names(shard_id)
@@ -227,6 +232,7 @@ class CacheWriter:
             "docs_sha256": sha256_bytes(blob),
             "skipped": skipped,
             "truncated": truncated,
+            "prefix": prefix,
             "first_index": indices[0] if indices else None,
             "last_index": indices[-1] if indices else None,
         }
