@@ -41,6 +41,13 @@ from hf_grass.precondition.statistics import ModuleSpec, StatsAccumulator
 logger = logging.getLogger("transformers.hf_grass")
 
 
+def _nonfinite_message(what: str, bad: list[int]) -> str:
+    return (
+        f"non-finite {what} for training example index {bad[0]} (all: {bad}); check that example and "
+        "the model's numerics (e.g. fp16 overflow)"
+    )
+
+
 def module_specs(computer: GradientComputer) -> list[ModuleSpec]:
     specs = []
     for t in computer.targets:
@@ -224,6 +231,7 @@ class AttributionPass:
             for step in self._lockstep(plan):
                 if step is None:
                     self._dummy_step()
+                    self._agree(None)  # where the busy ranks check their rows
                     continue
                 batch = self._compute(step.indices, request)
                 buffer.skipped += batch.skipped
@@ -233,12 +241,7 @@ class AttributionPass:
                     if whitened:
                         assert basis is not None
                         rotated = {name: rotate(basis, name, g) for name, g in grads.factor_grads.items()}
-                        grads.rows = self._whitened_rows(basis, rotated)
-                        bad = (~torch.isfinite(grads.rows).all(dim=1)).nonzero().flatten().tolist()
-                        if bad:
-                            raise ValueError(
-                                f"non-finite gradient for training example index {batch.indices[bad[0]]}"
-                            )
+                        grads.rows = self._whitened_rows(basis, rotated)  # checked in _stored_rows
                     if stats is not None and not step.repair:
                         stats.update(grads, rotated)
                     buffer.rows.append(self._stored_rows(grads.rows, batch.indices))
@@ -250,6 +253,7 @@ class AttributionPass:
                     buffer.leads += [self.source.leading_special(ex) for ex in batch.examples]
                 elif self.lockstep:  # nothing to compute here, but the other ranks run a forward
                     self._dummy_step()
+                    self._agree(None)
                 if not step.last:
                     continue
                 empty = torch.empty(0, self.computer.total_dim, dtype=config.torch_dtype)
@@ -266,15 +270,32 @@ class AttributionPass:
                 buffer, truncated_before = ShardBuffer(), self.source.truncated
 
     def _stored_rows(self, rows: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        """Rows in the storage dtype, on the CPU; refuses a row that does not fit that dtype."""
+        """Rows in the storage dtype, on the CPU; refuses a non-finite row and one that does not fit
+        that dtype (under lockstep every rank checks here, and all raise together)."""
         stored = rows.to(self.config.torch_dtype).cpu()
+        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
         overflow = (~torch.isfinite(stored).all(dim=1)).nonzero().flatten().tolist()
-        if overflow:  # finite in fp32 but not in the storage dtype (fp16 tops out at 65504)
-            raise ValueError(
+        problem = None
+        if bad:
+            problem = _nonfinite_message("gradient", [indices[b] for b in bad])
+        elif overflow:  # finite in fp32 but not in the storage dtype (fp16 tops out at 65504)
+            problem = (
                 f"the compressed gradient of training example index {indices[overflow[0]]} overflows "
                 f"{self.config.dtype}; use GraSSConfig(dtype='bfloat16') or 'float32' for this model."
             )
+        self._agree(problem)
         return stored
+
+    def _agree(self, problem: str | None) -> None:
+        """Raise ``problem``; under lockstep first learn every rank's, so that all raise the same
+        error at the same step (a rank that raised alone would leave the others blocked in the next
+        collective forward). One all-reduce of one number per call when nothing failed."""
+        if self.lockstep:
+            problem = self.dist.agree_on_error(problem)
+            if problem is not None:
+                problem += ". Every process of the ZeRO-3 job stops at this step."
+        if problem is not None:
+            raise ValueError(problem)
 
     def _whitened_rows(
         self, basis: dict[str, torch.Tensor], rotated: dict[str, torch.Tensor]
@@ -370,14 +391,16 @@ class AttributionPass:
         if len(keep) < len(indices):
             examples = [examples[k] for k in keep]
             batch = collate(examples, self.pad_token_id, self.padding_side)
+        agree = None
+        if self.lockstep:  # after the forward, before the collective backward: every rank agrees
+
+            def agree(what: str, rows: list[int]) -> None:
+                self._agree(_nonfinite_message(what, [indices[keep[r]] for r in rows]) if rows else None)
+
         try:
-            grads = self.computer.compute(batch, request)
+            grads = self.computer.compute(batch, request, agree=agree)
         except NonFiniteError as err:
-            bad = [indices[keep[r]] for r in err.rows]
-            raise ValueError(
-                f"non-finite {err.what} for training example index {bad[0]} (all: {bad}); check that "
-                "example and the model's numerics (e.g. fp16 overflow)."
-            ) from None
+            raise ValueError(_nonfinite_message(err.what, [indices[keep[r]] for r in err.rows])) from None
         return Batch([indices[k] for k in keep], examples, skipped, grads)
 
     def _dummy_step(self, request: CaptureRequest | None = None) -> None:
@@ -387,7 +410,9 @@ class AttributionPass:
             ids = (list(example["input_ids"]) + [self.pad_token_id or 0] * 2)[:2]
             example = {"input_ids": ids, "labels": ids}
         self.computer.compute(
-            collate([example], self.pad_token_id, self.padding_side), request or CaptureRequest()
+            collate([example], self.pad_token_id, self.padding_side),
+            request or CaptureRequest(),
+            agree=lambda what, rows: self._agree(None),  # its own loss does not matter, the others' do
         )
 
     def _lockstep(self, items: list) -> Iterator:

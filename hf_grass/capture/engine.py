@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -206,9 +206,19 @@ class GradientComputer:
         return per_example_loss(logits, labels, self.config.loss_reduction, token_mask)
 
     def compute(
-        self, batch: Mapping[str, torch.Tensor], request: CaptureRequest | None = None
+        self,
+        batch: Mapping[str, torch.Tensor],
+        request: CaptureRequest | None = None,
+        agree: Callable[[str, list[int]], None] | None = None,
     ) -> BatchGradients:
-        """Forward + backward of one batch under ``session()``; returns what ``request`` asks for."""
+        """Forward + backward of one batch under ``session()``; returns what ``request`` asks for.
+
+        Non-finite losses (and gradient rows) raise ``NonFiniteError``. With ``agree`` (ranks whose
+        forwards and backwards are collective, DeepSpeed ZeRO-3), nothing is raised here: after
+        every forward ``agree("loss", bad_rows)`` is called, also with no bad rows, and must raise
+        on every rank if any rank failed; the caller checks the rows itself, as every rank must
+        reach the same collectives.
+        """
         request = request or CaptureRequest()
         if not self.capture._handles:
             raise RuntimeError("GradientComputer.compute must run inside `with computer.session():`")
@@ -220,7 +230,9 @@ class GradientComputer:
         with torch.enable_grad():
             losses = self.losses(batch, capture.token_mask)
             bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-            if bad:
+            if agree is not None:
+                agree("loss", bad)
+            elif bad:
                 raise NonFiniteError("loss", bad)
             if losses.requires_grad:
                 losses.sum().backward()
@@ -242,7 +254,7 @@ class GradientComputer:
                 if name in state.rows:  # a module the forward never reached has zero gradient
                     rows[:, start:stop] = state.rows[name]
             bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
-            if bad:
+            if bad and agree is None:
                 raise NonFiniteError("gradient", bad)
             result.rows = rows
         if request.factor_grads:
