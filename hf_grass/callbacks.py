@@ -23,6 +23,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from hf_grass.attribution import run_attribution_pass
 from hf_grass.cache.reader import GradientCache
+from hf_grass.capture.loss import PerExampleLoss
 from hf_grass.config import GraSSConfig
 from hf_grass.distributed import current_distributed
 from hf_grass.query import AttributionLookups, MultiCheckpointAttributor
@@ -39,6 +40,9 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
             these checkpoints (TracIn-CP style), loading each checkpoint's weights for the query
             gradient.
         on_evaluate: also (re)build the cache of the current model after each evaluation.
+        per_example_loss: ``fn(model, batch) -> [B]``, the per-example loss of a model whose
+            output the built-in losses do not cover; used for the caches and every query (see
+            ``GradientComputer``). It must depend on each example alone, never on the batch.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
         on_train_end: bool = True,
         every_save: bool = False,
         on_evaluate: bool = False,
+        per_example_loss: PerExampleLoss | None = None,
     ):
         if config is not None and not isinstance(config, GraSSConfig):
             raise TypeError(f"config must be a GraSSConfig, got {type(config).__name__}")
@@ -55,6 +60,7 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
         self.build_on_train_end = on_train_end
         self.every_save = every_save
         self.build_on_evaluate = on_evaluate
+        self.per_example_loss = per_example_loss
         self.cache: GradientCache | None = None
         self.checkpoint_caches: dict[int, GradientCache] = {}
         self.model: torch.nn.Module | None = None
@@ -116,6 +122,7 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
             disable_progress=args.disable_tqdm or not state.is_local_process_zero,
             device=args.device,
             checkpoint=checkpoint,
+            per_example_loss=self.per_example_loss,
         )
         return cache
 
@@ -133,7 +140,14 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
         else:
             raise ValueError("no cache was built: enable on_train_end, every_save or on_evaluate")
         batch = self.config.batch_size or (self.args.per_device_eval_batch_size if self.args else None)
-        return MultiCheckpointAttributor(self.model, self.tokenizer, caches, batch_size=batch, **kwargs)
+        return MultiCheckpointAttributor(
+            self.model,
+            self.tokenizer,
+            caches,
+            batch_size=batch,
+            per_example_loss=self.per_example_loss,
+            **kwargs,
+        )
 
     def cache_dirs(self) -> list[Path]:
         return [c.path for c in ([self.cache] if self.cache else []) + list(self.checkpoint_caches.values())]

@@ -2,8 +2,11 @@
 
 Accepted: a ``datasets.Dataset`` (or any indexable sequence of dicts) with ``input_ids`` (and
 optional ``labels``, ``attention_mask``), or with a ``text`` column that a tokenizer turns into
-tokens; a plain list of strings. Causal-LM labels default to the input ids; classification rows
-carry a scalar ``labels`` and fixed-size feature columns, which are stacked as they are.
+tokens; a plain list of strings; or rows of any other tensor columns (``input``, ``pixel_values``,
+...), passed to the model as they are. Causal-LM labels default to the input ids. Rows whose
+``labels`` is a scalar (classification, regression) or a float vector (multi-label) are not causal
+LM: their token columns are padded, every other column is stacked as it is. A ``label`` or
+``label_ids`` column is read as ``labels``, as the Trainer's collators do.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +35,12 @@ class ExampleSource:
         tokenizer: needed for text rows and to decode token ids back to text for display.
         max_length: longer sequences are truncated to this many tokens (with one warning).
         text_column: the column holding raw text.
+        model_inputs: the argument names of the model's forward; columns of non-causal-LM rows
+            that the forward does not take are left out, as the Trainer's
+            ``remove_unused_columns`` does (``None``: keep every column).
+        prefix: the special token ids the documents of a cache begin with
+            (``GradientCache.document_prefix``); text rows then begin with them instead of the
+            tokenizer's own leading special tokens (``encode_text``). ``None``: as the tokenizer adds.
     """
 
     def __init__(
@@ -40,6 +49,8 @@ class ExampleSource:
         tokenizer: Any = None,
         max_length: int | None = None,
         text_column: str = "text",
+        model_inputs: Collection[str] | None = None,
+        prefix: Sequence[int] | None = None,
     ):
         if dataset is None:
             raise ValueError(
@@ -55,6 +66,10 @@ class ExampleSource:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.text_column = text_column
+        self.model_inputs = None if model_inputs is None else frozenset(model_inputs)
+        self.prefix = None if prefix is None else [int(t) for t in prefix]
+        self._special: frozenset[int] | None = None
+        self._own_prefix: list[int] | None = None
         self.truncated = 0
         self._warned = False
 
@@ -71,11 +86,20 @@ class ExampleSource:
 
     def example(self, index: int) -> dict[str, Any]:
         """The tokenized example: model columns plus ``text``/``id`` metadata."""
-        row = self.raw(index)
+        row = _labels_alias(self.raw(index))
+        meta = (*_META_KEYS, self.text_column)
+        # columns the model takes besides labels (all of them when its forward is not known)
+        inputs = [
+            k
+            for k in row
+            if k not in meta and k != "labels" and (self.model_inputs is None or k in self.model_inputs)
+        ]
         out: dict[str, Any] = {}
         if "input_ids" in row:
             out.update({k: v for k, v in row.items() if k not in _META_KEYS})
-        elif self.text_column in row:
+            if not is_lm_example(out):  # classification etc.: every column is stacked, keep inputs only
+                out = {k: v for k, v in out.items() if k in inputs or k == "labels"}
+        elif self.text_column in row and (self.model_inputs is None or not inputs):
             if self.tokenizer is None:
                 raise ValueError(
                     f"example {index} has a {self.text_column!r} column but no tokenizer was given to tokenize it"
@@ -83,15 +107,27 @@ class ExampleSource:
             text = row[self.text_column]
             if not isinstance(text, str):
                 raise TypeError(f"example {index}: column {self.text_column!r} must hold strings")
-            out["input_ids"] = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+            if self.prefix is not None and self._own_prefix is None:
+                self._own_prefix = tokenizer_prefix(self.tokenizer)
+            out["input_ids"] = encode_text(self.tokenizer, text, self.prefix, self._own_prefix)
+            if "labels" in row:
+                out["labels"] = row["labels"]
+        elif inputs:  # tensor columns (features, pixel_values, ...), passed through as they are
+            out.update({k: row[k] for k in inputs})
             if "labels" in row:
                 out["labels"] = row["labels"]
         else:
-            raise ValueError(
-                f"example {index} has neither 'input_ids' nor a {self.text_column!r} column (columns: {sorted(row)})"
+            takes = (
+                f" or a column the model's forward takes ({sorted(self.model_inputs)})"
+                if self.model_inputs
+                else ""
             )
-        ids = out["input_ids"]
-        if _is_token_list(ids) and self.max_length is not None and len(ids) > self.max_length:
+            raise ValueError(
+                f"example {index} has no model input: neither 'input_ids', a {self.text_column!r} column{takes} "
+                f"(columns: {sorted(row)})"
+            )
+        ids = out.get("input_ids")
+        if _is_int_vector(ids) and self.max_length is not None and len(ids) > self.max_length:
             self.truncated += 1
             if not self._warned:
                 logger.warning(
@@ -103,7 +139,7 @@ class ExampleSource:
                 )
                 self._warned = True
             for key in ("input_ids", "labels", "attention_mask"):
-                if key in out and _is_token_list(out[key]):
+                if key in out and _is_int_vector(out[key]):
                     out[key] = list(out[key])[: self.max_length]
         out["text"] = self.text(index, row, out)
         if "id" in row:
@@ -114,9 +150,24 @@ class ExampleSource:
         if isinstance(row.get(self.text_column), str):
             return row[self.text_column]
         ids = tokenized.get("input_ids")
-        if self.tokenizer is not None and _is_token_list(ids):
+        if self.tokenizer is not None and _is_int_vector(ids):
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
         return None
+
+    @property
+    def special_ids(self) -> frozenset[int] | None:
+        """The tokenizer's special token ids (``None`` without a tokenizer)."""
+        if self._special is None and self.tokenizer is not None:
+            self._special = special_ids(self.tokenizer)
+        return self._special
+
+    def leading_special(self, example: dict[str, Any]) -> list[int] | None:
+        """The special token ids an example's tokens begin with (``None``: not known, e.g. no
+        tokenizer or no token ids)."""
+        ids, specials = example.get("input_ids"), self.special_ids
+        if specials is None or not _is_int_vector(ids):
+            return None
+        return leading_special(ids, specials)
 
     def fingerprint(self) -> str:
         """A cheap content hash (size and three examples) to refuse resuming on other data."""
@@ -129,14 +180,100 @@ class ExampleSource:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _is_token_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple, torch.Tensor)) and (
-        len(value) == 0 or not isinstance(value[0], float)
-    )
+# ---- how documents begin (the manifest's "documents" record; queries are encoded the same way) ----
+
+
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """Every special token id of a tokenizer (named ones and added tokens marked special)."""
+    ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {int(i) for i, token in added.items() if getattr(token, "special", False)}
+    return frozenset(ids)
+
+
+def leading_special(ids: Sequence[int] | torch.Tensor, specials: Collection[int]) -> list[int]:
+    """The run of special token ids that ``ids`` begins with."""
+    out = []
+    for token in ids:
+        token = int(token)
+        if token not in specials:
+            break
+        out.append(token)
+    return out
+
+
+def common_prefix(sequences: Sequence[Sequence[int] | None]) -> list[int] | None:
+    """The longest prefix every sequence shares (``None`` if one is unknown or there are none)."""
+    if not sequences or any(s is None for s in sequences):
+        return None
+    first = list(sequences[0])  # type: ignore[arg-type]
+    length = len(first)
+    for seq in sequences[1:]:
+        seq = list(seq)  # type: ignore[arg-type]
+        length = min(length, len(seq))
+        length = next((i for i in range(length) if seq[i] != first[i]), length)
+    return first[:length]
+
+
+def tokenizer_prefix(tokenizer: Any) -> list[int]:
+    """The token ids the tokenizer puts in front of a text itself (Llama: BOS; GPT-2: none)."""
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start]
+    return leading_special(full, special_ids(tokenizer))
+
+
+def chat_prefix(tokenizer: Any) -> list[int] | None:
+    """The special token ids the tokenizer's chat template begins a conversation with (``None``
+    without a template, or when it cannot be rendered)."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception:  # a template that needs other roles or variables: we cannot tell
+        return None
+    return leading_special(ids, special_ids(tokenizer))
+
+
+def document_encoding(tokenizer: Any) -> dict[str, Any]:
+    """What the manifest records about the tokenizer's own encoding; the pass adds the documents'
+    shared prefix per shard and the manifest merge the rest (``cache.manifest.merge_parts``)."""
+    if tokenizer is None:
+        return {"tokenizer_prefix": None, "chat_prefix": None}
+    return {"tokenizer_prefix": tokenizer_prefix(tokenizer), "chat_prefix": chat_prefix(tokenizer)}
+
+
+def encode_text(
+    tokenizer: Any, text: str, prefix: Sequence[int] | None = None, own_prefix: Sequence[int] | None = None
+) -> list[int]:
+    """Token ids of ``text`` as the tokenizer encodes it (with its special tokens), except that with
+    ``prefix`` the text begins with exactly those ids instead of the tokenizer's own leading ones
+    (``own_prefix``, default ``tokenizer_prefix``): documents that begin with ``<eos>`` give queries
+    that begin with it, and a tokenizer that adds ``<bos>`` itself does not get it twice."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if prefix is None:
+        return ids
+    own = list(tokenizer_prefix(tokenizer) if own_prefix is None else own_prefix)
+    if own and ids[: len(own)] == own:
+        ids = ids[len(own) :]
+    return [int(t) for t in prefix] + ids
+
+
+def _labels_alias(row: dict[str, Any]) -> dict[str, Any]:
+    """``label`` / ``label_ids`` read as ``labels`` (what transformers' data collators do)."""
+    if "labels" not in row:
+        for alias in ("label", "label_ids"):
+            if alias in row:
+                row["labels"] = row.pop(alias)
+                break
+    return row
 
 
 def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) or type(obj).__module__ == "numpy":
         return obj.tolist()
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
@@ -145,26 +282,33 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _is_int_vector(value: Any) -> bool:
+    """A 1-D sequence of integers (token ids or token labels), not floats and not a scalar."""
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        return value.ndim == 1 and not torch.as_tensor(value).is_floating_point()
+    return isinstance(value, (list, tuple)) and (len(value) == 0 or not isinstance(value[0], float))
+
+
 def is_lm_example(example: dict[str, Any]) -> bool:
+    """A causal-LM example: token ids with no labels or with one label per token."""
+    if "input_ids" not in example:
+        return False
     labels = example.get("labels")
-    return (
-        labels is None
-        or isinstance(labels, (list, tuple))
-        or (isinstance(labels, torch.Tensor) and labels.dim() == 1)
-    )
+    return labels is None or _is_int_vector(labels)
 
 
 def collate(
     examples: Sequence[dict[str, Any]], pad_token_id: int | None = 0, padding_side: str = "right"
 ) -> dict[str, torch.Tensor]:
-    """Pad causal-LM examples (labels default to input ids, pads get -100 and mask 0); stack others."""
+    """Pad causal-LM examples (labels default to input ids, pads get -100 and mask 0); for other
+    examples pad the token columns (``input_ids`` with the pad token, its mask with 0) and stack the
+    rest."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not is_lm_example(examples[0]):
-        keys = [k for k in examples[0] if k not in _META_KEYS]
-        return {k: torch.as_tensor([ex[k] for ex in examples]) for k in keys}
+        return _collate_other(examples, pad_token_id, padding_side)
     pad = 0 if pad_token_id is None else int(pad_token_id)
     width = max(len(ex["input_ids"]) for ex in examples)
     batch = {
@@ -189,6 +333,43 @@ def collate(
         batch["input_ids"][row, span] = ids
         batch["attention_mask"][row, span] = mask
         batch["labels"][row, span] = labels
+    return batch
+
+
+def _collate_other(
+    examples: Sequence[dict[str, Any]], pad_token_id: int | None, padding_side: str
+) -> dict[str, torch.Tensor]:
+    """Classification, regression and tensor-column batches."""
+    # strings (names, sources) cannot become tensors; a model cannot take them either
+    keys = [k for k in examples[0] if k not in _META_KEYS and not isinstance(examples[0][k], str)]
+    batch: dict[str, torch.Tensor] = {}
+    tokens = "input_ids" in keys and all(_is_int_vector(ex["input_ids"]) for ex in examples)
+    if tokens:  # sequence classification: pad like the LM path, mask 0 on pads
+        ids = [torch.as_tensor(ex["input_ids"], dtype=torch.long) for ex in examples]
+        width = max(len(t) for t in ids)
+        masks = [
+            torch.as_tensor(ex["attention_mask"], dtype=torch.long)
+            if ex.get("attention_mask") is not None
+            else torch.ones_like(t)
+            for ex, t in zip(examples, ids)
+        ]
+        fill = {"input_ids": 0 if pad_token_id is None else int(pad_token_id)}
+        columns = {"input_ids": ids, "attention_mask": masks}
+        if "token_type_ids" in keys:
+            columns["token_type_ids"] = [
+                torch.as_tensor(ex["token_type_ids"], dtype=torch.long) for ex in examples
+            ]
+        for key, values in columns.items():
+            out = torch.full((len(examples), width), fill.get(key, 0), dtype=torch.long)
+            for row, v in enumerate(values):
+                if v.shape != ids[row].shape:
+                    raise ValueError(f"{key} and input_ids of an example must have the same length")
+                span = slice(width - len(v), width) if padding_side == "left" else slice(0, len(v))
+                out[row, span] = v
+            batch[key] = out
+    for key in keys:
+        if key not in batch:
+            batch[key] = torch.stack([torch.as_tensor(ex[key]) for ex in examples])
     return batch
 
 

@@ -14,6 +14,7 @@ and completion tokens, loss on the completion) -> ``Attributor.query_vectors``
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -25,13 +26,25 @@ from hf_grass.attribution import example_source
 from hf_grass.cache.reader import GradientCache, open_cache
 from hf_grass.capture.engine import GradientComputer, unwrap_model
 from hf_grass.capture.fingerprint import weights_fingerprint
+from hf_grass.capture.loss import PerExampleLoss, loss_name
 from hf_grass.checkpoints import checkpoint_weights
 from hf_grass.config import GraSSConfig
-from hf_grass.data import IGNORE_INDEX, collate, pad_token_id, padded_batches, padding_side
+from hf_grass.data import (
+    IGNORE_INDEX,
+    collate,
+    encode_text,
+    leading_special,
+    pad_token_id,
+    padded_batches,
+    padding_side,
+    special_ids,
+)
 from hf_grass.precondition.eigenbasis import attach_basis
 from hf_grass.precondition.preconditioner import Preconditioner
 from hf_grass.results import InfluenceResult, InfluentialDocument
 from hf_grass.scoring import TopK, check_k, dense_scores, query_gradients, scan
+
+logger = logging.getLogger("transformers.hf_grass")
 
 
 class Attributor:
@@ -43,6 +56,8 @@ class Attributor:
         cache: a ``GradientCache``, a local path or a Hub repo id.
         preconditioner, damping, cosine: override the cache's config for scoring.
         check_model: refuse a model whose weights differ from the one that built the cache.
+        per_example_loss: the ``fn(model, batch) -> [B]`` loss the cache was built with, if it was
+            built with one (see ``GradientComputer``); queries take their gradient of the same loss.
     """
 
     def __init__(
@@ -57,8 +72,11 @@ class Attributor:
         check_model: bool = True,
         batch_size: int | None = None,
         disable_progress: bool = True,
+        per_example_loss: PerExampleLoss | None = None,
     ):
         self.cache = open_cache(cache)
+        self.per_example_loss = per_example_loss
+        _check_loss(self.cache, per_example_loss)
         self.model = model
         self.tokenizer = tokenizer
         cfg = self.cache.config
@@ -68,7 +86,9 @@ class Attributor:
         self.disable_progress = disable_progress
         names = self.cache.module_names
         # rebuild the exact compressors of the cache (same config, same module names -> same seeds)
-        self.computer = GradientComputer(model, cfg.replace(target_modules=names, exclude_modules=None))
+        self.computer = GradientComputer(
+            model, cfg.replace(target_modules=names, exclude_modules=None), per_example_loss=per_example_loss
+        )
         self._check_model(check_model)
         self.preconditioner = Preconditioner.fit(self.cache, preconditioner, damping)
         self.basis = self.cache.eigenbasis()  # K-FAC caches: the whitening of their train rows
@@ -99,7 +119,14 @@ class Attributor:
 
     def attribute(self, query_dataset: Any) -> torch.Tensor:
         """Scores ``[n_query, n_train]`` (columns = training dataset indices)."""
-        source = example_source(query_dataset, self.tokenizer, self.config, self.model)
+        source = example_source(
+            query_dataset,
+            self.tokenizer,
+            self.config,
+            self.model,
+            all_columns=self.per_example_loss is not None,
+            prefix=self.cache.document_prefix,  # text queries begin as the documents do
+        )
         queries = self.query_vectors(padded_batches(source, self.tokenizer, self.batch_size))
         return dense_scores(self.cache, queries, cosine=self.cosine, disable_progress=self.disable_progress)
 
@@ -120,7 +147,7 @@ class Attributor:
         """
         check_k(k, self.cache.num_rows)
         prompt_text, text, batch = encode_query(
-            self.model, self.tokenizer, prompt, completion, **generate_kwargs
+            self.model, self.tokenizer, prompt, completion, documents=self.cache, **generate_kwargs
         )
         query = self.query_vectors([batch])
         found = scan(self.cache, query, k, top=True, bottom=True, dense=all_scores, cosine=self.cosine)
@@ -129,6 +156,28 @@ class Attributor:
         if found.dense is not None:  # columns are dataset indices; skipped examples have no row
             result.scores = found.dense[0, self.cache.indices]
         return result
+
+
+def _check_loss(cache: GradientCache, fn: PerExampleLoss | None) -> None:
+    """Queries must take the gradient of the loss the train rows were computed with."""
+    built, given = cache.manifest.get("loss"), loss_name(fn)
+    if built is not None and fn is None:
+        raise ValueError(
+            f"this cache was built with per_example_loss={built}; pass the same function "
+            "(per_example_loss=...) so that queries use the same loss"
+        )
+    if built is None and fn is not None:
+        raise ValueError(
+            f"this cache was built with the built-in per-example loss, but per_example_loss={given} was "
+            "given; query without it, or rebuild the cache with it"
+        )
+    if built != given:
+        logger.warning(
+            "The cache was built with per_example_loss=%s and the query uses %s; make sure they compute "
+            "the same loss.",
+            built,
+            given,
+        )
 
 
 def make_result(
@@ -154,12 +203,38 @@ def encode_query(
     tokenizer: Any,
     prompt: str | list[dict[str, str]],
     completion: str | None,
+    *,
+    documents: GradientCache | None = None,
     **generate_kwargs: Any,
 ) -> tuple[str, str, dict[str, torch.Tensor]]:
-    """(prompt text, completion text, a one-example batch whose loss covers the completion only)."""
+    """(prompt text, completion text, a one-example batch whose loss covers the completion only).
+
+    The query begins the way the cached ``documents`` begin (``GradientCache.document_prefix``):
+    a string prompt starts with exactly the special token ids every document starts with, in place
+    of those the tokenizer adds itself, so documents that begin with ``<eos>`` give a query that
+    begins with ``<eos>``, and a tokenizer that adds ``<bos>`` does not put it in twice. A chat
+    prompt is tokenized as its template renders it (the template holds its own special tokens);
+    the documents' prefix goes in front only when the rendered prompt begins with no special token.
+    Without a recorded prefix (older caches) the prompt is tokenized as the tokenizer does.
+    """
     prompt_text = render_prompt(tokenizer, prompt)
-    # a rendered chat template already holds its special tokens
-    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=not isinstance(prompt, list))["input_ids"])
+    prefix = documents.document_prefix if documents is not None else None
+    if isinstance(prompt, list):
+        # a rendered chat template already holds its special tokens
+        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        if (
+            prefix
+            and prompt_ids[: len(prefix)] != prefix
+            and not leading_special(prompt_ids, special_ids(tokenizer))
+        ):
+            prompt_ids = list(prefix) + prompt_ids
+    else:
+        if documents is not None and documents.chat_documents:
+            logger.warning(
+                "The cached documents begin the way the chat template begins a conversation; pass the "
+                "prompt as a list of messages so that the query is encoded like them."
+            )
+        prompt_ids = encode_text(tokenizer, prompt_text, prefix)
     if completion is None:
         completion_ids = generate(model, tokenizer, prompt_ids, **generate_kwargs)
     else:
@@ -253,7 +328,7 @@ class MultiCheckpointAttributor:
         check_k(k, self.caches[-1].num_rows)
         # the completion comes from the current (final) model; its gradient is taken at every checkpoint
         prompt_text, text, batch = encode_query(
-            self.model, self.tokenizer, prompt, completion, **generate_kwargs
+            self.model, self.tokenizer, prompt, completion, documents=self.caches[-1], **generate_kwargs
         )
         total: torch.Tensor | None = None
         for attributor in self._each():
@@ -300,11 +375,21 @@ def find_influential(
     preconditioner: str | None = None,
     damping: float | None = None,
     check_model: bool = True,
+    per_example_loss: PerExampleLoss | None = None,
     **generate_kwargs: Any,
 ) -> InfluenceResult:
-    """One call from a prompt to its influential training documents (cache: object, path or Hub id)."""
+    """One call from a prompt to its influential training documents (cache: object, path or Hub id).
+
+    ``per_example_loss``: the loss the cache was built with, if it was built with one.
+    """
     attributor = Attributor(
-        model, tokenizer, cache, preconditioner=preconditioner, damping=damping, check_model=check_model
+        model,
+        tokenizer,
+        cache,
+        preconditioner=preconditioner,
+        damping=damping,
+        check_model=check_model,
+        per_example_loss=per_example_loss,
     )
     return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
 

@@ -17,6 +17,7 @@ from transformers import Trainer
 
 from hf_grass.attribution import run_attribution_pass
 from hf_grass.cache.reader import GradientCache, open_cache
+from hf_grass.capture.loss import PerExampleLoss
 from hf_grass.config import GraSSConfig
 from hf_grass.distributed import current_distributed
 from hf_grass.query import AttributionLookups, Attributor
@@ -28,10 +29,21 @@ class AttributionTrainer(AttributionLookups, Trainer):
     Args:
         grass_config: the attribution configuration (default ``GraSSConfig()``); every other
             argument is the Trainer's.
+        per_example_loss: ``fn(model, batch) -> [B]``, the per-example loss of a model whose
+            output the built-in losses (causal LM, classification, regression, multi-label) do not
+            cover; used for the cache and for every query (see ``GradientComputer``). It must be
+            per example: example i's loss depends on example i only, never on the rest of the batch.
     """
 
-    def __init__(self, *args: Any, grass_config: GraSSConfig | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        grass_config: GraSSConfig | None = None,
+        per_example_loss: PerExampleLoss | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
+        self.per_example_loss = per_example_loss
         if grass_config is not None and not isinstance(grass_config, GraSSConfig):
             raise TypeError(f"grass_config must be a GraSSConfig, got {type(grass_config).__name__}")
         self.grass_config = grass_config or GraSSConfig()
@@ -61,6 +73,7 @@ class AttributionTrainer(AttributionLookups, Trainer):
             disable_progress=self.args.disable_tqdm or not self.is_local_process_zero(),
             device=self.args.device,
             verify_existing=verify_existing,
+            per_example_loss=self.per_example_loss,
         )
         return self.gradient_cache
 
@@ -77,5 +90,6 @@ class AttributionTrainer(AttributionLookups, Trainer):
             cache,
             batch_size=self.grass_config.batch_size or self.args.per_device_eval_batch_size,
             disable_progress=self.args.disable_tqdm,
+            per_example_loss=self.per_example_loss,
             **kwargs,
         )

@@ -3,6 +3,11 @@
 Builds the gradient cache of a fixed tiny model with AttributionTrainer (optionally under DeepSpeed
 ZeRO-2/3, after a zero-learning-rate training step so a training engine exists), then scores fixed
 queries, and has rank 0 save the scores and a few facts about the run.
+
+With ``--poison INDEX`` that training example gets a token (``POISON``) that makes the model's
+numerics fail on it alone: a NaN activation in the forward (``--poison-at forward``: a non-finite
+loss) or a NaN gradient in the backward (``backward``). Each rank then writes the error it raised to
+``error-rank{r}.txt`` and exits with status 3.
 """
 
 from __future__ import annotations
@@ -24,6 +29,27 @@ from hf_grass import AttributionTrainer, GraSSConfig  # noqa: E402
 
 VOCAB = 40
 N_TRAIN = 23
+POISON = 1  # never drawn by random_token_examples (ids 4..VOCAB-1)
+
+
+def poison(model: torch.nn.Module, at: str) -> None:
+    """NaN in the first block's MLP output (forward) or in the gradient reaching it (backward), for
+    the batch rows that hold the POISON token."""
+    rows: dict[str, torch.Tensor] = {}
+
+    def remember(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        rows["bad"] = (kwargs["input_ids"] == POISON).any(dim=1)[:, None, None]
+
+    def corrupt(module: torch.nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        bad = rows["bad"]
+        if at == "forward":
+            return out.masked_fill(bad, float("nan"))
+        if out.requires_grad:
+            out.register_hook(lambda grad: grad.masked_fill(bad, float("nan")))
+        return out
+
+    model.register_forward_pre_hook(remember, with_kwargs=True)
+    model.transformer.h[0].mlp.register_forward_hook(corrupt)
 
 
 def main() -> None:
@@ -31,6 +57,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--zero", type=int, default=0, help="DeepSpeed ZeRO stage (0: no DeepSpeed)")
     parser.add_argument("--preconditioner", default="ekfac")
+    parser.add_argument("--poison", type=int, default=None, help="training example index to poison")
+    parser.add_argument("--poison-at", choices=["forward", "backward"], default="forward")
     opts = parser.parse_args()
     model = tiny_gpt2(VOCAB, seed=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     train = Dataset.from_list(random_token_examples(N_TRAIN, VOCAB, seed=0))
@@ -80,6 +108,21 @@ def main() -> None:
     )
     if opts.zero:
         trainer.train()  # creates the DeepSpeed training engine; lr 0 keeps the weights
+    if opts.poison is not None:
+        from hf_grass.capture import unwrap_model
+
+        poison(unwrap_model(trainer.model), opts.poison_at)
+        rows = random_token_examples(N_TRAIN, VOCAB, seed=0)
+        rows[opts.poison]["input_ids"][0] = POISON
+        try:
+            trainer.build_gradient_cache(Dataset.from_list(rows))
+        except ValueError as err:
+            rank = torch.distributed.get_rank()
+            with open(os.path.join(opts.out, f"error-rank{rank}.txt"), "w") as fh:
+                fh.write(str(err))
+            torch.distributed.barrier()  # both ranks wrote theirs before either exits
+            sys.exit(3)
+        raise AssertionError("the poisoned example raised no error")
     grads_before = [p.grad for p in trainer.model.parameters()]
     cache = trainer.build_gradient_cache()
     leftover = [g is not None and bool(g.abs().sum() > 0) for g in grads_before] != [

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +40,34 @@ def launch(out: Path, *extra: str) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((out / "info.json").read_text())
+
+
+def launch_failing(out: Path, *extra: str, limit: int = 240) -> tuple[int, str]:
+    """A run expected to fail: (exit status, output). ``limit`` seconds is the hang detector (a
+    deadlocked job never ends); a hung job gets SIGTERM, which torchrun passes on to its workers
+    (each in its own session), and then SIGKILL, workers included."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(WORKER), "--out", str(out), *extra]  # fmt: skip
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            status = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            workers = [int(p) for p in children.read_text().split()] if children.exists() else []
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"the job hung (no end within {limit}s):\n{log.read_text()[-4000:]}")
+    return status, log.read_text()
 
 
 def single_process(tmp: Path, preconditioner: str) -> tuple[GradientCache, torch.Tensor]:
@@ -103,3 +133,19 @@ def test_deepspeed_zero_equals_plain(tmp_path: Path, stage: int) -> None:
     assert not info["grads_changed"], "the pass left gradients behind"
     single, scores = single_process(tmp_path / "single", "ekfac")
     compare(tmp_path / "ds", single, scores)
+
+
+@pytest.mark.parametrize(("at", "what"), [("forward", "loss"), ("backward", "gradient")])
+def test_zero3_one_bad_example_stops_every_rank_with_one_message(tmp_path: Path, at: str, what: str) -> None:
+    """Example 13 lies in shard 3, which rank 1 computes (3 % 2): its non-finite loss (or gradient)
+    must not leave rank 0 waiting in a collective forward; both ranks raise the same error."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "bad"
+    status, output = launch_failing(out, "--zero", "3", "--poison", "13", "--poison-at", at)
+    assert status != 0, output[-3000:]
+    errors = [out / f"error-rank{r}.txt" for r in range(2)]
+    assert all(e.exists() for e in errors), output[-4000:]
+    first, second = (e.read_text() for e in errors)
+    assert first == second
+    assert first.startswith(f"rank 1 of 2: non-finite {what} for training example index 13 (all: [13])")
+    assert "rank 0 of 2" not in first and "Every process of the ZeRO-3 job stops" in first

@@ -16,8 +16,9 @@ from torch import nn
 
 from hf_grass.attribution.runner import AttributionPass
 from hf_grass.cache.reader import GradientCache
-from hf_grass.capture.engine import GradientComputer, context_length
+from hf_grass.capture.engine import GradientComputer, context_length, forward_parameters
 from hf_grass.capture.fingerprint import model_fingerprint
+from hf_grass.capture.loss import PerExampleLoss
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource, pad_token_id, padding_side
 from hf_grass.distributed import Distributed, current_distributed
@@ -26,11 +27,30 @@ __all__ = ["AttributionPass", "example_source", "run_attribution_pass"]
 
 
 def example_source(
-    dataset: Any, tokenizer: Any, config: GraSSConfig, model: nn.Module, text_column: str = "text"
+    dataset: Any,
+    tokenizer: Any,
+    config: GraSSConfig,
+    model: nn.Module,
+    text_column: str = "text",
+    *,
+    all_columns: bool = False,
+    prefix: list[int] | None = None,
 ) -> ExampleSource:
-    """The dataset as examples truncated to ``config.max_length`` (default: the model's context)."""
+    """The dataset as examples truncated to ``config.max_length`` (default: the model's context).
+
+    Columns of non-causal-LM rows that the model's forward does not take are left out (as the
+    Trainer does), unless ``all_columns`` (a user's ``per_example_loss`` may read any column).
+    ``prefix``: the special ids text rows begin with (queries: the cache's ``document_prefix``).
+    """
     max_length = config.max_length or context_length(model)
-    return ExampleSource(dataset, tokenizer=tokenizer, max_length=max_length, text_column=text_column)
+    return ExampleSource(
+        dataset,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        text_column=text_column,
+        model_inputs=None if all_columns else forward_parameters(model),
+        prefix=prefix,
+    )
 
 
 def run_attribution_pass(
@@ -47,6 +67,7 @@ def run_attribution_pass(
     checkpoint: str | os.PathLike | None = None,
     verify_existing: bool = False,
     text_column: str = "text",
+    per_example_loss: PerExampleLoss | None = None,
 ) -> GradientCache:
     """Compress the per-example gradients of ``dataset`` into a cache (resuming if it exists).
 
@@ -62,9 +83,13 @@ def run_attribution_pass(
             queries can reload them.
         verify_existing: on resume, also re-hash the shards already written and redo damaged ones.
         text_column: the column holding raw text.
+        per_example_loss: ``fn(model, batch) -> [B]``, the loss of models the built-in losses do
+            not cover (see ``GradientComputer``); queries must then use the same function.
     """
-    computer = GradientComputer(model, config, device=device)
-    source = example_source(dataset, tokenizer, config, model, text_column)
+    computer = GradientComputer(model, config, device=device, per_example_loss=per_example_loss)
+    source = example_source(
+        dataset, tokenizer, config, model, text_column, all_columns=per_example_loss is not None
+    )
     model_info = model_fingerprint(computer.model, computer.targets)
     if checkpoint is not None:
         model_info["checkpoint"] = os.fspath(checkpoint)

@@ -32,8 +32,8 @@ from hf_grass.cache.writer import CacheWriter, encode_rows, num_shards
 from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteError, context_length, is_zero3
 from hf_grass.capture.fingerprint import model_fingerprint
 from hf_grass.capture.hooks import FULL_COVARIANCE_MAX_WIDTH, CaptureRequest
-from hf_grass.capture.loss import supervised_tokens
-from hf_grass.data import ExampleSource, collate, is_lm_example
+from hf_grass.capture.loss import loss_name, supervised_tokens
+from hf_grass.data import ExampleSource, collate, common_prefix, document_encoding, is_lm_example
 from hf_grass.distributed import Distributed
 from hf_grass.precondition.eigenbasis import (
     attach_basis,
@@ -46,6 +46,13 @@ from hf_grass.precondition.eigenbasis import (
 from hf_grass.precondition.statistics import FullCovariances, ModuleSpec, StatsAccumulator
 
 logger = logging.getLogger("transformers.hf_grass")
+
+
+def _nonfinite_message(what: str, bad: list[int]) -> str:
+    return (
+        f"non-finite {what} for training example index {bad[0]} (all: {bad}); check that example and "
+        "the model's numerics (e.g. fp16 overflow)"
+    )
 
 
 def module_specs(computer: GradientComputer) -> list[ModuleSpec]:
@@ -105,6 +112,7 @@ class ShardBuffer:
     scales: list[torch.Tensor] = field(default_factory=list)  # int8 rows: one scale per row
     docs: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    leads: list[list[int] | None] = field(default_factory=list)  # each document's leading special ids
 
 
 class AttributionPass:
@@ -164,7 +172,11 @@ class AttributionPass:
             "num_examples": n,
             "dataset": self.source.fingerprint(),
             "library_version": __version__,
+            # how the tokenizer encodes; each shard adds the special ids its documents begin with
+            "documents": document_encoding(self.source.tokenizer),
         }
+        if self.computer.loss_fn is not None:  # absent for the built-in loss (and in older caches)
+            header["loss"] = loss_name(self.computer.loss_fn)
         writer = CacheWriter(self.cache_dir, self.config, header, self.dist.rank, self.dist.world_size)
         try:
             writer.cleanup_orphans()
@@ -230,6 +242,7 @@ class AttributionPass:
             for step in self._lockstep(plan):
                 if step is None:
                     self._dummy_step()
+                    self._agree(None)  # where the busy ranks check their rows
                     continue
                 batch = self._compute(step.indices, request)
                 buffer.skipped += batch.skipped
@@ -239,12 +252,7 @@ class AttributionPass:
                     if whitened:
                         assert basis is not None
                         rotated = {name: rotate(basis, name, g) for name, g in grads.factor_grads.items()}
-                        grads.rows = self._whitened_rows(basis, rotated)
-                        bad = (~torch.isfinite(grads.rows).all(dim=1)).nonzero().flatten().tolist()
-                        if bad:
-                            raise ValueError(
-                                f"non-finite gradient for training example index {batch.indices[bad[0]]}"
-                            )
+                        grads.rows = self._whitened_rows(basis, rotated)  # checked in _stored_rows
                     if stats is not None and not step.repair:
                         stats.update(grads, rotated)
                     stored, scales = self._stored_rows(grads.rows, batch.indices)
@@ -256,8 +264,10 @@ class AttributionPass:
                         {"index": i, "text": ex.get("text"), "id": ex.get("id")}
                         for i, ex in zip(batch.indices, batch.examples)
                     ]
+                    buffer.leads += [self.source.leading_special(ex) for ex in batch.examples]
                 elif self.lockstep:  # nothing to compute here, but the other ranks run a forward
                     self._dummy_step()
+                    self._agree(None)
                 if not step.last:
                     continue
                 empty = torch.empty(0, self.computer.total_dim, dtype=config.torch_dtype)
@@ -270,6 +280,7 @@ class AttributionPass:
                     stats.state_dict() if stats is not None and not step.repair else None,
                     truncated=self.source.truncated - truncated_before,
                     scales=self._shard_scales(buffer),
+                    prefix=common_prefix(buffer.leads),
                 )
                 buffer, truncated_before = ShardBuffer(), self.source.truncated
 
@@ -279,18 +290,33 @@ class AttributionPass:
         return torch.cat(buffer.scales) if buffer.scales else torch.empty(0, dtype=torch.float32)
 
     def _stored_rows(self, rows: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows in the storage dtype on the CPU (with their scales for int8); refuses a row that
-        does not fit that dtype."""
+        """Rows in the storage dtype on the CPU (with their scales for int8); refuses a non-finite
+        row and one that does not fit that dtype (under lockstep every rank checks here, and all
+        raise together)."""
         stored, scales = encode_rows(rows.cpu(), self.config.torch_dtype)
-        if scales is not None:
-            return stored, scales
+        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
         overflow = (~torch.isfinite(stored).all(dim=1)).nonzero().flatten().tolist()
-        if overflow:  # finite in fp32 but not in the storage dtype (fp16 tops out at 65504)
-            raise ValueError(
+        problem = None
+        if bad:
+            problem = _nonfinite_message("gradient", [indices[b] for b in bad])
+        elif overflow:  # finite in fp32 but not in the storage dtype (fp16 tops out at 65504)
+            problem = (
                 f"the compressed gradient of training example index {indices[overflow[0]]} overflows "
                 f"{self.config.dtype}; use GraSSConfig(dtype='bfloat16') or 'float32' for this model."
             )
-        return stored, None
+        self._agree(problem)
+        return stored, scales
+
+    def _agree(self, problem: str | None) -> None:
+        """Raise ``problem``; under lockstep first learn every rank's, so that all raise the same
+        error at the same step (a rank that raised alone would leave the others blocked in the next
+        collective forward). One all-reduce of one number per call when nothing failed."""
+        if self.lockstep:
+            problem = self.dist.agree_on_error(problem)
+            if problem is not None:
+                problem += ". Every process of the ZeRO-3 job stops at this step."
+        if problem is not None:
+            raise ValueError(problem)
 
     def _whitened_rows(
         self, basis: dict[str, torch.Tensor], rotated: dict[str, torch.Tensor]
@@ -381,7 +407,10 @@ class AttributionPass:
         """Forward + backward of the examples ``indices`` that have supervised tokens."""
         examples = [self.source.example(i) for i in indices]
         batch = collate(examples, self.pad_token_id, self.padding_side)
-        counts = supervised_tokens(batch["labels"], batch.get("attention_mask"))
+        if "labels" in batch:
+            counts = supervised_tokens(batch["labels"], batch.get("attention_mask"))
+        else:  # a user's loss without labels: every example counts
+            counts = torch.ones(len(indices), dtype=torch.long)
         keep = [k for k in range(len(indices)) if counts[k] > 0]
         skipped = [indices[k] for k in range(len(indices)) if counts[k] == 0]
         if skipped:
@@ -393,14 +422,16 @@ class AttributionPass:
         if len(keep) < len(indices):
             examples = [examples[k] for k in keep]
             batch = collate(examples, self.pad_token_id, self.padding_side)
+        agree = None
+        if self.lockstep:  # after the forward, before the collective backward: every rank agrees
+
+            def agree(what: str, rows: list[int]) -> None:
+                self._agree(_nonfinite_message(what, [indices[keep[r]] for r in rows]) if rows else None)
+
         try:
-            grads = self.computer.compute(batch, request)
+            grads = self.computer.compute(batch, request, agree=agree)
         except NonFiniteError as err:
-            bad = [indices[keep[r]] for r in err.rows]
-            raise ValueError(
-                f"non-finite {err.what} for training example index {bad[0]} (all: {bad}); check that "
-                "example and the model's numerics (e.g. fp16 overflow)."
-            ) from None
+            raise ValueError(_nonfinite_message(err.what, [indices[keep[r]] for r in err.rows])) from None
         return Batch([indices[k] for k in keep], examples, skipped, grads)
 
     def _dummy_step(self, request: CaptureRequest | None = None) -> None:
@@ -410,7 +441,9 @@ class AttributionPass:
             ids = (list(example["input_ids"]) + [self.pad_token_id or 0] * 2)[:2]
             example = {"input_ids": ids, "labels": ids}
         self.computer.compute(
-            collate([example], self.pad_token_id, self.padding_side), request or CaptureRequest()
+            collate([example], self.pad_token_id, self.padding_side),
+            request or CaptureRequest(),
+            agree=lambda what, rows: self._agree(None),  # its own loss does not matter, the others' do
         )
 
     def _lockstep(self, items: list) -> Iterator:

@@ -128,6 +128,11 @@ def validate_manifest(manifest: Any, root: Path) -> dict[str, Any]:
         ):
             raise CacheError(f"{root / MANIFEST}: invalid stats entry {entry!r}")
         safe_path(root, entry["file"])
+    documents = manifest.get("documents")
+    if documents is not None:
+        prefix = documents.get("prefix") if isinstance(documents, dict) else 0
+        if prefix is not None and not (isinstance(prefix, list) and all(isinstance(t, int) for t in prefix)):
+            raise CacheError(f"{root / MANIFEST}: invalid documents entry {documents!r}")
     if manifest.get("eigenbasis") is not None:
         basis = manifest["eigenbasis"]
         if not isinstance(basis, dict) or not isinstance(basis.get("file"), str):
@@ -164,4 +169,40 @@ def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     merged["stats"] = sorted((s for p in parts for s in p["stats"]), key=lambda s: s["rank"])
     merged["complete"] = all(p["complete"] for p in parts)
     merged["num_rows"] = sum(s["rows"] for s in merged["shards"])
+    if isinstance(merged.get("documents"), dict):
+        merged["documents"] = merge_document_encoding(merged["documents"], merged["shards"])
     return merged
+
+
+def merge_document_encoding(header: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the cached documents begin, from the tokenizer's record and every shard's prefix.
+
+    - ``prefix``: the special token ids every cached document begins with (``None`` when a shard
+      does not know, e.g. no tokenizer, no token ids, or a shard written by an older version);
+      queries begin with exactly these;
+    - ``extra_prefix``: the part of it the tokenizer does not add itself (``<eos>`` first, as many
+      pretraining pipelines do);
+    - ``chat_template``: whether the documents begin the way the tokenizer's chat template begins a
+      conversation; ``None`` when that cannot be told (no template, or a template that begins with
+      nothing the tokenizer does not add anyway).
+    """
+    out = dict(header)  # the writer's own part must not change
+    prefixes = [s.get("prefix") for s in shards if s["rows"] > 0]
+    prefix = None
+    if prefixes and all(isinstance(p, list) for p in prefixes):
+        prefix = list(prefixes[0])
+        for p in prefixes[1:]:
+            size = next((i for i, (a, b) in enumerate(zip(prefix, p)) if a != b), min(len(prefix), len(p)))
+            prefix = prefix[:size]
+    own, chat = out.get("tokenizer_prefix"), out.get("chat_prefix")
+    out["prefix"] = prefix
+    out["extra_prefix"] = None
+    if prefix is not None and isinstance(own, list):
+        out["extra_prefix"] = prefix[len(own) :] if prefix[: len(own)] == own else prefix
+    out["chat_template"] = None
+    tellable = (
+        isinstance(chat, list) and isinstance(own, list) and len(chat) > len(own) and chat[: len(own)] == own
+    )
+    if prefix is not None and tellable:
+        out["chat_template"] = prefix[: len(chat)] == chat
+    return out

@@ -99,6 +99,19 @@ class GradientCache:
         return self.manifest["model"]
 
     @property
+    def document_prefix(self) -> list[int] | None:
+        """The special token ids every cached document begins with (``<eos>`` or ``<bos>`` first,
+        as many pretraining pipelines do); ``None`` when unknown (older caches: no prefix)."""
+        documents = self.manifest.get("documents")
+        return documents.get("prefix") if isinstance(documents, dict) else None
+
+    @property
+    def chat_documents(self) -> bool:
+        """Whether the documents begin the way the tokenizer's chat template begins a conversation."""
+        documents = self.manifest.get("documents")
+        return bool(documents.get("chat_template")) if isinstance(documents, dict) else False
+
+    @property
     def skipped(self) -> list[int]:
         return [i for s in self.shards for i in s["skipped"]]
 

@@ -74,7 +74,8 @@ class CacheWriter:
         config: the run's configuration; its ``cache_hash`` must match an existing cache.
         header: the identity of the run, recorded in the manifest and compared on resume:
             ``model`` (fingerprint dict), ``modules`` (list of module dicts), ``dim``,
-            ``num_examples`` and ``dataset`` (fingerprint string).
+            ``num_examples``, ``dataset`` (fingerprint string) and, for a user's loss, ``loss``
+            (its name).
         rank, world_size: this process and the number of writers.
     """
 
@@ -157,6 +158,7 @@ class CacheWriter:
             ("dim", "gradient dimension"),
             ("num_examples", "dataset size"),
             ("dataset", "dataset content"),
+            ("loss", "per-example loss (per_example_loss)"),
         ]
         for key, what in checks:
             if old.get(key) != new.get(key):
@@ -224,9 +226,14 @@ class CacheWriter:
         stats: dict[str, torch.Tensor] | None,
         truncated: int = 0,
         scales: torch.Tensor | None = None,
+        prefix: list[int] | None = None,
     ) -> None:
         """Write one complete shard (rows already in the storage dtype, with their per-row ``scales``
-        for int8: see ``encode_rows``) and checkpoint the stats."""
+        for int8: see ``encode_rows``) and checkpoint the stats.
+
+        ``prefix``: the special token ids every document of the shard begins with (``None``: not
+        known); the manifest merges them into ``documents.prefix``.
+        """
         if rows.shape[0] != len(indices) or len(docs) != len(indices):
             raise ValueError("rows, indices and docs of a shard must have the same length")
         if (rows.dtype == torch.int8) != (scales is not None):
@@ -247,6 +254,7 @@ class CacheWriter:
             "docs_sha256": sha256_bytes(blob),
             "skipped": skipped,
             "truncated": truncated,
+            "prefix": prefix,
             "first_index": indices[0] if indices else None,
             "last_index": indices[-1] if indices else None,
         }

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from hf_grass.capture.hooks import CaptureRequest, GradientCapture
-from hf_grass.capture.loss import per_example_loss
+from hf_grass.capture.loss import PerExampleLoss, check_losses, model_logits, per_example_loss
 from hf_grass.capture.targets import TargetModule, find_target_modules
 from hf_grass.compressors import make_compressor
 from hf_grass.compressors.base import Compressor
@@ -80,6 +80,14 @@ def _forward_signature(model: nn.Module) -> inspect.Signature:
     return inspect.signature(base.forward)
 
 
+def forward_parameters(model: nn.Module) -> set[str] | None:
+    """The named arguments of the model's forward (the columns the Trainer keeps), or ``None`` when
+    it names none (``forward(**batch)``: every column is kept)."""
+    params = _forward_signature(unwrap_model(model)).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return named or None
+
+
 class GradientComputer:
     """Per-example compressed gradients of a model's target modules.
 
@@ -89,6 +97,15 @@ class GradientComputer:
         config: compressor and target configuration.
         targets: explicit targets (default: ``find_target_modules`` from the config).
         device: where compressors live (default: the model's first parameter's device).
+        per_example_loss: the loss for models whose output the built-in losses do not cover:
+            ``fn(model, batch) -> [B]``, called under the hooks with the collated batch on the
+            model's device (``model_inputs(batch)`` plus ``labels``; floating-point columns in the
+            model's dtype, ``position_ids`` when the forward takes them). It must run the forward
+            itself and return one loss per example that depends on that example only, never on the
+            other examples of the batch or on padding (e.g. ``reduction="none"``, never a batch
+            mean): each example's gradient is read off the sum of these losses. Default: the
+            built-in per-example loss of the logits (``capture.loss.per_example_loss``: causal LM,
+            classification, regression, multi-label).
     """
 
     def __init__(
@@ -97,7 +114,13 @@ class GradientComputer:
         config: GraSSConfig,
         targets: list[TargetModule] | None = None,
         device: torch.device | str | None = None,
+        per_example_loss: PerExampleLoss | None = None,
     ):
+        if per_example_loss is not None and not callable(per_example_loss):
+            raise TypeError(
+                f"per_example_loss must be a function (model, batch) -> [B] losses, got {type(per_example_loss).__name__}"
+            )
+        self.loss_fn = per_example_loss
         self.model = unwrap_model(model)
         self.config = config
         self.targets = targets or find_target_modules(
@@ -126,6 +149,10 @@ class GradientComputer:
         self.capture = GradientCapture(self.targets, self.compressors)
         sig = _forward_signature(self.model)
         self._accepts_position_ids = "position_ids" in sig.parameters
+        # floating-point inputs (features, pixel values) go in the model's dtype, as the Trainer
+        # casts them under DeepSpeed; token ids and masks are integers and stay as they are
+        floating = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        self._input_dtype = floating
 
     @property
     def module_names(self) -> list[str]:
@@ -153,20 +180,52 @@ class GradientComputer:
         """What the forward gets: tokens, mask, position ids (so left padding changes nothing), and
         labels only for classification (a causal LM would otherwise compute a batch-mean loss we
         do not use)."""
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("labels", "index")}
+        inputs = {k: self._to_device(v) for k, v in batch.items() if k not in ("labels", "index")}
         labels = batch.get("labels")
         if labels is not None and labels.dim() == 1:
-            inputs["labels"] = labels.to(self.device)
+            inputs["labels"] = self._to_device(labels)
         mask = batch.get("attention_mask")
         if mask is not None and self._accepts_position_ids and "position_ids" not in inputs:
             mask = mask.to(self.device).long()
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return inputs
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and self._input_dtype is not None:
+            return t.to(self.device, self._input_dtype)
+        return t.to(self.device)
+
+    def losses(self, batch: Mapping[str, torch.Tensor], token_mask: torch.Tensor | None) -> torch.Tensor:
+        """``[B]`` per-example losses of the batch (the forward runs here, under the hooks)."""
+        inputs = self.model_inputs(batch)
+        if self.loss_fn is not None:
+            if "labels" in batch:
+                inputs["labels"] = self._to_device(batch["labels"])
+            size = next(iter(batch.values())).shape[0]
+            return check_losses(self.loss_fn(self.model, inputs), size)
+        if "labels" not in batch:
+            raise ValueError(
+                "the batch has no 'labels': give the examples labels, or pass per_example_loss=fn(model, batch) "
+                "-> [B] for an objective without them"
+            )
+        labels = batch["labels"].to(self.device)
+        logits = model_logits(self.model(**inputs))
+        return per_example_loss(logits, labels, self.config.loss_reduction, token_mask)
+
     def compute(
-        self, batch: Mapping[str, torch.Tensor], request: CaptureRequest | None = None
+        self,
+        batch: Mapping[str, torch.Tensor],
+        request: CaptureRequest | None = None,
+        agree: Callable[[str, list[int]], None] | None = None,
     ) -> BatchGradients:
-        """Forward + backward of one batch under ``session()``; returns what ``request`` asks for."""
+        """Forward + backward of one batch under ``session()``; returns what ``request`` asks for.
+
+        Non-finite losses (and gradient rows) raise ``NonFiniteError``. With ``agree`` (ranks whose
+        forwards and backwards are collective, DeepSpeed ZeRO-3), nothing is raised here: after
+        every forward ``agree("loss", bad_rows)`` is called, also with no bad rows, and must raise
+        on every rank if any rank failed; the caller checks the rows itself, as every rank must
+        reach the same collectives.
+        """
         request = request or CaptureRequest()
         if not self.capture._handles:
             raise RuntimeError("GradientComputer.compute must run inside `with computer.session():`")
@@ -175,13 +234,12 @@ class GradientComputer:
         capture.request = request
         mask = batch.get("attention_mask")
         capture.token_mask = mask.to(self.device).bool() if mask is not None else None
-        labels = batch["labels"].to(self.device)
         with torch.enable_grad():
-            outputs = self.model(**self.model_inputs(batch))
-            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
-            losses = per_example_loss(logits, labels, self.config.loss_reduction, capture.token_mask)
+            losses = self.losses(batch, capture.token_mask)
             bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-            if bad:
+            if agree is not None:
+                agree("loss", bad)
+            elif bad:
                 raise NonFiniteError("loss", bad)
             if losses.requires_grad:
                 losses.sum().backward()
@@ -195,7 +253,7 @@ class GradientComputer:
             full_in=state.full_in,
             full_out=state.full_out,
         )
-        batch_size = labels.shape[0]
+        batch_size = losses.shape[0]
         if request.rows:
             dtype = (
                 torch.float64 if any(r.dtype == torch.float64 for r in state.rows.values()) else torch.float32
@@ -205,7 +263,7 @@ class GradientComputer:
                 if name in state.rows:  # a module the forward never reached has zero gradient
                     rows[:, start:stop] += state.rows[name]
             bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
-            if bad:
+            if bad and agree is None:
                 raise NonFiniteError("gradient", bad)
             result.rows = rows
         if request.factor_grads:
