@@ -63,6 +63,7 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
         self.per_example_loss = per_example_loss
         self.cache: GradientCache | None = None
         self.checkpoint_caches: dict[int, GradientCache] = {}
+        self._rates: list[float] = []  # learning rates of the steps since the last checkpoint
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.args: TrainingArguments | None = None
@@ -75,6 +76,13 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
         if self.build_on_train_end:
             self.cache = self._run_pass(args, state, kwargs, self.config.cache_dir, checkpoint=None)
 
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        scheduler = kwargs.get("lr_scheduler")
+        if self.every_save and scheduler is not None and hasattr(scheduler, "get_last_lr"):
+            self._rates.append(float(scheduler.get_last_lr()[0]))  # the rate this step will use
+
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -86,7 +94,9 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
                 kwargs,
                 os.path.join(self.config.cache_dir, name),
                 checkpoint=os.path.join(args.output_dir, name),
+                learning_rate=checkpoint_learning_rate(state, kwargs, args, self._rates),
             )
+            self._rates = []
             self.checkpoint_caches[state.global_step] = cache
 
     def on_evaluate(
@@ -103,6 +113,7 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
         kwargs: dict[str, Any],
         cache_dir: str,
         checkpoint: str | None,
+        learning_rate: float | None = None,
     ) -> GradientCache:
         model, dataloader = kwargs.get("model"), kwargs.get("train_dataloader")
         if model is None or dataloader is None or getattr(dataloader, "dataset", None) is None:
@@ -122,6 +133,7 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
             disable_progress=args.disable_tqdm or not state.is_local_process_zero,
             device=args.device,
             checkpoint=checkpoint,
+            learning_rate=learning_rate,
             per_example_loss=self.per_example_loss,
         )
         return cache
@@ -151,3 +163,21 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
 
     def cache_dirs(self) -> list[Path]:
         return [c.path for c in ([self.cache] if self.cache else []) + list(self.checkpoint_caches.values())]
+
+
+def checkpoint_learning_rate(
+    state: TrainerState, kwargs: dict[str, Any], args: TrainingArguments, seen: list[float] | None = None
+) -> float:
+    """The learning rate of the steps that led to a checkpoint (TracIn-CP weights each checkpoint's
+    scores by it): the mean of the rates the optimizer used since the previous checkpoint (``seen``,
+    read from the scheduler before every step), else the last one the Trainer logged, else the
+    scheduler's, else ``args.learning_rate``."""
+    if seen:
+        return sum(seen) / len(seen)
+    for entry in reversed(state.log_history):
+        if entry.get("step", 0) <= state.global_step and "learning_rate" in entry:
+            return float(entry["learning_rate"])
+    scheduler = kwargs.get("lr_scheduler")
+    if scheduler is not None and hasattr(scheduler, "get_last_lr"):
+        return float(scheduler.get_last_lr()[0])
+    return float(args.learning_rate)

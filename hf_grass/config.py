@@ -23,10 +23,11 @@ COMPRESSORS = tuple(available_compressors())
 PRECONDITIONERS = ("fim", "kfac", "ekfac", "identity")
 DTYPES = ("int8", "float16", "bfloat16", "float32")
 MASK_BASES = ("eigen", "input")
-# The default per-document budget: numbers per row across all modules. int8 rows of 30720 numbers
-# plus their scale, norms and index are 30,744 bytes, under 32 KB with room for the document's text
-# on any model depth (docs/howto/choosing.md "Budget"; measured in benchmarks/quality.py).
-DEFAULT_TOTAL_DIM = 30720
+# The default per-document budget: numbers per row across all modules (31 x 1024). int8 rows of
+# 31744 numbers plus their scale, norms and index are 31,764 bytes: under 32 KB (32,768) on any
+# model depth, with about 1 KB left for the document's text (docs/howto/choosing.md "Budget";
+# measured in benchmarks/quality.py).
+DEFAULT_TOTAL_DIM = 31744
 # The per-module layout's default (proj_dim numbers per module), for the compressors without a
 # global layout and for the block Fisher, which needs per-module blocks.
 DEFAULT_PROJ_DIM = 1024
@@ -158,7 +159,18 @@ class GraSSConfig:
     )
     cosine: bool = field(
         default=False,
-        metadata={"help": "Cosine-normalise scores (divide by the norms of both gradients)."},
+        metadata={
+            "help": "Unit-normalise scores: divide each by the exact norms of both sides, in the geometry "
+            "cosine_norms names (TrackStar's and bergson's practice)."
+        },
+    )
+    cosine_norms: str = field(
+        default="preconditioned",
+        metadata={
+            "help": "The norms cosine divides by: 'preconditioned' (||H^-1/2 g||, unit-normalised "
+            "influence; for the train side H is the cache's build-time K-FAC whitening) or 'gradient' "
+            "(the raw gradient norms ||g||)."
+        },
     )
     ekfac_sample_size: int = field(
         default=1024,
@@ -222,6 +234,7 @@ class GraSSConfig:
             )
         if not isinstance(self.cosine, bool):
             raise TypeError(f"cosine must be True or False, got {self.cosine!r}.")
+        _check_choice("cosine_norms", self.cosine_norms, ("preconditioned", "gradient"))
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
             raise TypeError(f"damping must be a float, got {self.damping!r}.")
         if not math.isfinite(self.damping) or self.damping < 0:

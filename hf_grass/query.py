@@ -39,10 +39,10 @@ from hf_grass.data import (
     padding_side,
     special_ids,
 )
-from hf_grass.precondition.eigenbasis import attach_basis
+from hf_grass.precondition.eigenbasis import attach_basis, is_whitened
 from hf_grass.precondition.preconditioner import Preconditioner
 from hf_grass.results import InfluenceResult, InfluentialDocument
-from hf_grass.scoring import TopK, check_k, dense_scores, query_gradients, scan
+from hf_grass.scoring import NORM_COLUMNS, ScanResult, TopK, check_k, query_vectors, scan
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -69,6 +69,7 @@ class Attributor:
         preconditioner: str | None = None,
         damping: float | None = None,
         cosine: bool | None = None,
+        cosine_norms: str | None = None,
         check_model: bool = True,
         batch_size: int | None = None,
         disable_progress: bool = True,
@@ -82,6 +83,21 @@ class Attributor:
         cfg = self.cache.config
         self.config: GraSSConfig = cfg
         self.cosine = cfg.cosine if cosine is None else cosine
+        # unit normalisation by the exact norms the pass stored with every row (in the geometry
+        # cosine_norms names); caches written before they were stored fall back to the cosine of
+        # the compressed rows
+        self.normalize: str | None = None
+        if self.cosine:
+            self.normalize = cosine_norms or cfg.cosine_norms
+            if self.normalize not in NORM_COLUMNS:
+                raise ValueError(f"cosine_norms must be one of {sorted(NORM_COLUMNS)}, got {self.normalize!r}")
+            if not self.cache.has_norms:
+                logger.warning(
+                    "%s stores no row norms (written before hf-grass 0.2): cosine falls back to the cosine "
+                    "of the compressed rows; rebuild the cache for exact norms.",
+                    self.cache.path,
+                )
+                self.normalize = None
         self.batch_size = batch_size or cfg.batch_size or 8
         self.disable_progress = disable_progress
         names = self.cache.module_names
@@ -90,8 +106,17 @@ class Attributor:
             model, cfg.replace(target_modules=names, exclude_modules=None), per_example_loss=per_example_loss
         )
         self._check_model(check_model)
-        self.preconditioner = Preconditioner.fit(self.cache, preconditioner, damping)
         self.basis = self.cache.eigenbasis()  # K-FAC caches: the whitening of their train rows
+        if preconditioner == "identity" and is_whitened(self.basis):
+            # unbiased, but the query side then carries the whitening's inverse: measured far noisier
+            # than gradient similarity on raw rows (docs/howto/choosing.md), so refuse, saying how
+            raise ValueError(
+                f"preconditioner='identity' (plain gradient similarity) needs raw rows, but {self.cache.path} "
+                f"stores rows whitened for {cfg.preconditioner!r}: build a cache with "
+                "GraSSConfig(preconditioner='identity') for gradient similarity, or query this one with "
+                f"{cfg.preconditioner!r} / 'kfac'."
+            )
+        self.preconditioner = Preconditioner.fit(self.cache, preconditioner, damping)
         attach_basis(self.computer.compressors, self.basis)  # masks in the eigenbasis: their maps
 
     def _check_model(self, check_weights: bool) -> None:
@@ -115,7 +140,22 @@ class Attributor:
     # ---- queries --------------------------------------------------------------------------------
 
     def query_vectors(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        return query_gradients(self.computer, batches, self.preconditioner, self.basis)
+        """``[n_query, dim]``: the queries' preconditioned, compressed gradients."""
+        return self.encode(batches)[0]
+
+    def encode(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(query rows, their exact norms [n_query, 2])`` (``scoring.query_vectors``)."""
+        return query_vectors(self.computer, batches, self.preconditioner, self.basis)
+
+    def scan(
+        self, encoded: tuple[torch.Tensor, torch.Tensor], k: int | None = None, weight: float = 1.0, **what: Any
+    ) -> ScanResult:
+        """``scoring.scan`` of encoded queries with this attributor's normalisation; ``what``: top,
+        bottom, dense, disable_progress."""
+        rows, norms = encoded
+        return scan(
+            self.cache, weight * rows, k, cosine=self.cosine, query_norms=norms, normalize=self.normalize, **what
+        )
 
     def attribute(self, query_dataset: Any) -> torch.Tensor:
         """Scores ``[n_query, n_train]`` (columns = training dataset indices)."""
@@ -127,8 +167,10 @@ class Attributor:
             all_columns=self.per_example_loss is not None,
             prefix=self.cache.document_prefix,  # text queries begin as the documents do
         )
-        queries = self.query_vectors(padded_batches(source, self.tokenizer, self.batch_size))
-        return dense_scores(self.cache, queries, cosine=self.cosine, disable_progress=self.disable_progress)
+        encoded = self.encode(padded_batches(source, self.tokenizer, self.batch_size))
+        found = self.scan(encoded, top=False, dense=True, disable_progress=self.disable_progress)
+        assert found.dense is not None
+        return found.dense
 
     def find_influential(
         self,
@@ -149,8 +191,7 @@ class Attributor:
         prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, documents=self.cache, **generate_kwargs
         )
-        query = self.query_vectors([batch])
-        found = scan(self.cache, query, k, top=True, bottom=True, dense=all_scores, cosine=self.cosine)
+        found = self.scan(self.encode([batch]), k, top=True, bottom=True, dense=all_scores)
         assert found.top is not None and found.bottom is not None
         result = make_result(self.cache, prompt_text, text, found.top, found.bottom)
         if found.dense is not None:  # columns are dataset indices; skipped examples have no row
@@ -193,9 +234,11 @@ def make_result(
             out.append(InfluentialDocument(index=i, score=s, text=d.get("text"), id=d.get("id")))
         return out
 
-    return InfluenceResult(
-        prompt, completion, make(best.scores[0], best.indices[0]), make(worst.scores[0], worst.indices[0])
-    )
+    # "harmful" means score < 0 (DESIGN.md §2): the bottom of the list is not harmful when every
+    # score is positive, so the harmful list holds only the negative ones (maybe none)
+    negative = worst.scores[0] < 0
+    harmful = make(worst.scores[0][negative], worst.indices[0][negative])
+    return InfluenceResult(prompt, completion, make(best.scores[0], best.indices[0]), harmful)
 
 
 def encode_query(
@@ -286,31 +329,53 @@ def _as_list(value: Any) -> list[int]:
 
 
 class MultiCheckpointAttributor:
-    """Scores summed over several caches, each with the query gradient at its own weights.
+    """Scores summed over several caches (TracIn-CP style), each with the query gradient taken at
+    the weights its cache was built with.
 
     A cache whose weight fingerprint differs from the current model's must record the checkpoint
     directory it was built from (``GraSSCallback(every_save=True)`` does); those weights are loaded
-    for its query gradients and the current weights restored afterwards. With one cache this is a
-    plain ``Attributor`` (streaming top-k).
+    for its query gradient and the current weights restored afterwards. The completion of a prompt
+    comes from the current model.
+
+    Args:
+        checkpoint_weights: ``"learning_rate"`` (default) weights each checkpoint's scores by the
+            learning rate recorded with its cache, as TracIn-CP does (a cache without one counts 1);
+            ``"uniform"`` sums them unweighted.
+        kwargs: passed to each ``Attributor`` (preconditioner, damping, cosine, ...).
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, caches: list[GradientCache | str | os.PathLike], **kwargs: Any
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        caches: list[GradientCache | str | os.PathLike],
+        checkpoint_weights: str = "learning_rate",
+        **kwargs: Any,
     ):
         if not caches:
             raise ValueError("no caches to attribute with")
+        if checkpoint_weights not in ("learning_rate", "uniform"):
+            raise ValueError(
+                f"checkpoint_weights must be 'learning_rate' or 'uniform', got {checkpoint_weights!r}"
+            )
         self.model, self.tokenizer, self.kwargs = model, tokenizer, kwargs
         self.caches = [open_cache(c) for c in caches]
+        self.weights = [
+            float(c.model_info.get("learning_rate") or 1.0) if checkpoint_weights == "learning_rate" else 1.0
+            for c in self.caches
+        ]
 
-    def _each(self) -> Iterator[Attributor]:
-        for cache in self.caches:
+    def _each(self) -> Iterator[tuple[float, Attributor]]:
+        """``(weight, attributor)`` per cache, with that cache's weights loaded while the caller
+        works with the attributor (the caller must finish with it inside the loop body)."""
+        for weight, cache in zip(self.weights, self.caches):
             with checkpoint_weights(self.model, cache):
-                yield Attributor(self.model, self.tokenizer, cache, **self.kwargs)
+                yield weight, Attributor(self.model, self.tokenizer, cache, **self.kwargs)
 
     def attribute(self, query_dataset: Any) -> torch.Tensor:
         total: torch.Tensor | None = None
-        for attributor in self._each():
-            scores = attributor.attribute(query_dataset)
+        for weight, attributor in self._each():
+            scores = weight * attributor.attribute(query_dataset)
             total = scores if total is None else total + scores
         assert total is not None
         return total
@@ -322,19 +387,21 @@ class MultiCheckpointAttributor:
         completion: str | None = None,
         **generate_kwargs: Any,
     ) -> InfluenceResult:
-        if len(self.caches) == 1:
-            attributor = next(self._each())
-            return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
         check_k(k, self.caches[-1].num_rows)
         # the completion comes from the current (final) model; its gradient is taken at every checkpoint
         prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, documents=self.caches[-1], **generate_kwargs
         )
+        if len(self.caches) == 1:  # one read of the cache, streaming lists
+            for weight, attributor in self._each():  # the query gradient at the cache's own weights
+                found = attributor.scan(attributor.encode([batch]), k, weight, top=True, bottom=True)
+            assert found.top is not None and found.bottom is not None
+            return make_result(self.caches[0], prompt_text, text, found.top, found.bottom)
         total: torch.Tensor | None = None
-        for attributor in self._each():
-            scores = dense_scores(
-                attributor.cache, attributor.query_vectors([batch]), cosine=attributor.cosine
-            )
+        for weight, attributor in self._each():
+            dense = attributor.scan(attributor.encode([batch]), None, weight, top=False, dense=True).dense
+            assert dense is not None
+            scores = dense
             total = scores if total is None else total + scores
         assert total is not None
         present = torch.zeros(total.shape[1], dtype=torch.bool)

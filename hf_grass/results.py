@@ -34,7 +34,8 @@ class InfluenceResult:
     prompt: str
     completion: str
     documents: list[InfluentialDocument]  # most helpful first
-    harmful: list[InfluentialDocument] = field(default_factory=list)  # most harmful first
+    # most harmful first; only documents with score < 0, so it may be shorter than k, or empty
+    harmful: list[InfluentialDocument] = field(default_factory=list)
     scores: torch.Tensor | None = None  # every cached row's score (row order), when asked for
 
     def __str__(self) -> str:
@@ -91,4 +92,6 @@ def format_result(result: InfluenceResult, width: int | None = None) -> str:
     lines += ["Most helpful training documents:"] + format_documents(result.documents, width)
     if result.harmful:
         lines += ["", "Most harmful training documents:"] + format_documents(result.harmful, width)
+    else:
+        lines += ["", "Most harmful training documents: none (no document scores below 0 for this completion)"]
     return "\n".join(lines)

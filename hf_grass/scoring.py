@@ -37,7 +37,20 @@ def query_gradients(
     preconditioner: Preconditioner,
     basis: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``[n_query, dim]`` float32: the preconditioned, compressed gradient of each query's loss.
+    """``[n_query, dim]`` float32: the preconditioned, compressed gradient of each query's loss
+    (``query_vectors`` without the norms)."""
+    return query_vectors(computer, batches, preconditioner, basis)[0]
+
+
+def query_vectors(
+    computer: GradientComputer,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    preconditioner: Preconditioner,
+    basis: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [n_query, dim] float32, norms [n_query, 2] float32)``: each query's preconditioned,
+    compressed gradient, and its exact gradient norm ``||g'||`` and preconditioned norm
+    ``sqrt(g'^T H^-1 g')`` in the factor space (for unit-normalised scores).
 
     ``basis``: the warm-up fit of a K-FAC cache, whose train rows are whitened
     (``S (whiten * R g'_i)``); the query then goes through ``S (R H^-1 g'_q / whiten)`` so that the
@@ -45,48 +58,93 @@ def query_gradients(
     """
     whitened = is_whitened(basis)
     factor = preconditioner.needs_factor_grads or whitened
-    out = []
+    factorised = all(c.factorised for c in computer.compressors.values())
+    out, norms = [], []
     with computer.session():
         for batch in batches:
+            request = CaptureRequest(rows=not factor, factor_grads=factor or factorised)
             try:
-                grads = computer.compute(batch, CaptureRequest(rows=not factor, factor_grads=factor))
+                grads = computer.compute(batch, request)
             except NonFiniteError as err:
                 raise ValueError(f"non-finite {err.what} for query rows {err.rows} of this batch") from None
-            rows = torch.zeros(grads.losses.shape[0], computer.total_dim, device=computer.device)
+            n = grads.losses.shape[0]
+            rows = torch.zeros(n, computer.total_dim, device=computer.device)
+            raw = torch.zeros(n, dtype=torch.float64, device=computer.device)
+            pre_sq = torch.zeros_like(raw)
+            for gp in grads.factor_grads.values():
+                raw += gp.double().square().flatten(1).sum(1)
             if not factor and preconditioner.kind == "identity":  # also the global layout's shared row
                 assert grads.rows is not None
-                out.append(grads.rows.float().cpu())
-                continue
+                rows = grads.rows.float()
+                if not grads.factor_grads:
+                    raw = rows.double().square().sum(1)
+                pre_sq = raw
             for name, (start, stop) in computer.offsets.items():
+                if not factor and preconditioner.kind == "identity":
+                    break
                 if not factor:  # fim: one block per module (the per-module layout)
                     assert grads.rows is not None
-                    rows[:, start:stop] = preconditioner.apply_rows(name, grads.rows[:, start:stop]).float()
+                    block = grads.rows[:, start:stop]
+                    pre = preconditioner.apply_rows(name, block).float()
+                    rows[:, start:stop] = pre
+                    pre_sq += (pre.double() * block.double()).sum(1)
+                    if not grads.factor_grads:
+                        raw += block.double().square().sum(1)
                     continue
-                pre = grads.factor_grads[name]
-                if preconditioner.needs_factor_grads:
-                    pre = preconditioner.apply_factor(name, pre)
+                gp = grads.factor_grads[name]
+                pre = preconditioner.apply_factor(name, gp) if preconditioner.needs_factor_grads else gp
+                pre_sq += (pre.double() * gp.double()).flatten(1).sum(1)
                 if whitened:
                     assert basis is not None
                     pre = whiten_query(basis, name, pre)
                 rows[:, start:stop] += computer.compressors[name].project_factor(pre.float()).float()  # type: ignore[attr-defined]
             out.append(rows.cpu())
-    return torch.cat(out) if out else torch.empty(0, computer.total_dim)
+            norms.append(torch.stack([raw.sqrt(), pre_sq.clamp(min=0).sqrt()], dim=1).float().cpu())
+    if not out:
+        return torch.empty(0, computer.total_dim), torch.empty(0, 2)
+    return torch.cat(out), torch.cat(norms)
+
+
+NORM_COLUMNS = {"gradient": 0, "preconditioned": 1}
 
 
 def shard_scores(
-    cache: GradientCache, queries: torch.Tensor, cosine: bool = False, rank: int = 0, world_size: int = 1
+    cache: GradientCache,
+    queries: torch.Tensor,
+    cosine: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    query_norms: torch.Tensor | None = None,
+    normalize: str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(indices [rows], scores [n_query, rows])`` per shard (this rank's shards only).
 
-    Memory: one shard's scores plus a small conversion buffer, whatever the cache size.
+    Normalisation: ``normalize="gradient"`` or ``"preconditioned"`` divides each score by the exact
+    norms of both sides in that geometry (``query_norms [n_query, 2]`` from ``query_vectors``, and
+    the norms the pass stored with every row); ``cosine=True`` alone divides by the norms of the
+    compressed rows themselves (the cosine of the stored vectors). Memory: one shard's scores plus a
+    small conversion buffer, whatever the cache size.
     """
+    column = None
+    if normalize is not None:
+        if normalize not in NORM_COLUMNS:
+            raise ValueError(f"normalize must be one of {sorted(NORM_COLUMNS)} or None, got {normalize!r}")
+        if query_norms is None:
+            raise ValueError("normalize needs the queries' norms (query_vectors gives them)")
+        column = NORM_COLUMNS[normalize]
+        qcol = query_norms[:, column].to(torch.float32).clamp(min=torch.finfo(torch.float32).tiny)[:, None]
     queries = queries.to(torch.float32)
     step = chunk_rows(queries.shape[0], cache.dim)
     buf = torch.empty(step, cache.dim, dtype=torch.float32)
     qn = _norms(queries) if cosine else None
-    for position, (indices, grads, scales) in enumerate(cache.iter_stored()):
+    for position, (indices, grads, scales, stored_norms) in enumerate(cache.iter_stored()):
         if position % world_size != rank:  # another rank scores this shard
             continue
+        if column is not None and stored_norms is None:
+            raise ValueError(
+                f"{cache.path} stores no row norms (written before hf-grass 0.2): rebuild it for "
+                "unit-normalised scores, or use the cosine of the stored rows"
+            )
         block = torch.empty(queries.shape[0], grads.shape[0], dtype=torch.float32)
         for start in range(0, grads.shape[0], step):
             stop = min(start + step, grads.shape[0])
@@ -95,7 +153,11 @@ def shard_scores(
             part = queries @ rows.T
             if scales is not None:  # int8 rows: row = stored * scale, applied to the scores instead
                 part *= scales[start:stop].to(torch.float32)
-            if cosine:
+            if column is not None:
+                assert stored_norms is not None
+                tiny = torch.finfo(torch.float32).tiny
+                part /= qcol * stored_norms[start:stop, column].to(torch.float32).clamp(min=tiny)
+            elif cosine:
                 norms = rows.norm(dim=1)
                 if scales is not None:
                     norms = norms * scales[start:stop].to(torch.float32).abs()
@@ -148,6 +210,8 @@ def scan(
     cosine: bool = False,
     dist: Distributed | None = None,
     disable_progress: bool = True,
+    query_norms: torch.Tensor | None = None,
+    normalize: str | None = None,
 ) -> ScanResult:
     """Score ``queries`` against every cached row in one read of the cache.
 
@@ -158,7 +222,8 @@ def scan(
         top, bottom: keep the ``k`` highest / lowest scores per query (streaming; memory
             ``O(n_query * (k + shard_size))`` whatever the cache size).
         dense: also return every score, ``[n_query, num_examples]`` (skipped examples score 0).
-        cosine: divide each score by both vectors' norms.
+        cosine: divide each score by the norms of both compressed vectors.
+        query_norms, normalize: exact unit normalisation instead (see ``shard_scores``).
         dist: several processes (``torch.distributed`` initialised): each rank scores every
             ``world_size``-th shard and the results are merged, so every rank returns the same.
     """
@@ -170,7 +235,7 @@ def scan(
     lists = {largest: _Running(nq, largest) for largest, wanted in ((True, top), (False, bottom)) if wanted}
     scores = torch.zeros(nq, cache.manifest["num_examples"]) if dense else None
     with tqdm(total=cache.num_rows, desc="hf-grass: scoring", unit="row", disable=disable_progress) as bar:
-        for indices, block in shard_scores(cache, queries, cosine, rank, world):
+        for indices, block in shard_scores(cache, queries, cosine, rank, world, query_norms, normalize):
             for running in lists.values():
                 running.add(block, indices.unsqueeze(0).expand(nq, -1), k)
             if scores is not None:

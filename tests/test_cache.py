@@ -238,7 +238,7 @@ def test_fp16_overflow_names_the_example(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = [{"input_ids": torch.randn(6).tolist(), "labels": i % 3} for i in range(5)]
     data[3]["input_ids"] = [3e5] * 6  # huge inputs: a gradient of ~1e5 and more
-    config = GraSSConfig(compressor="random", proj_dim=8)
+    config = GraSSConfig(compressor="random", proj_dim=8, dtype="float16")
     with pytest.raises(ValueError, match="example index 3 overflows float16.*bfloat16"):
         build(tmp_path / "c16", Linear(), config, data)
     cache = build(tmp_path / "c32", Linear(), config.replace(dtype="float32"), data)

@@ -11,10 +11,10 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 from hf_grass import GradientCache, GraSSCallback, GraSSConfig
 from hf_grass.checkpoints import load_checkpoint
-from hf_grass.query import Attributor
+from hf_grass.query import Attributor, MultiCheckpointAttributor
 
 
-def setup(tmp_path: Path, epochs: int, **callback_kwargs):
+def setup(tmp_path: Path, epochs: int, save_steps: int | None = None, **callback_kwargs):
     docs, facts = planted_facts_corpus(n_facts=8, n_filler=24, seed=1)
     tokenizer = make_tokenizer([w for d in docs for w in d.split()])
     model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -27,7 +27,8 @@ def setup(tmp_path: Path, epochs: int, **callback_kwargs):
         report_to=[],
         disable_tqdm=True,
         logging_strategy="no",
-        save_strategy="epoch" if callback_kwargs.get("every_save") else "no",
+        save_strategy=("steps" if save_steps else "epoch") if callback_kwargs.get("every_save") else "no",
+        save_steps=save_steps or 500,
         use_cpu=True,
         seed=0,
     )
@@ -81,19 +82,57 @@ def test_every_save_sums_over_checkpoints(tmp_path: Path) -> None:
     for f in facts[:3]:  # the loss on the answer only, as find_influential does
         prompt, answer = tokenizer(f["prompt"])["input_ids"], tokenizer(f["answer"])["input_ids"]
         queries.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    summed = callback.attribute(queries)
+    summed = callback.attribute(queries, checkpoint_weights="uniform")
+    weighted = callback.attribute(queries)  # TracIn-CP: each checkpoint weighted by its learning rate
     # brute force: load each checkpoint into a fresh model and attribute with its own cache
     expected = torch.zeros_like(summed)
+    expected_weighted = torch.zeros_like(summed)
     for step in steps:
         fresh = tiny_gpt2(
             len(tokenizer), n_layer=2, n_embd=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
         )
         load_checkpoint(fresh, tmp_path / "out" / f"checkpoint-{step}")
-        expected += Attributor(fresh, tokenizer, callback.checkpoint_caches[step]).attribute(queries)
+        scores = Attributor(fresh, tokenizer, callback.checkpoint_caches[step]).attribute(queries)
+        lr = callback.checkpoint_caches[step].model_info["learning_rate"]
+        assert 0 < lr <= trainer.args.learning_rate  # what the Trainer's state held at that step
+        expected += scores
+        expected_weighted += lr * scores
     torch.testing.assert_close(summed, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    torch.testing.assert_close(
+        weighted, expected_weighted, rtol=1e-4, atol=1e-4 * expected_weighted.abs().max().item()
+    )
+    summed = weighted  # what find_influential sums by default
     final = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     result = callback.find_influential(facts[0]["prompt"], k=4, completion=" " + facts[0]["answer"])
     assert [d.score for d in result.documents] == sorted((d.score for d in result.documents), reverse=True)
     torch.testing.assert_close(result.documents[0].score, float(summed[0].max()), rtol=1e-4, atol=1e-3)
     for k, v in trainer.model.state_dict().items():  # the final weights are restored
         assert torch.equal(v, final[k]), k
+
+
+def test_one_checkpoint_before_the_end_scores_at_its_weights(tmp_path: Path) -> None:
+    # a multi-checkpoint lookup with one cache, from a checkpoint saved before training ended: the
+    # model that answers (the final one) differs from the cache's, so the query gradient must be
+    # taken at the checkpoint's weights (it used to be taken at the final ones)
+    trainer, callback, _, facts, tokenizer = setup(
+        tmp_path, epochs=2, save_steps=4, every_save=True, on_train_end=False
+    )
+    trainer.train()
+    assert trainer.state.global_step == 8 and 4 in callback.checkpoint_caches
+    cache = callback.checkpoint_caches[4]
+    fact = facts[0]
+    lookup = MultiCheckpointAttributor(trainer.model, tokenizer, [cache])
+    result = lookup.find_influential(fact["prompt"], k=4, completion=" " + fact["answer"])
+    fresh = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    load_checkpoint(fresh, tmp_path / "out" / "checkpoint-4")
+    at_checkpoint = Attributor(fresh, tokenizer, cache).find_influential(
+        fact["prompt"], k=4, completion=" " + fact["answer"]
+    )
+    lr = cache.model_info["learning_rate"]
+    assert [d.index for d in result.documents] == [d.index for d in at_checkpoint.documents]
+    torch.testing.assert_close(
+        torch.tensor([d.score for d in result.documents]),
+        lr * torch.tensor([d.score for d in at_checkpoint.documents]),
+        rtol=1e-4,
+        atol=1e-6,
+    )

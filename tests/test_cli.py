@@ -188,11 +188,17 @@ def test_query_generates_the_completion_and_scoring_overrides(
     prompts.write_text(setup.facts[1]["prompt"] + "\n\n")
     code, out, err = run(
         capsys, "query", "--cache", str(setup.cache), "--prompts-file", str(prompts), "--max-new-tokens", "2",
-        "-k", "2", "--json", "--preconditioner", "identity", "--cosine",
+        "-k", "2", "--json", "--preconditioner", "kfac", "--cosine",
     )  # fmt: skip
     assert code == 0, err
     (result,) = json.loads(out)
     assert result["completion"] and all(-1.0001 <= d["score"] <= 1.0001 for d in result["documents"])
+    # identity on a cache whose rows are whitened for ekfac is refused, saying which cache it needs
+    code, _, err = run(
+        capsys, "query", "--cache", str(setup.cache), "--prompts-file", str(prompts), "--max-new-tokens", "2",
+        "--preconditioner", "identity",
+    )  # fmt: skip
+    assert code == 1 and "preconditioner='identity'" in err
 
 
 def test_query_refuses_other_weights_unless_told(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:

@@ -148,11 +148,16 @@ CACHE_ALTERNATIVES: dict[str, Any] = {
     "ekfac_sample_size": 512,
     "max_length": 128,
     "shard_size": 512,
+    "total_dim": 16384,
+    "factor_dim": 64,
+    "mask_basis": "input",
+    # the build-time damping whitens kfac/ekfac rows, so it changes the cache's bytes (issue 10)
+    "damping": 0.5,
 }
 # Fields that only affect scoring or I/O: a cache must stay reusable when they change.
 NON_CACHE_ALTERNATIVES: dict[str, Any] = {
-    "damping": 0.5,
     "cosine": True,
+    "cosine_norms": "gradient",
     "cache_dir": "elsewhere",
     "batch_size": 4,
 }

@@ -65,6 +65,7 @@ def run_attribution_pass(
     disable_progress: bool = False,
     device: torch.device | str | None = None,
     checkpoint: str | os.PathLike | None = None,
+    learning_rate: float | None = None,
     verify_existing: bool = False,
     text_column: str = "text",
     per_example_loss: PerExampleLoss | None = None,
@@ -81,6 +82,8 @@ def run_attribution_pass(
         device: where the compressors live (default: the model's device).
         checkpoint: the directory the weights were saved to, recorded so that multi-checkpoint
             queries can reload them.
+        learning_rate: the learning rate at that checkpoint, recorded so that multi-checkpoint
+            queries can weight it (TracIn-CP).
         verify_existing: on resume, also re-hash the shards already written and redo damaged ones.
         text_column: the column holding raw text.
         per_example_loss: ``fn(model, batch) -> [B]``, the loss of models the built-in losses do
@@ -93,6 +96,8 @@ def run_attribution_pass(
     model_info = model_fingerprint(computer.model, computer.targets)
     if checkpoint is not None:
         model_info["checkpoint"] = os.fspath(checkpoint)
+    if learning_rate is not None:
+        model_info["learning_rate"] = float(learning_rate)
     runner = AttributionPass(
         computer,
         source,

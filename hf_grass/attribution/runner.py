@@ -110,6 +110,7 @@ class ShardBuffer:
     indices: list[int] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)
     scales: list[torch.Tensor] = field(default_factory=list)  # int8 rows: one scale per row
+    norms: list[torch.Tensor] = field(default_factory=list)  # [rows, 2]: gradient, preconditioned
     docs: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     leads: list[list[int] | None] = field(default_factory=list)  # each document's leading special ids
@@ -168,7 +169,7 @@ class AttributionPass:
             "model": self.model_info,
             "modules": module_entries(self.computer),
             "dim": self.computer.total_dim,
-            "layout": "global" if self.config.total_dim is not None else "module",
+            "layout": self.computer.layout,
             "num_examples": n,
             "dataset": self.source.fingerprint(),
             "library_version": __version__,
@@ -235,7 +236,11 @@ class AttributionPass:
             covariances = stats.covariances_needed if stats is not None else False
             request = CaptureRequest(rows=False, factor_grads=True, covariances=covariances)
         else:
-            request = CaptureRequest(rows=True, **(stats.request_kwargs if stats else {}))
+            kwargs = dict(stats.request_kwargs) if stats else {}
+            # the factor-space gradients give each row's exact gradient norm (stored for cosine)
+            norms_only = self._factorised and not kwargs.get("factor_grads", False)
+            kwargs["factor_grads"] = kwargs.get("factor_grads", False) or self._factorised
+            request = CaptureRequest(rows=True, rows_from_factors=not norms_only, **kwargs)
         total = sum(len(step.indices) for step in plan)
         buffer, truncated_before = ShardBuffer(), self.source.truncated
         with self.computer.session(), self._progress(total, "hf-grass: caching gradients") as bar:
@@ -256,6 +261,7 @@ class AttributionPass:
                     if stats is not None and not step.repair:
                         stats.update(grads, rotated)
                     stored, scales = self._stored_rows(grads.rows, batch.indices)
+                    buffer.norms.append(self._row_norms(grads, rotated, basis))
                     buffer.rows.append(stored)
                     if scales is not None:
                         buffer.scales.append(scales)
@@ -280,9 +286,44 @@ class AttributionPass:
                     stats.state_dict() if stats is not None and not step.repair else None,
                     truncated=self.source.truncated - truncated_before,
                     scales=self._shard_scales(buffer),
+                    norms=torch.cat(buffer.norms) if buffer.norms else torch.empty(0, 2),
                     prefix=common_prefix(buffer.leads),
                 )
                 buffer, truncated_before = ShardBuffer(), self.source.truncated
+
+    @property
+    def _factorised(self) -> bool:
+        return all(c.factorised for c in self.computer.compressors.values())
+
+    def _row_norms(
+        self,
+        grads: BatchGradients,
+        rotated: dict[str, torch.Tensor] | None,
+        basis: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``[B, 2]`` float32: each row's gradient norm and preconditioned norm, exact in the factor
+        space (before any random projection), for unit-normalised scores.
+
+        The gradient norm is ``||G'||`` over all modules; the preconditioned norm is ``||K^-1/2 G'||``
+        with ``K`` the build-time K-FAC whitening (so exact for kfac at the build damping), and
+        equals the gradient norm for caches without whitening. Compressors without a factor space
+        give the norm of their compressed row (an estimate)."""
+        assert grads.rows is not None
+        if not grads.factor_grads:
+            norm = grads.rows.double().norm(dim=1)
+            return torch.stack([norm, norm], dim=1).float().cpu()
+        batch = grads.rows.shape[0]
+        raw = torch.zeros(batch, dtype=torch.float64, device=grads.rows.device)
+        pre = torch.zeros_like(raw)
+        for name, gp in grads.factor_grads.items():
+            raw += gp.double().square().flatten(1).sum(1)
+            if rotated is not None and basis is not None:
+                pre += (rotated[name] * basis[f"{name}::whiten"].to(gp.device)).square().flatten(1).sum(1)
+        if rotated is None or basis is None:
+            pre = raw
+        else:  # whiten = (L / c)^-1/2 with one constant c: undo it to get K^-1/2 = L^-1/2
+            pre = pre / float(basis.get("whiten::mean", torch.ones(())).item())
+        return torch.stack([raw.sqrt(), pre.sqrt()], dim=1).float().cpu()
 
     def _shard_scales(self, buffer: ShardBuffer) -> torch.Tensor | None:
         if self.config.torch_dtype != torch.int8:

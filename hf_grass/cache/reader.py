@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -172,6 +172,9 @@ class GradientCache:
             scales is not None and (scales["shape"] != [shard["rows"]] or scales["dtype"] != "F32")
         ):
             raise CacheError(f"{path} has a missing or invalid 'scales' tensor; rebuild shard {shard['id']}")
+        norms = header.get("norms")
+        if norms is not None and (norms["shape"] != [shard["rows"], 2] or norms["dtype"] != "F32"):
+            raise CacheError(f"{path} has an invalid 'norms' tensor; rebuild shard {shard['id']}")
 
     def files(self) -> list[tuple[Path, str]]:
         """Every data file with its expected sha256."""
@@ -241,19 +244,24 @@ class GradientCache:
 
     # ---- data -----------------------------------------------------------------------------------
 
-    def iter_stored(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Yields ``(indices [rows] int64, stored rows [rows, dim], scales [rows] or None)`` per shard,
-        memory-mapped, as stored: a row is ``stored * scale`` for int8 caches, ``stored`` otherwise.
-        The scan converts them chunk by chunk (``hf_grass.scoring.shard_scores``)."""
+    def iter_stored(self) -> Iterator[StoredShard]:
+        """One ``StoredShard`` per shard, memory-mapped, as stored: a row is ``grads * scale`` for
+        int8 caches, ``grads`` otherwise. The scan converts them chunk by chunk
+        (``hf_grass.scoring.shard_scores``)."""
         for path in self._shard_paths:
-            tensors = mmap_tensors(path)
-            yield tensors["indices"], tensors["grads"], tensors.get("scales")
+            t = mmap_tensors(path)
+            yield StoredShard(t["indices"], t["grads"], t.get("scales"), t.get("norms"))
+
+    @property
+    def has_norms(self) -> bool:
+        """Whether the shards store each row's exact norms (caches written since hf-grass 0.2)."""
+        return bool(self._shard_paths) and all("norms" in read_header(p)[0] for p in self._shard_paths)
 
     def iter_shards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(indices [rows] int64, grads [rows, dim])`` per shard: memory-mapped, or, for int8
         caches, decoded to float32 one shard at a time."""
-        for indices, grads, scales in self.iter_stored():
-            yield indices, (grads if scales is None else decode_rows(grads, scales))
+        for shard in self.iter_stored():
+            yield shard.indices, shard.rows()
 
     @cached_property
     def indices(self) -> torch.Tensor:
@@ -409,6 +417,19 @@ def open_cache(
     if not (folder / MANIFEST).is_file():
         raise CacheError(f"{source} is not an hf-grass gradient cache: it has no {MANIFEST}")
     return GradientCache(folder, verify=verify, source=source)
+
+
+class StoredShard(NamedTuple):
+    """One shard's tensors as stored."""
+
+    indices: torch.Tensor  # [rows] int64 dataset indices
+    grads: torch.Tensor  # [rows, dim] in the storage dtype
+    scales: torch.Tensor | None  # [rows] float32 for int8 rows (row = grads * scale)
+    norms: torch.Tensor | None  # [rows, 2] float32: exact gradient and preconditioned norms
+
+    def rows(self) -> torch.Tensor:
+        """The rows: memory-mapped as they are, or decoded to float32 for int8."""
+        return self.grads if self.scales is None else decode_rows(self.grads, self.scales)
 
 
 def decode_rows(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:

@@ -227,12 +227,14 @@ class CacheWriter:
         truncated: int = 0,
         scales: torch.Tensor | None = None,
         prefix: list[int] | None = None,
+        norms: torch.Tensor | None = None,
     ) -> None:
         """Write one complete shard (rows already in the storage dtype, with their per-row ``scales``
         for int8: see ``encode_rows``) and checkpoint the stats.
 
         ``prefix``: the special token ids every document of the shard begins with (``None``: not
-        known); the manifest merges them into ``documents.prefix``.
+        known); the manifest merges them into ``documents.prefix``. ``norms``: ``[rows, 2]`` exact
+        gradient and preconditioned norms of the rows (for unit-normalised scores).
         """
         if rows.shape[0] != len(indices) or len(docs) != len(indices):
             raise ValueError("rows, indices and docs of a shard must have the same length")
@@ -242,6 +244,10 @@ class CacheWriter:
         tensors = {"grads": rows.contiguous(), "indices": torch.tensor(indices, dtype=torch.int64)}
         if scales is not None:
             tensors["scales"] = scales.to(torch.float32).contiguous()
+        if norms is not None:
+            if tuple(norms.shape) != (len(indices), 2):
+                raise ValueError("norms of a shard must be [rows, 2] (gradient, preconditioned)")
+            tensors["norms"] = norms.to(torch.float32).contiguous()
         digest = save_tensors(self.root / tensor_file, tensors)
         blob = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode()
         atomic_write_bytes(self.root / docs_file, blob)

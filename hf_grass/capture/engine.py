@@ -19,7 +19,7 @@ from torch import nn
 from hf_grass.capture.hooks import CaptureRequest, GradientCapture
 from hf_grass.capture.loss import PerExampleLoss, check_losses, model_logits, per_example_loss
 from hf_grass.capture.targets import TargetModule, find_target_modules
-from hf_grass.compressors import make_compressor
+from hf_grass.compressors import compressor_class, make_compressor
 from hf_grass.compressors.base import Compressor
 from hf_grass.config import GraSSConfig
 
@@ -73,6 +73,17 @@ def context_length(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _factor_space_fits(config: GraSSConfig, targets: list[TargetModule]) -> bool:
+    widths = getattr(compressor_class(config.compressor), "factor_widths", None)
+    if widths is None:
+        return False
+    total = 0
+    for t in targets:
+        m_in, m_out = widths(config, t.d_in, t.d_out)
+        total += m_in * m_out
+    return total <= int(config.total_dim or 0)
 
 
 def _forward_signature(model: nn.Module) -> inspect.Signature:
@@ -130,8 +141,13 @@ class GradientComputer:
             param = next(self.model.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
         self.device = torch.device(device)
+        # the global layout when every module's factor space fits the budget together: store the
+        # factor-space gradients themselves (no projection noise at all; e.g. a small MLP)
+        self.embedded = config.total_dim is not None and _factor_space_fits(config, self.targets)
         self.compressors: dict[str, Compressor] = {
-            t.name: make_compressor(config, t.name, d_in=t.d_in, d_out=t.d_out, bias=t.bias).to(self.device)
+            t.name: make_compressor(
+                config, t.name, d_in=t.d_in, d_out=t.d_out, bias=t.bias, embed=self.embedded
+            ).to(self.device)
             for t in self.targets
         }
         # where each module's compressed gradient goes in a row: its own slice (per-module layout), or
@@ -139,13 +155,13 @@ class GradientComputer:
         self.offsets: dict[str, tuple[int, int]] = {}
         start = 0
         for t in self.targets:
-            if config.total_dim is not None:
+            if self.layout == "global":
                 self.offsets[t.name] = (0, config.total_dim)
                 continue
             stop = start + self.compressors[t.name].output_dim
             self.offsets[t.name] = (start, stop)
             start = stop
-        self.total_dim = config.total_dim if config.total_dim is not None else start
+        self.total_dim = config.total_dim if self.layout == "global" else start
         self.capture = GradientCapture(self.targets, self.compressors)
         sig = _forward_signature(self.model)
         self._accepts_position_ids = "position_ids" in sig.parameters
@@ -153,6 +169,11 @@ class GradientComputer:
         # casts them under DeepSpeed; token ids and masks are integers and stay as they are
         floating = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
         self._input_dtype = floating
+
+    @property
+    def layout(self) -> str:
+        """'global': every module projected into one shared row; 'module': a slice per module."""
+        return "global" if self.config.total_dim is not None and not self.embedded else "module"
 
     @property
     def module_names(self) -> list[str]:

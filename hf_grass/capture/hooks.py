@@ -44,6 +44,10 @@ class CaptureRequest:
     # output space (float64), for the warm-up fit of an eigen-basis cache; a side wider than
     # FULL_COVARIANCE_MAX_WIDTH gets the sums of squares (its diagonal) instead
     full_covariances: bool = False
+    # with factor_grads too: project the rows from G' (cheaper) rather than compress() them; False
+    # keeps the rows exactly what compress() gives (e.g. the fused kernel) when G' is only needed
+    # for the rows' norms
+    rows_from_factors: bool = True
 
 
 # Above this width a factor's full covariance (width^2 float64 numbers, and an eigendecomposition of
@@ -135,7 +139,7 @@ class GradientCapture:
                 factor_grad = torch.bmm(ds.transpose(1, 2), xs)
                 _accumulate(state.factor_grads, target.name, factor_grad)
         if request.rows:
-            if factor_grad is not None:
+            if factor_grad is not None and request.rows_from_factors:
                 rows = compressor.project_factor(factor_grad)  # reuse G' instead of recomputing it
             else:
                 rows = compressor.compress(x3, d3)

@@ -70,6 +70,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         preconditioner=args.preconditioner,
         damping=args.damping,
         cosine=args.cosine,
+        cosine_norms=args.cosine_norms,
         check_model=not args.no_check_model,
     )
     results, panels = [], []
@@ -135,7 +136,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     g.add_argument("--preconditioner", choices=list(PRECONDITIONERS), help="fim, kfac, ekfac or identity")
     g.add_argument("--damping", type=float, help="damping as a fraction of the mean eigenvalue")
     g.add_argument(
-        "--cosine", action=argparse.BooleanOptionalAction, default=None, help="cosine-normalise scores"
+        "--cosine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="unit-normalise scores by the exact norms of both sides (see --cosine-norms)",
+    )
+    g.add_argument(
+        "--cosine-norms",
+        choices=["preconditioned", "gradient"],
+        help="the norms --cosine divides by: preconditioned (||H^-1/2 g||, the default) or gradient (||g||)",
     )
     g.add_argument(
         "--no-check-model",

@@ -59,7 +59,7 @@ def compressor_class(name: str) -> type[Compressor]:
 
 
 def make_compressor(
-    config: CompressorSettings, module_name: str, d_in: int, d_out: int, bias: bool = False
+    config: CompressorSettings, module_name: str, d_in: int, d_out: int, bias: bool = False, embed: bool = False
 ) -> Compressor:
     """The compressor of ``config.compressor`` for one module.
 
@@ -69,8 +69,10 @@ def make_compressor(
         d_in: input width of the gradient, counting the bias column when ``bias=True``.
         d_out: output width.
         bias: whether the last input column is the implicit bias column (see ``base``).
+        embed: put the factor space into the row as it is (global layout, when every module's
+            factor space fits ``total_dim`` together; factorised compressors only).
     """
-    return compressor_class(config.compressor)(config, module_name, d_in, d_out, bias=bias)
+    return compressor_class(config.compressor)(config, module_name, d_in, d_out, bias=bias, embed=embed)
 
 
 def __getattr__(name: str) -> Any:

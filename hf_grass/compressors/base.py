@@ -77,13 +77,24 @@ class Compressor(ABC):
     factorised: ClassVar[bool] = False
 
     def __init__(
-        self, config: CompressorSettings, module_name: str, d_in: int, d_out: int, bias: bool = False
+        self,
+        config: CompressorSettings,
+        module_name: str,
+        d_in: int,
+        d_out: int,
+        bias: bool = False,
+        embed: bool = False,
     ):
         for label, value in (("d_in", d_in), ("d_out", d_out)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{label} must be a positive int, got {value!r} (module {module_name!r})")
         if bias and d_in < 2:
             raise ValueError(f"bias=True needs d_in >= 2 (inputs plus the bias column); got d_in={d_in}")
+        if embed and not self.factorised:
+            raise ValueError(f"{self.name} has no factor space to embed exactly")
+        # embed: the factor space goes into the row as it is (no random projection), because the
+        # whole model's factor spaces fit the global budget (set by GradientComputer)
+        self.embed = embed
         self.config = config
         self.module_name = module_name
         self.d_in = d_in

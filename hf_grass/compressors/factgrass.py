@@ -33,6 +33,7 @@ from hf_grass.compressors.base import (
     register_compressor,
 )
 from hf_grass.compressors.sjlt import check_sjlt_settings, make_sjlt
+from hf_grass.kernels import SJLTMap
 from hf_grass.kernels.reference import accumulation_dtype, gather_columns, take_columns
 from hf_grass.seeding import sample_without_replacement
 
@@ -48,6 +49,12 @@ def factor_sizes(k_prime: int, d_in: int, d_out: int) -> tuple[int, int]:
 
 @register_compressor("factgrass")
 class FactGraSSCompressor(FactorisedCompressor):
+    @classmethod
+    @classmethod
+    def factor_widths(cls, config: CompressorSettings, d_in: int, d_out: int) -> tuple[int, int]:
+        """``(m_in, m_out)`` of a module in the global layout (what ``_draw`` will use)."""
+        return min(d_in, config.factor_dim), min(d_out, config.factor_dim)
+
     @classmethod
     def check_config(cls, config: CompressorSettings) -> None:
         check_sjlt_settings(config)
@@ -66,8 +73,7 @@ class FactGraSSCompressor(FactorisedCompressor):
             k_prime = self.config.sparsify_factor * self.output_dim
             self.m_in, self.m_out = factor_sizes(k_prime, self.d_in, self.d_out)
         else:
-            self.m_in = min(self.d_in, self.config.factor_dim)
-            self.m_out = min(self.d_out, self.config.factor_dim)
+            self.m_in, self.m_out = self.factor_widths(self.config, self.d_in, self.d_out)
         self.in_idx = sample_without_replacement(self.d_in, self.m_in, self.generator("mask_in"))
         self.out_idx = sample_without_replacement(self.d_out, self.m_out, self.generator("mask_out"))
         # pass the bias index on only when the mask drew the bias column (decided once, on the CPU,
@@ -76,9 +82,12 @@ class FactGraSSCompressor(FactorisedCompressor):
         self.mask_bias_index = self.bias_index if drawn else None
         self.scale_in = math.sqrt(self.d_in / self.m_in)
         self.scale_out = math.sqrt(self.d_out / self.m_out)
-        self.sjlt = make_sjlt(
-            self.generator("sjlt"), self.m_in * self.m_out, self.output_dim, self.config.sjlt_nnz
-        )
+        n = self.m_in * self.m_out
+        if self.embed:  # the identity map: each factor coordinate keeps its own slot of the row
+            self.output_dim = n
+            self.sjlt = SJLTMap(torch.arange(n)[None], torch.ones(1, n), n)
+        else:
+            self.sjlt = make_sjlt(self.generator("sjlt"), n, self.output_dim, self.config.sjlt_nnz)
         self.basis_in: torch.Tensor | None = None  # [d_in, m_in] once set_basis is called
         self.basis_out: torch.Tensor | None = None  # [d_out, m_out]
 
