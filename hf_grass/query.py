@@ -30,7 +30,7 @@ from hf_grass.config import GraSSConfig
 from hf_grass.data import IGNORE_INDEX, collate, pad_token_id, padded_batches, padding_side
 from hf_grass.precondition.preconditioner import Preconditioner
 from hf_grass.results import InfluenceResult, InfluentialDocument
-from hf_grass.scoring import TopK, check_k, dense_scores, query_gradients, scan
+from hf_grass.scoring import SEARCHES, ScanResult, TopK, check_k, dense_scores, lookup, query_gradients
 
 
 class Attributor:
@@ -42,6 +42,11 @@ class Attributor:
         cache: a ``GradientCache``, a local path or a Hub repo id.
         preconditioner, damping, cosine: override the cache's config for scoring.
         check_model: refuse a model whose weights differ from the one that built the cache.
+        search: how lists are found: ``"auto"`` (the cache's FAISS index if it has one, else the
+            exact scan), ``"exact"`` (force the scan), ``"index"``, ``"bm25"``, ``"index+bm25"``;
+            scores are exact in every case (``hf_grass.scoring.lookup``).
+        candidates: rows re-scored per list in a two-stage lookup (default
+            ``scoring.default_candidates(k)``).
     """
 
     def __init__(
@@ -56,7 +61,12 @@ class Attributor:
         check_model: bool = True,
         batch_size: int | None = None,
         disable_progress: bool = True,
+        search: str = "auto",
+        candidates: int | None = None,
     ):
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        self.search, self.candidates = search, candidates
         self.cache = open_cache(cache)
         self.model = model
         self.tokenizer = tokenizer
@@ -95,11 +105,22 @@ class Attributor:
     def query_vectors(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         return query_gradients(self.computer, batches, self.preconditioner, self.basis)
 
-    def attribute(self, query_dataset: Any) -> torch.Tensor:
-        """Scores ``[n_query, n_train]`` (columns = training dataset indices)."""
+    def attribute(self, query_dataset: Any, k: int | None = None) -> torch.Tensor | ScanResult:
+        """Scores ``[n_query, n_train]`` (columns = training dataset indices), or with ``k`` only each
+        query's ``k`` most helpful and most harmful documents (a ``ScanResult`` with ``top`` and
+        ``bottom``), without the dense matrix: streamed over blocks of rows with matrix-matrix
+        products (memory independent of the cache size), or two-stage with an index."""
         source = example_source(query_dataset, self.tokenizer, self.config, self.model)
         queries = self.query_vectors(padded_batches(source, self.tokenizer, self.batch_size))
-        return dense_scores(self.cache, queries, cosine=self.cosine, disable_progress=self.disable_progress)
+        if k is None:
+            return dense_scores(self.cache, queries, cosine=self.cosine, disable_progress=self.disable_progress)
+        texts = None
+        if "bm25" in self.search:
+            texts = [source.example(i).get("text") or "" for i in range(len(source))]
+        return lookup(
+            self.cache, queries, k, search=self.search, top=True, bottom=True, cosine=self.cosine,
+            query_texts=texts, candidates=self.candidates, disable_progress=self.disable_progress,
+        )  # fmt: skip
 
     def find_influential(
         self,
@@ -121,7 +142,10 @@ class Attributor:
             self.model, self.tokenizer, prompt, completion, **generate_kwargs
         )
         query = self.query_vectors([batch])
-        found = scan(self.cache, query, k, top=True, bottom=True, dense=all_scores, cosine=self.cosine)
+        found = lookup(
+            self.cache, query, k, search=self.search, top=True, bottom=True, dense=all_scores,
+            cosine=self.cosine, query_texts=[prompt_text + text], candidates=self.candidates,
+        )  # fmt: skip
         assert found.top is not None and found.bottom is not None
         result = make_result(self.cache, prompt_text, text, found.top, found.bottom)
         if found.dense is not None:  # columns are dataset indices; skipped examples have no row
@@ -230,13 +254,24 @@ class MultiCheckpointAttributor:
             with checkpoint_weights(self.model, cache):
                 yield Attributor(self.model, self.tokenizer, cache, **self.kwargs)
 
-    def attribute(self, query_dataset: Any) -> torch.Tensor:
+    def attribute(self, query_dataset: Any, k: int | None = None) -> torch.Tensor | ScanResult:
+        if k is not None and len(self.caches) == 1:  # streaming (or two-stage) top-k
+            return next(self._each()).attribute(query_dataset, k=k)
         total: torch.Tensor | None = None
         for attributor in self._each():
             scores = attributor.attribute(query_dataset)
+            assert isinstance(scores, torch.Tensor)
             total = scores if total is None else total + scores
         assert total is not None
-        return total
+        if k is None:
+            return total
+        # summed over checkpoints: the lists need every summed score, so they come from the dense sum
+        check_k(k, self.caches[-1].num_rows)
+        present = torch.zeros(total.shape[1], dtype=torch.bool)
+        present[self.caches[-1].indices] = True
+        return ScanResult(
+            top=_dense_topk(total, present, k, largest=True), bottom=_dense_topk(total, present, k, largest=False)
+        )
 
     def find_influential(
         self,
@@ -298,12 +333,18 @@ def find_influential(
     preconditioner: str | None = None,
     damping: float | None = None,
     check_model: bool = True,
+    search: str = "auto",
     **generate_kwargs: Any,
 ) -> InfluenceResult:
-    """One call from a prompt to its influential training documents (cache: object, path or Hub id)."""
+    """One call from a prompt to its influential training documents (cache: object, path or Hub id).
+
+    ``search``: ``"auto"`` uses the cache's index when it has one (``"exact"`` forces the scan;
+    ``"bm25"``, ``"index+bm25"`` add lexical candidates); see ``Attributor``.
+    """
     attributor = Attributor(
-        model, tokenizer, cache, preconditioner=preconditioner, damping=damping, check_model=check_model
-    )
+        model, tokenizer, cache, preconditioner=preconditioner, damping=damping, check_model=check_model,
+        search=search,
+    )  # fmt: skip
     return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
 
 
@@ -314,12 +355,14 @@ class AttributionLookups:
     def _attributor(self, **kwargs: Any) -> Attributor | MultiCheckpointAttributor:
         raise NotImplementedError
 
-    def attribute(self, query_dataset: Any, **kwargs: Any) -> torch.Tensor:
-        """Influence scores ``[n_query, n_train]`` of every query on every training example.
+    def attribute(self, query_dataset: Any, k: int | None = None, **kwargs: Any) -> torch.Tensor | ScanResult:
+        """Influence scores ``[n_query, n_train]`` of every query on every training example, or with
+        ``k`` each query's top-k helpful and harmful documents (``ScanResult``), without the dense matrix.
 
-        ``kwargs``: ``preconditioner``, ``damping``, ``cosine``, ``check_model`` overrides.
+        ``kwargs``: ``preconditioner``, ``damping``, ``cosine``, ``check_model``, ``search`` overrides.
         """
-        return self._attributor(**kwargs).attribute(query_dataset)
+        attributor = self._attributor(**kwargs)
+        return attributor.attribute(query_dataset) if k is None else attributor.attribute(query_dataset, k=k)
 
     def find_influential(
         self,

@@ -24,9 +24,12 @@ from typing import Any
 
 import torch
 
-from hf_grass.cache import hub
+from hf_grass.cache import hub, lexical
+from hf_grass.cache import index as faiss_index
+from hf_grass.cache import rows as row_io
 from hf_grass.cache.files import CacheError, atomic_write_json, mmap_tensors, read_header, sha256_file
 from hf_grass.cache.manifest import MANIFEST, load_json, safe_path, validate_manifest
+from hf_grass.cache.rows import RowBlock, ShardLayout
 from hf_grass.config import GraSSConfig
 
 VERIFIED = ".verified.json"
@@ -44,9 +47,17 @@ class GradientCache:
         source: how to name the cache in messages (a Hub download names its repo and revision).
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = False, source: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        verify: bool = False,
+        source: str | None = None,
+        remote: hub.RemoteFiles | None = None,
+    ):
         self.path = Path(path)
         self.source = source
+        # a lazily pulled Hub cache: shard files are downloaded (and checked) when first read
+        self.remote = remote
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             hint = (
@@ -58,10 +69,15 @@ class GradientCache:
         self.manifest: dict[str, Any] = validate_manifest(load_json(manifest_path), self.path)
         self.config = GraSSConfig.from_dict(self.manifest["config"])
         self._shard_paths = [safe_path(self.path, s["file"]) for s in self.shards]
+        self._layouts: list[ShardLayout | None] = [None] * len(self.shards)
+        counts = torch.tensor([0] + [s["rows"] for s in self.shards], dtype=torch.int64)
+        self.row_offsets = counts.cumsum(0)  # first row position of each shard, then num_rows
         if verify:  # checksums first: nothing of an unverified file is parsed
             self.verify()
-        for shard, shard_path in zip(self.shards, self._shard_paths):
-            self._check_shard_header(shard, shard_path)
+        for pos, (shard, shard_path) in enumerate(zip(self.shards, self._shard_paths)):
+            if self.remote is not None and not shard_path.is_file():
+                continue  # fetched (and checked) when first read
+            self._layouts[pos] = self._check_shard_header(shard, shard_path)
         if not self.manifest["complete"]:
             logger.warning("Gradient cache %s is incomplete (%d rows so far).", self.path, self.num_rows)
 
@@ -134,13 +150,13 @@ class GradientCache:
 
     # ---- integrity ------------------------------------------------------------------------------
 
-    def _check_shard_header(self, shard: dict[str, Any], path: Path) -> None:
+    def _check_shard_header(self, shard: dict[str, Any], path: Path) -> ShardLayout:
         if not path.is_file():
             raise CacheError(
                 f"shard file {path} is missing; rebuild shard {shard['id']}: run the same build command on "
                 "this cache again, it recomputes missing or damaged shards"
             )
-        header, _ = read_header(path)
+        header, offset = read_header(path)
         grads, indices = header.get("grads"), header.get("indices")
         if grads is None or indices is None:
             raise CacheError(f"{path} lacks the 'grads' or 'indices' tensor; rebuild shard {shard['id']}")
@@ -152,6 +168,7 @@ class GradientCache:
             )
         if indices["shape"] != [shard["rows"]] or indices["dtype"] != "I64":
             raise CacheError(f"{path} has an invalid 'indices' tensor; rebuild shard {shard['id']}")
+        return row_io.layout_of(path, header, offset)
 
     def files(self) -> list[tuple[Path, str]]:
         """Every data file with its expected sha256."""
@@ -163,6 +180,8 @@ class GradientCache:
             out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
         if self.manifest.get("eigenbasis"):
             entry = self.manifest["eigenbasis"]
+            out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
+        for entry in faiss_index.index_files(self.manifest):  # the FAISS and BM25 indexes, if built
             out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
         return out
 
@@ -176,6 +195,8 @@ class GradientCache:
         fresh: dict[str, list[Any]] = {}
         for path, expected in self.files():
             rel = path.relative_to(self.path.resolve()).as_posix()
+            if self.remote is not None and not path.is_file() and self.remote.lazy(rel):
+                continue  # not downloaded yet: checked when fetched
             if not path.is_file():
                 raise CacheError(self._missing_message(rel, path))
             stat = _stat_key(path)
@@ -221,21 +242,68 @@ class GradientCache:
 
     # ---- data -----------------------------------------------------------------------------------
 
-    def iter_shards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yields ``(indices [rows] int64, grads [rows, dim])`` per shard, memory-mapped."""
-        for path in self._shard_paths:
-            tensors = mmap_tensors(path)
+    def iter_shards(self, shards: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields ``(indices [rows] int64, grads [rows, dim])`` per shard, memory-mapped, in the
+        storage format (convert with ``hf_grass.cache.rows.rows_to_float32``, or read
+        ``iter_row_blocks``). ``shards``: only these shard positions (default: all, in order)."""
+        for pos in range(len(self.shards)) if shards is None else shards:
+            tensors = mmap_tensors(self._local_shard(pos))
             yield tensors["indices"], tensors["grads"]
+
+    def iter_row_blocks(self, rows_per_block: int, shards: list[int] | None = None) -> Iterator[RowBlock]:
+        """Float32 rows in blocks of at most ``rows_per_block`` (never spanning shards), in row order.
+
+        Each block's ``rows`` is one reused buffer, valid until the next block: copy what you keep.
+        ``shards``: only these shard positions (e.g. one rank's share).
+        """
+        order = list(range(len(self.shards))) if shards is None else list(shards)
+        stream = (
+            (int(self.row_offsets[pos]), indices, grads)
+            for pos, (indices, grads) in zip(order, self.iter_shards(order))
+        )
+        return row_io.iter_blocks(stream, rows_per_block, self.dim)
+
+    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[n, dim]`` float32 rows at these row positions (see ``hf_grass.cache.rows``): reads only
+        those rows (a lazily pulled cache downloads only the shards holding them)."""
+        positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+        if positions.numel():
+            needed = torch.unique(torch.searchsorted(self.row_offsets, positions, right=True) - 1)
+            for pos in needed.tolist():
+                if 0 <= pos < len(self.shards):
+                    self._local_shard(pos)
+        return row_io.gather_rows(self._layouts, self.row_offsets, positions)  # type: ignore[arg-type]
+
+    def shard_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """The shard position holding each row position."""
+        return torch.searchsorted(self.row_offsets, torch.as_tensor(positions), right=True) - 1
+
+    def _local_shard(self, pos: int) -> Path:
+        """The shard file at position ``pos``, downloaded first if this is a lazy Hub cache."""
+        path = self._shard_paths[pos]
+        if self._layouts[pos] is None:
+            if self.remote is not None:
+                shard = self.shards[pos]
+                self.remote.fetch([(shard["file"], shard["sha256"]), (shard["docs"], shard["docs_sha256"])])
+            self._layouts[pos] = self._check_shard_header(self.shards[pos], path)
+        return path
 
     @cached_property
     def indices(self) -> torch.Tensor:
         """Dataset index of every row, in row order."""
-        parts = [mmap_tensors(p)["indices"].clone() for p in self._shard_paths]
+        parts = [self._shard_indices(pos) for pos in range(len(self.shards))]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def _shard_indices(self, pos: int) -> torch.Tensor:
+        if self._layouts[pos] is None:  # not downloaded (lazy): from the manifest if it tells
+            out = row_io.indices_from_manifest(self.shards[pos])
+            if out is not None:
+                return out
+        return mmap_tensors(self._local_shard(pos))["indices"].clone()
 
     def load(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All rows in memory (small caches and tests): ``[num_rows, dim]``."""
-        blocks = [grads.to(dtype) for _, grads in self.iter_shards()]
+        blocks = [row_io.rows_to_float32({"grads": grads}).to(dtype) for _, grads in self.iter_shards()]
         return torch.cat(blocks) if blocks else torch.empty(0, self.dim, dtype=dtype)
 
     def module_slice(self, name: str) -> slice:
@@ -252,7 +320,10 @@ class GradientCache:
             first, last = shard.get("first_index"), shard.get("last_index")
             if wanted is not None and (first is None or not any(first <= i <= last for i in wanted)):
                 continue
-            with open(safe_path(self.path, shard["docs"]), encoding="utf-8") as fh:
+            docs_path = safe_path(self.path, shard["docs"])
+            if self.remote is not None and not docs_path.is_file():
+                self.remote.fetch([(shard["docs"], shard["docs_sha256"])])
+            with open(docs_path, encoding="utf-8") as fh:
                 for line in fh:
                     doc = json.loads(line)
                     if wanted is None or doc["index"] in wanted:
@@ -273,6 +344,33 @@ class GradientCache:
             return None
         return {k: v.clone() for k, v in mmap_tensors(safe_path(self.path, entry["file"])).items()}
 
+    # ---- indexes --------------------------------------------------------------------------------
+
+    def build_index(self, kind: str = "ivfpq", **kwargs: Any) -> dict[str, Any]:
+        """Build (or resume building) the FAISS index of the rows, stored in the cache; returns its
+        manifest entry. See ``hf_grass.cache.index.build_index`` for the options."""
+        entry = faiss_index.build_index(self, kind, **kwargs)
+        self.__dict__.pop("_faiss", None)
+        return entry
+
+    def index(self) -> faiss_index.FaissIndex | None:
+        """The FAISS index (loaded once, checked: sha256 and not stale), or None if none is built."""
+        if "_faiss" not in self.__dict__:
+            self.__dict__["_faiss"] = faiss_index.load_index(self)
+        return self.__dict__["_faiss"]
+
+    def build_lexical_index(self, **kwargs: Any) -> dict[str, Any]:
+        """Build the BM25 index of the documents' text, stored in the cache (``cache/lexical.py``)."""
+        entry = lexical.build_lexical_index(self, **kwargs)
+        self.__dict__.pop("_bm25", None)
+        return entry
+
+    def lexical_index(self) -> Any:
+        """The BM25 index (``hf_grass.cache.lexical.LexicalIndex``), or None if none is built."""
+        if "_bm25" not in self.__dict__:
+            self.__dict__["_bm25"] = lexical.load_lexical_index(self)
+        return self.__dict__["_bm25"]
+
     # ---- Hub ------------------------------------------------------------------------------------
 
     def push_to_hub(
@@ -283,11 +381,13 @@ class GradientCache:
         revision: str | None = None,
         commit_message: str | None = None,
         endpoint: str | None = None,
+        large: bool = False,
     ) -> str:
         """Upload this cache, with a dataset card, to a Hugging Face *dataset* repo in one commit.
 
         Returns the commit, a ``huggingface_hub.CommitInfo``: the commit URL as a ``str``, with the
-        commit id in ``.oid``. See ``hf_grass.cache.hub`` for what is uploaded.
+        commit id in ``.oid``. See ``hf_grass.cache.hub`` for what is uploaded. ``large``: upload the
+        data in several resumable commits, the manifest last (``hub.push_folder``).
         """
         if not self.manifest["complete"]:
             raise CacheError(
@@ -306,6 +406,7 @@ class GradientCache:
             revision=revision,
             commit_message=commit_message,
             endpoint=endpoint,
+            large=large,
         )
 
     @classmethod
@@ -319,6 +420,7 @@ class GradientCache:
         local_dir: str | os.PathLike | None = None,
         force_download: bool = False,
         verify: bool = True,
+        lazy: bool = False,
     ) -> GradientCache:
         """``open_cache``: a local cache directory, or a Hub repo downloaded; verified either way."""
         return open_cache(
@@ -329,6 +431,7 @@ class GradientCache:
             local_dir=local_dir,
             force_download=force_download,
             verify=verify,
+            lazy=lazy,
         )
 
 
@@ -341,6 +444,7 @@ def open_cache(
     local_dir: str | os.PathLike | None = None,
     force_download: bool = False,
     verify: bool = True,
+    lazy: bool = False,
 ) -> GradientCache:
     """The one way to open a cache: a ``GradientCache`` as it is, a local directory, or a Hub dataset
     repo id (downloaded first, see ``hf_grass.cache.hub``).
@@ -359,6 +463,8 @@ def open_cache(
         force_download: download every file again even if the local copy is current.
         verify: check every file's sha256 (``False``: sizes and headers only, e.g. to describe a
             damaged cache).
+        lazy: (Hub only) download the shards only when a read needs them; with an index, a query
+            then fetches only the shards holding its candidates.
     """
     if isinstance(spec, GradientCache):
         return spec
@@ -366,21 +472,22 @@ def open_cache(
         raise TypeError(f"cache must be a GradientCache, a path or a Hub repo id; got {type(spec).__name__}")
     text = os.fspath(spec)
     if hub.is_local(spec):
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} applies to Hub repos; {text} is a local path")
+        if revision is not None or lazy:
+            raise ValueError(f"revision and lazy apply to Hub repos; {text} is a local path")
         return GradientCache(text, verify=verify)
-    folder = hub.download(
+    folder, remote = hub.download(
         text,
         revision=revision,
         token=token,
         endpoint=endpoint,
         local_dir=local_dir,
         force_download=force_download,
+        lazy=lazy,
     )
     source = f"{text}@{revision or 'main'}"
     if not (folder / MANIFEST).is_file():
         raise CacheError(f"{source} is not an hf-grass gradient cache: it has no {MANIFEST}")
-    return GradientCache(folder, verify=verify, source=source)
+    return GradientCache(folder, verify=verify, source=source, remote=remote)
 
 
 def _stat_key(path: Path) -> list[int]:

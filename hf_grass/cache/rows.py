@@ -1,0 +1,142 @@
+"""Reading cached rows as float32: blocks in row order, and gathers of arbitrary rows.
+
+**One conversion.** ``rows_to_float32`` is the only function that turns stored rows into float32
+numbers; every reader of rows (the exact scan, the FAISS index build, the two-stage re-rank, the
+batched queries, ``GradientCache.load``) goes through it. A change of the storage format (e.g. int8
+rows with a per-row scale) changes this function and the two places that fetch the stored tensors
+of a row range (``GradientCache.iter_shards`` for whole shards, ``read_rows`` for gathers).
+
+Row *positions* number the cached rows ``0 .. num_rows - 1`` in shard order (shards sorted by id,
+rows in file order); ``GradientCache.indices[position]`` is the dataset index of that row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hf_grass.cache.files import _DTYPES, CacheError
+
+
+def rows_to_float32(stored: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n, dim]`` float32 rows from the stored tensors of ``n`` rows (``{"grads": [n, dim]}``).
+
+    With ``out`` (a float32 ``[n, dim]`` buffer) the rows are written into it and it is returned:
+    a reused buffer keeps the conversion in the CPU cache (see ``hf_grass.scoring.chunk_rows``).
+    """
+    grads = stored["grads"]
+    if out is None:
+        return grads.to(torch.float32)
+    out.copy_(grads)
+    return out
+
+
+@dataclass
+class RowBlock:
+    """Consecutive rows of one shard: positions ``start .. start + len(indices) - 1``."""
+
+    start: int  # row position of the first row
+    indices: torch.Tensor  # [n] int64 dataset indices
+    rows: torch.Tensor  # [n, dim] float32; a reused buffer, valid until the next block
+
+
+@dataclass
+class ShardLayout:
+    """Where a shard's rows sit in its file (from the safetensors header read at open)."""
+
+    path: Path
+    data_offset: int  # byte offset of the grads tensor
+    rows: int
+    dim: int
+    dtype: str  # safetensors dtype code, e.g. "F16"
+
+
+def layout_of(path: Path, header: dict, offset: int) -> ShardLayout:
+    grads = header["grads"]
+    rows, dim = grads["shape"]
+    return ShardLayout(path, offset + grads["data_offsets"][0], rows, dim, grads["dtype"])
+
+
+def iter_blocks(
+    shards: Iterator[tuple[int, torch.Tensor, torch.Tensor]], rows_per_block: int, dim: int
+) -> Iterator[RowBlock]:
+    """Blocks of at most ``rows_per_block`` rows from ``(start position, indices, stored grads)`` per
+    shard, converted into one reused float32 buffer. Blocks never span two shards."""
+    if rows_per_block <= 0:
+        raise ValueError(f"rows_per_block must be positive, got {rows_per_block}")
+    buf = torch.empty(rows_per_block, dim, dtype=torch.float32)
+    for first, indices, grads in shards:
+        for lo in range(0, grads.shape[0], rows_per_block):
+            hi = min(lo + rows_per_block, grads.shape[0])
+            rows = rows_to_float32({"grads": grads[lo:hi]}, buf[: hi - lo])
+            yield RowBlock(first + lo, indices[lo:hi], rows)
+
+
+def read_rows(layout: ShardLayout, local: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The stored tensors of rows ``local`` (row numbers inside the shard, ascending) of one shard,
+    read with one ``pread`` per run of consecutive rows (no mapping of the whole file)."""
+    np_dtype, torch_dtype = _DTYPES[layout.dtype]
+    row_bytes = layout.dim * np_dtype.itemsize
+    chunks: list[bytes] = []
+    fd = os.open(layout.path, os.O_RDONLY)
+    try:
+        i = 0
+        while i < len(local):
+            j = i
+            while j + 1 < len(local) and local[j + 1] == local[j] + 1:
+                j += 1
+            want = (j - i + 1) * row_bytes
+            data = os.pread(fd, want, layout.data_offset + local[i] * row_bytes)
+            if len(data) != want:
+                raise CacheError(f"{layout.path} is shorter than its header says; rebuild or pull it again")
+            chunks.append(data)
+            i = j + 1
+    finally:
+        os.close(fd)
+    arr = np.frombuffer(b"".join(chunks), dtype=np_dtype).reshape(len(local), layout.dim)
+    tensor = torch.from_numpy(arr.copy())
+    return {"grads": tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor}
+
+
+def gather_rows(
+    layouts: Sequence[ShardLayout], offsets: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """``[len(positions), dim]`` float32 rows at the given row positions (any order, repeats allowed).
+
+    ``offsets``: ``[n_shards + 1]`` first row position of each shard (cumulative row counts).
+    """
+    positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+    dim = layouts[0].dim if layouts else 0
+    out = torch.empty(positions.shape[0], dim, dtype=torch.float32)
+    if positions.numel() == 0:
+        return out
+    total = int(offsets[-1])
+    if int(positions.min()) < 0 or int(positions.max()) >= total:
+        raise IndexError(f"row positions must lie in [0, {total}); got {positions.min()}..{positions.max()}")
+    unique, inverse = torch.unique(positions, sorted=True, return_inverse=True)
+    shard_of = torch.searchsorted(offsets, unique, right=True) - 1
+    rows = torch.empty(unique.shape[0], dim, dtype=torch.float32)
+    bounds = torch.searchsorted(shard_of, torch.arange(len(layouts) + 1))
+    for s in torch.unique(shard_of).tolist():
+        lo, hi = int(bounds[s]), int(bounds[s + 1])
+        local = (unique[lo:hi] - offsets[s]).tolist()
+        rows[lo:hi] = rows_to_float32(read_rows(layouts[s], local))
+    out[:] = rows[inverse]
+    return out
+
+
+def indices_from_manifest(shard: dict) -> torch.Tensor | None:
+    """A shard's dataset indices without reading it: shard ``s`` holds its examples in order minus
+    the skipped ones (None when the manifest does not say enough)."""
+    first, last, skipped = shard.get("first_index"), shard.get("last_index"), set(shard["skipped"])
+    if shard["rows"] == 0:
+        return torch.empty(0, dtype=torch.int64)
+    if first is None or last is None:
+        return None
+    out = torch.tensor([i for i in range(first, last + 1) if i not in skipped], dtype=torch.int64)
+    return out if out.numel() == shard["rows"] else None
