@@ -272,7 +272,7 @@ class GradientCache:
             for pos in needed.tolist():
                 if 0 <= pos < len(self.shards):
                     self._local_shard(pos)
-        return row_io.gather_rows(self._layouts, self.row_offsets, positions)  # type: ignore[arg-type]
+        return row_io.gather_rows(self._layouts, self.row_offsets, positions, self.dim)
 
     def shard_of(self, positions: torch.Tensor) -> torch.Tensor:
         """The shard position holding each row position."""

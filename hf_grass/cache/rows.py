@@ -104,14 +104,13 @@ def read_rows(layout: ShardLayout, local: Sequence[int]) -> dict[str, torch.Tens
 
 
 def gather_rows(
-    layouts: Sequence[ShardLayout], offsets: torch.Tensor, positions: torch.Tensor
+    layouts: Sequence[ShardLayout | None], offsets: torch.Tensor, positions: torch.Tensor, dim: int
 ) -> torch.Tensor:
     """``[len(positions), dim]`` float32 rows at the given row positions (any order, repeats allowed).
 
     ``offsets``: ``[n_shards + 1]`` first row position of each shard (cumulative row counts).
     """
     positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
-    dim = layouts[0].dim if layouts else 0
     out = torch.empty(positions.shape[0], dim, dtype=torch.float32)
     if positions.numel() == 0:
         return out
@@ -125,7 +124,9 @@ def gather_rows(
     for s in torch.unique(shard_of).tolist():
         lo, hi = int(bounds[s]), int(bounds[s + 1])
         local = (unique[lo:hi] - offsets[s]).tolist()
-        rows[lo:hi] = rows_to_float32(read_rows(layouts[s], local))
+        layout = layouts[s]
+        assert layout is not None, "the shard must be local (GradientCache.rows_at fetches it)"
+        rows[lo:hi] = rows_to_float32(read_rows(layout, local))
     out[:] = rows[inverse]
     return out
 
