@@ -160,9 +160,9 @@ def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
 
 
 def sweep(kind: str, quick: bool) -> list[dict[str, Any]]:
-    cands = [200, 1000] if quick else [100, 300, 1000, 3000]
+    cands = [200, 1000] if quick else [300, 1000, 3000]
     if kind == "ivfpq":
-        probes = [16, 64] if quick else [16, 32, 64, 128]
+        probes = [16, 64] if quick else [32, 128, 256]
         return [{"candidates": c, "params": {"nprobe": p}} for p in probes for c in cands]
     if kind == "hnsw":
         return [{"candidates": c, "params": {"efSearch": e}} for e in ([256] if quick else [128, 512]) for c in cands]

@@ -402,7 +402,7 @@ def two_stage(
     cosine: bool = False,
     candidates: int | None = None,
     search_params: dict[str, int] | None = None,
-    query_batch: int = 256,
+    query_batch: int | None = None,
     method: str = "index",
 ) -> ScanResult:
     """Candidates per query, then the exact score of each from its cache row, then the top-k.
@@ -410,13 +410,17 @@ def two_stage(
     Helpful candidates are the index's maximum inner products with ``q``; harmful ones are its
     maximum inner products with ``-q`` (the most negative scores), a second search of the same
     index. BM25 candidates (``lexical``) join both lists. Rows are read once per query batch for the
-    union of its candidates (``GradientCache.rows_at``: only those rows, only those shards).
+    union of its candidates (``GradientCache.rows_at``: only those rows, only those shards); the
+    batch (default) holds at most ``2^15`` candidate rows, so memory is bounded by the candidates,
+    not by the cache or the number of queries.
     """
     queries = queries.to(torch.float32)
     n = candidates or default_candidates(k)
     if n < k:
         raise ValueError(f"candidates={n} must be at least k={k}")
     wanted = [largest for largest, on in ((True, top), (False, bottom)) if on]
+    sources = (index is not None) + (lexical is not None)
+    query_batch = query_batch or max(1, min(256, (1 << 15) // (n * len(wanted) * sources)))
     parts: dict[bool, list[TopK]] = {largest: [] for largest in wanted}
     for lo in range(0, queries.shape[0], query_batch):
         q = queries[lo : lo + query_batch]

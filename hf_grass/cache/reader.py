@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -29,7 +30,7 @@ from hf_grass.cache import index as faiss_index
 from hf_grass.cache import rows as row_io
 from hf_grass.cache.files import CacheError, atomic_write_json, mmap_tensors, read_header, sha256_file
 from hf_grass.cache.manifest import MANIFEST, load_json, safe_path, validate_manifest
-from hf_grass.cache.rows import RowBlock, ShardLayout
+from hf_grass.cache.rows import RowBlock
 from hf_grass.config import GraSSConfig
 
 VERIFIED = ".verified.json"
@@ -69,7 +70,7 @@ class GradientCache:
         self.manifest: dict[str, Any] = validate_manifest(load_json(manifest_path), self.path)
         self.config = GraSSConfig.from_dict(self.manifest["config"])
         self._shard_paths = [safe_path(self.path, s["file"]) for s in self.shards]
-        self._layouts: list[ShardLayout | None] = [None] * len(self.shards)
+        self._checked = [False] * len(self.shards)  # headers checked (a lazy cache: once fetched)
         counts = torch.tensor([0] + [s["rows"] for s in self.shards], dtype=torch.int64)
         self.row_offsets = counts.cumsum(0)  # first row position of each shard, then num_rows
         if verify:  # checksums first: nothing of an unverified file is parsed
@@ -77,7 +78,7 @@ class GradientCache:
         for pos, (shard, shard_path) in enumerate(zip(self.shards, self._shard_paths)):
             if self.remote is not None and not shard_path.is_file():
                 continue  # fetched (and checked) when first read
-            self._layouts[pos] = self._check_shard_header(shard, shard_path)
+            self._checked[pos] = self._check_shard_header(shard, shard_path)
         if not self.manifest["complete"]:
             logger.warning("Gradient cache %s is incomplete (%d rows so far).", self.path, self.num_rows)
 
@@ -150,13 +151,13 @@ class GradientCache:
 
     # ---- integrity ------------------------------------------------------------------------------
 
-    def _check_shard_header(self, shard: dict[str, Any], path: Path) -> ShardLayout:
+    def _check_shard_header(self, shard: dict[str, Any], path: Path) -> bool:
         if not path.is_file():
             raise CacheError(
                 f"shard file {path} is missing; rebuild shard {shard['id']}: run the same build command on "
                 "this cache again, it recomputes missing or damaged shards"
             )
-        header, offset = read_header(path)
+        header, _ = read_header(path)
         grads, indices = header.get("grads"), header.get("indices")
         if grads is None or indices is None:
             raise CacheError(f"{path} lacks the 'grads' or 'indices' tensor; rebuild shard {shard['id']}")
@@ -168,7 +169,7 @@ class GradientCache:
             )
         if indices["shape"] != [shard["rows"]] or indices["dtype"] != "I64":
             raise CacheError(f"{path} has an invalid 'indices' tensor; rebuild shard {shard['id']}")
-        return row_io.layout_of(path, header, offset)
+        return True
 
     def files(self) -> list[tuple[Path, str]]:
         """Every data file with its expected sha256."""
@@ -266,26 +267,28 @@ class GradientCache:
     def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
         """``[n, dim]`` float32 rows at these row positions (see ``hf_grass.cache.rows``): reads only
         those rows (a lazily pulled cache downloads only the shards holding them)."""
-        positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
-        if positions.numel():
-            needed = torch.unique(torch.searchsorted(self.row_offsets, positions, right=True) - 1)
-            for pos in needed.tolist():
-                if 0 <= pos < len(self.shards):
-                    self._local_shard(pos)
-        return row_io.gather_rows(self._layouts, self.row_offsets, positions, self.dim)
+        return row_io.gather_rows(self._mapped, self.row_offsets, positions, self.dim)
 
-    def shard_of(self, positions: torch.Tensor) -> torch.Tensor:
-        """The shard position holding each row position."""
-        return torch.searchsorted(self.row_offsets, torch.as_tensor(positions), right=True) - 1
+    def _mapped(self, pos: int) -> dict[str, torch.Tensor]:
+        """The memory-mapped tensors of shard ``pos``, kept open (up to 256 shards, least recently
+        used closed first) so that gathering scattered rows costs no re-open per query."""
+        maps = self.__dict__.setdefault("_maps", OrderedDict())
+        if pos in maps:
+            maps.move_to_end(pos)
+        else:
+            maps[pos] = mmap_tensors(self._local_shard(pos))
+            if len(maps) > 256:
+                maps.popitem(last=False)
+        return maps[pos]
 
     def _local_shard(self, pos: int) -> Path:
         """The shard file at position ``pos``, downloaded first if this is a lazy Hub cache."""
         path = self._shard_paths[pos]
-        if self._layouts[pos] is None:
+        if not self._checked[pos]:
             if self.remote is not None:
                 shard = self.shards[pos]
                 self.remote.fetch([(shard["file"], shard["sha256"]), (shard["docs"], shard["docs_sha256"])])
-            self._layouts[pos] = self._check_shard_header(self.shards[pos], path)
+            self._checked[pos] = self._check_shard_header(self.shards[pos], path)
         return path
 
     @cached_property
@@ -295,7 +298,7 @@ class GradientCache:
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     def _shard_indices(self, pos: int) -> torch.Tensor:
-        if self._layouts[pos] is None:  # not downloaded (lazy): from the manifest if it tells
+        if not self._checked[pos]:  # not downloaded (lazy): from the manifest if it tells
             out = row_io.indices_from_manifest(self.shards[pos])
             if out is not None:
                 return out

@@ -4,7 +4,7 @@
 numbers; every reader of rows (the exact scan, the FAISS index build, the two-stage re-rank, the
 batched queries, ``GradientCache.load``) goes through it. A change of the storage format (e.g. int8
 rows with a per-row scale) changes this function and the two places that fetch the stored tensors
-of a row range (``GradientCache.iter_shards`` for whole shards, ``read_rows`` for gathers).
+of a row range (``GradientCache.iter_shards`` for whole shards, ``gather_rows`` for gathers).
 
 Row *positions* number the cached rows ``0 .. num_rows - 1`` in shard order (shards sorted by id,
 rows in file order); ``GradientCache.indices[position]`` is the dataset index of that row.
@@ -12,15 +12,10 @@ rows in file order); ``GradientCache.indices[position]`` is the dataset index of
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
-
-from hf_grass.cache.files import _DTYPES, CacheError
 
 
 def rows_to_float32(stored: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,23 +40,6 @@ class RowBlock:
     rows: torch.Tensor  # [n, dim] float32; a reused buffer, valid until the next block
 
 
-@dataclass
-class ShardLayout:
-    """Where a shard's rows sit in its file (from the safetensors header read at open)."""
-
-    path: Path
-    data_offset: int  # byte offset of the grads tensor
-    rows: int
-    dim: int
-    dtype: str  # safetensors dtype code, e.g. "F16"
-
-
-def layout_of(path: Path, header: dict, offset: int) -> ShardLayout:
-    grads = header["grads"]
-    rows, dim = grads["shape"]
-    return ShardLayout(path, offset + grads["data_offsets"][0], rows, dim, grads["dtype"])
-
-
 def iter_blocks(
     shards: Iterator[tuple[int, torch.Tensor, torch.Tensor]], rows_per_block: int, dim: int
 ) -> Iterator[RowBlock]:
@@ -77,38 +55,17 @@ def iter_blocks(
             yield RowBlock(first + lo, indices[lo:hi], rows)
 
 
-def read_rows(layout: ShardLayout, local: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The stored tensors of rows ``local`` (row numbers inside the shard, ascending) of one shard,
-    read with one ``pread`` per run of consecutive rows (no mapping of the whole file)."""
-    np_dtype, torch_dtype = _DTYPES[layout.dtype]
-    row_bytes = layout.dim * np_dtype.itemsize
-    chunks: list[bytes] = []
-    fd = os.open(layout.path, os.O_RDONLY)
-    try:
-        i = 0
-        while i < len(local):
-            j = i
-            while j + 1 < len(local) and local[j + 1] == local[j] + 1:
-                j += 1
-            want = (j - i + 1) * row_bytes
-            data = os.pread(fd, want, layout.data_offset + local[i] * row_bytes)
-            if len(data) != want:
-                raise CacheError(f"{layout.path} is shorter than its header says; rebuild or pull it again")
-            chunks.append(data)
-            i = j + 1
-    finally:
-        os.close(fd)
-    arr = np.frombuffer(b"".join(chunks), dtype=np_dtype).reshape(len(local), layout.dim)
-    tensor = torch.from_numpy(arr.copy())
-    return {"grads": tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor}
-
-
 def gather_rows(
-    layouts: Sequence[ShardLayout | None], offsets: torch.Tensor, positions: torch.Tensor, dim: int
+    shard_tensors: Callable[[int], Mapping[str, torch.Tensor]],
+    offsets: torch.Tensor,
+    positions: torch.Tensor,
+    dim: int,
 ) -> torch.Tensor:
     """``[len(positions), dim]`` float32 rows at the given row positions (any order, repeats allowed).
 
-    ``offsets``: ``[n_shards + 1]`` first row position of each shard (cumulative row counts).
+    ``shard_tensors(s)``: the stored (memory-mapped) tensors of shard position ``s``; only the
+    selected rows are copied out of it. ``offsets``: ``[n_shards + 1]`` first row position of each
+    shard (cumulative row counts).
     """
     positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
     out = torch.empty(positions.shape[0], dim, dtype=torch.float32)
@@ -120,13 +77,12 @@ def gather_rows(
     unique, inverse = torch.unique(positions, sorted=True, return_inverse=True)
     shard_of = torch.searchsorted(offsets, unique, right=True) - 1
     rows = torch.empty(unique.shape[0], dim, dtype=torch.float32)
-    bounds = torch.searchsorted(shard_of, torch.arange(len(layouts) + 1))
+    bounds = torch.searchsorted(shard_of, torch.arange(offsets.shape[0]))
     for s in torch.unique(shard_of).tolist():
         lo, hi = int(bounds[s]), int(bounds[s + 1])
-        local = (unique[lo:hi] - offsets[s]).tolist()
-        layout = layouts[s]
-        assert layout is not None, "the shard must be local (GradientCache.rows_at fetches it)"
-        rows[lo:hi] = rows_to_float32(read_rows(layout, local))
+        local = unique[lo:hi] - offsets[s]
+        stored = {key: t.index_select(0, local) for key, t in shard_tensors(s).items() if key != "indices"}
+        rows_to_float32(stored, rows[lo:hi])
     out[:] = rows[inverse]
     return out
 
