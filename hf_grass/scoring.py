@@ -409,7 +409,9 @@ def two_stage(
 
     Helpful candidates are the index's maximum inner products with ``q``; harmful ones are its
     maximum inner products with ``-q`` (the most negative scores), a second search of the same
-    index. BM25 candidates (``lexical``) join both lists. Rows are read once per query batch for the
+    index. The index's shortlist (the rows of largest norm, ``hf_grass.cache.index``) is a
+    candidate of every query, scored from its float32 copy. BM25 candidates (``lexical``) join both
+    lists. Rows are read once per query batch for the
     union of its candidates (``GradientCache.rows_at``: only those rows, only those shards); the
     batch (default) holds at most ``2^15`` candidate rows, so memory is bounded by the candidates,
     not by the cache or the number of queries.
@@ -420,6 +422,10 @@ def two_stage(
         raise ValueError(f"candidates={n} must be at least k={k}")
     wanted = [largest for largest, on in ((True, top), (False, bottom)) if on]
     sources = (index is not None) + (lexical is not None)
+    shortlisted = None  # the index's rows of the largest norms, candidates of every query
+    if index is not None and getattr(index, "shortlist_positions", None) is not None:
+        shortlisted = torch.zeros(cache.num_rows, dtype=torch.bool)
+        shortlisted[index.shortlist_positions] = True
     query_batch = query_batch or max(1, min(256, (1 << 15) // (n * len(wanted) * sources)))
     parts: dict[bool, list[TopK]] = {largest: [] for largest in wanted}
     for lo in range(0, queries.shape[0], query_batch):
@@ -436,15 +442,22 @@ def two_stage(
             for largest in wanted:
                 found[largest].append(hits)
         cand = {largest: _dedupe(torch.cat(found[largest], dim=1)) for largest in wanted}
+        if shortlisted is not None:  # scored below from the index's own float32 copy
+            cand = {largest: c.masked_fill(shortlisted[c.clamp(min=0)] & (c >= 0), -1) for largest, c in cand.items()}
         union = torch.unique(torch.cat([c[c >= 0] for c in cand.values()]))
         rows = cache.rows_at(union)
-        exact = block_scores(q, rows, _norms(q) if cosine else None)  # [b, |union|]
+        qn = _norms(q) if cosine else None
+        exact = block_scores(q, rows, qn)  # [b, |union|]
+        extra = block_scores(q, index.shortlist_rows, qn) if shortlisted is not None else None
         for largest in wanted:
             c = cand[largest]
             cols = torch.searchsorted(union, c.clamp(min=0))
             scores = exact.gather(1, cols.clamp(max=max(union.numel() - 1, 0)))
             fill = float("-inf") if largest else float("inf")
             scores = scores.masked_fill(c < 0, fill)
+            if extra is not None:
+                scores = torch.cat([scores, extra], dim=1)
+                c = torch.cat([c, index.shortlist_positions.unsqueeze(0).expand(c.shape[0], -1)], dim=1)
             values, pos = scores.topk(min(k, c.shape[1]), dim=1, largest=largest, sorted=True)
             positions = c.gather(1, pos)
             short = (positions < 0).any(dim=1)

@@ -76,6 +76,11 @@ def test_index_round_trip(cache: GradientCache) -> None:
     assert path in [p for p, _ in again.files()]
     index = again.index()
     assert index is not None and index.index.ntotal == cache.num_rows
+    # the shortlist: the 1 % of rows with the largest norms, kept as float32 beside the index
+    assert entry["shortlist_rows"] == 4 and entry["files"][1]["role"] == "shortlist"
+    rows = cache.load()
+    assert index.shortlist_positions.tolist() == sorted(rows.norm(dim=1).topk(4).indices.tolist())
+    torch.testing.assert_close(index.shortlist_rows, rows[index.shortlist_positions])
     # building again with the same settings is a no-op; rebuild=True writes the same bytes
     assert again.build_index("ivfpq") == entry
     assert again.build_index("ivfpq", rebuild=True)["files"] == entry["files"]
@@ -116,7 +121,12 @@ def test_cosine_index(cache: GradientCache) -> None:
 def test_stale_and_damaged_indexes_are_refused(cache: GradientCache) -> None:
     entry = cache.build_index("flat")
     q = queries()
-    # a damaged index file
+    # a damaged shortlist, then a damaged index file
+    short = cache.path / entry["files"][1]["file"]
+    short.write_bytes(short.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CacheError, match="does not match its sha256.*--rebuild"):
+        lookup(GradientCache(cache.path), q, 3)
+    entry = cache.build_index("flat", rebuild=True)
     path = cache.path / entry["files"][0]["file"]
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
