@@ -159,6 +159,7 @@ class FaissIndex:
     entry: dict[str, Any]
     shortlist_positions: torch.Tensor | None = None  # [m] row positions of the largest norms
     shortlist_rows: torch.Tensor | None = None  # [m, dim] float32: scored exactly for every query
+    shortlist_mask: torch.Tensor | None = None  # [num_rows] bool: row position is in the shortlist
 
     @property
     def cosine(self) -> bool:
@@ -204,6 +205,8 @@ def load_index(cache: Any) -> FaissIndex | None:
         if f.get("role") == "shortlist":
             short = safetensors_load(_checked_bytes(cache, f))
             out.shortlist_positions, out.shortlist_rows = short["positions"], short["rows"]
+            out.shortlist_mask = torch.zeros(cache.num_rows, dtype=torch.bool)
+            out.shortlist_mask[out.shortlist_positions] = True
     return out
 
 

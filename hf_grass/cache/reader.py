@@ -397,6 +397,8 @@ class GradientCache:
                 f"{self.path} is an unfinished build ({self.num_rows} of {self.manifest['num_examples']} "
                 "rows); run the build again to finish it before pushing."
             )
+        if self.remote is not None and not all(path.is_file() for path, _ in self.files()):
+            raise CacheError(f"{self.path} is a lazy pull, not all of it is here; pull it with lazy=False to push")
         # never publish a damaged cache: every file must match its sha256 (and pushing writes nothing here)
         self.verify(full=True, remember=False)
         return hub.push_folder(

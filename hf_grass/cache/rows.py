@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -74,17 +75,39 @@ def gather_rows(
     total = int(offsets[-1])
     if int(positions.min()) < 0 or int(positions.max()) >= total:
         raise IndexError(f"row positions must lie in [0, {total}); got {positions.min()}..{positions.max()}")
-    unique, inverse = torch.unique(positions, sorted=True, return_inverse=True)
-    shard_of = torch.searchsorted(offsets, unique, right=True) - 1
-    rows = torch.empty(unique.shape[0], dim, dtype=torch.float32)
-    bounds = torch.searchsorted(shard_of, torch.arange(offsets.shape[0]))
-    for s in torch.unique(shard_of).tolist():
-        lo, hi = int(bounds[s]), int(bounds[s + 1])
-        local = unique[lo:hi] - offsets[s]
-        stored = {key: t.index_select(0, local) for key, t in shard_tensors(s).items() if key != "indices"}
-        rows_to_float32(stored, rows[lo:hi])
-    out[:] = rows[inverse]
+    # numpy bookkeeping and one take per shard: this runs per query in a two-stage lookup, where
+    # per-shard torch calls cost more than the copies (~15 ms of a 30 ms lookup at 10^6 rows)
+    unique, inverse = np.unique(positions.numpy(), return_inverse=True)
+    bounds = offsets.numpy()
+    shard_of = np.searchsorted(bounds, unique, side="right") - 1
+    cuts = np.flatnonzero(np.diff(shard_of)) + 1
+    stage: dict[str, np.ndarray] = {}  # the selected rows, still in the storage format
+    kinds: dict[str, torch.dtype] = {}
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), unique.shape[0]]):
+        s = int(shard_of[lo])
+        local = unique[lo:hi] - bounds[s]
+        for key, tensor in shard_tensors(s).items():
+            if key == "indices":
+                continue
+            arr = _numpy(tensor)
+            if key not in stage:
+                stage[key] = np.empty((unique.shape[0], *arr.shape[1:]), dtype=arr.dtype)
+                kinds[key] = tensor.dtype
+            np.take(arr, local, axis=0, out=stage[key][lo:hi])
+    stored = {key: _torch(arr, kinds[key]) for key, arr in stage.items()}
+    rows = rows_to_float32(stored)
+    torch.index_select(rows, 0, torch.from_numpy(inverse.reshape(-1)), out=out)
     return out
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view (bf16, which numpy lacks, as int16)."""
+    return tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+def _torch(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.from_numpy(arr)
+    return out.view(torch.bfloat16) if dtype == torch.bfloat16 else out
 
 
 def indices_from_manifest(shard: dict) -> torch.Tensor | None:
