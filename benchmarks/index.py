@@ -13,6 +13,9 @@ same size and width (the worst case: no structure for an index to use), written 
    cache, over a sweep of ``candidates`` (rows re-scored per list) and ``nprobe``; and the same
    index without its norm shortlist (``shortlist=0``), side by side.
 3. The same at full size on the random rows.
+4. A diagnosis of the real rows (first 10^5): the norm tail, the share of the exact top-10 and
+   bottom-10 among the 1 % largest norms, the share of the queries' energy in the rows' top-128
+   principal directions, the mean cosine of the top-10 and bottom-10 (``--diagnose-only``).
 
 Latency is one ``hf_grass.scoring.lookup`` call (index search for ``q`` and ``-q``, reading the
 candidates' rows, exact re-score, top-10 and bottom-10) per query, warm page cache; the exact scan
@@ -190,6 +193,34 @@ def section(
     return result
 
 
+def diagnose(cache: GradientCache, queries: torch.Tensor, rows: int) -> dict[str, Any]:
+    """Why the rows are hard for an index: norm tail, where the queries' energy lies, how extreme the
+    top and bottom scores are (on the first ``rows`` rows)."""
+    x = torch.cat([b.rows.clone() for b in cache.iter_row_blocks(1 << 14, shards=list(range(len(cache.shards))))
+                   if b.start < rows])[:rows]  # fmt: skip
+    norms = x.norm(dim=1)
+    scores = queries @ x.T
+    top, bottom = scores.topk(K, dim=1).indices, scores.topk(K, dim=1, largest=False).indices
+    heavy = torch.zeros(x.shape[0], dtype=torch.bool)
+    heavy[norms.topk(max(1, x.shape[0] // 100)).indices] = True
+    _, sv, vh = torch.linalg.svd(x[:20000], full_matrices=False)
+    energy = sv**2 / (sv**2).sum()
+    qn = queries / queries.norm(dim=1, keepdim=True)
+    cos = scores / (queries.norm(dim=1, keepdim=True) * norms)
+    out = {
+        "rows": x.shape[0],
+        "norm_max_over_median": float(norms.max() / norms.median()),
+        "top10_in_largest_1pct_norms": float(heavy[top].float().mean()),
+        "bottom10_in_largest_1pct_norms": float(heavy[bottom].float().mean()),
+        "row_energy_in_top128_pca": float(energy[:128].sum()),
+        "query_energy_in_top128_pca": float(((qn @ vh[:128].T) ** 2).sum(1).mean()),
+        "mean_cos_top10": float(cos.gather(1, top).mean()),
+        "mean_cos_bottom10": float(cos.gather(1, bottom).mean()),
+    }
+    print(f"diagnosis on {out['rows']} rows: {out}", flush=True)
+    return out
+
+
 def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for info in res["kinds"]:
@@ -214,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-queries", type=int, default=30)
     parser.add_argument("--exact-repeats", type=int, default=5)
     parser.add_argument("--skip-random", action="store_true")
+    parser.add_argument("--diagnose-only", action="store_true", help="only the diagnosis of the real rows")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -229,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {**{k: str(v) for k, v in vars(args).items()}, "cpu": cpu_name(), "threads": 1,
                      "torch": torch.__version__, "faiss": faiss.__version__, "k": K},  # fmt: skip
     }
+    report["diagnosis"] = diagnose(full, queries, min(args.choice_rows, 100_000))
+    if args.diagnose_only:
+        emit_report(report, args.json_out)
+        return
     prefix_dir = work / f"prefix-{args.choice_rows}"
     if args.choice_rows < full.num_rows:
         shutil.rmtree(prefix_dir, ignore_errors=True)
