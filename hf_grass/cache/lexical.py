@@ -9,7 +9,7 @@ for a pulled Hub cache that means downloading all of them, which a lazy pull of 
 otherwise avoids, and for 10^6 documents the tokenisation alone takes minutes. Stored, it is built
 once, checksummed, pushed and pulled with the cache like the FAISS index.
 
-**Storage.** ``bm25s.BM25.save`` writes a folder of ``.npy`` arrays and JSON (no pickle; loaded with
+**Storage.** ``bm25s.BM25.save`` writes a folder of ``.npy`` arrays and JSON (nothing pickled; loaded with
 ``allow_pickle=False``); it is written into ``index/.build-bm25/`` and renamed to
 ``index/bm25-<sha256[:12]>/`` once complete, then listed in the manifest under ``"lexical_index"``
 with the sha256 of every file and the shards it was built from (a stale one is refused). The old
