@@ -8,7 +8,8 @@ harmful.
 Path of a query: ``find_influential`` -> ``Attributor.find_influential`` -> ``encode_query`` (prompt
 and completion tokens, loss on the completion) -> ``Attributor.query_vectors``
 (``scoring.query_gradients``: hooks, factor-space gradient, preconditioner, final projection) ->
-``scoring.scan`` (one pass over the memory-mapped shards: top-k and bottom-k) -> ``make_result``
+``scoring.lookup`` (the cache's index when it has one: candidates, then their exact scores; else
+``scoring.scan``, one pass over the memory-mapped shards: top-k and bottom-k) -> ``make_result``
 (the documents' text from the shards' JSON lines).
 """
 
