@@ -8,7 +8,8 @@ harmful.
 Path of a query: ``find_influential`` -> ``Attributor.find_influential`` -> ``encode_query`` (prompt
 and completion tokens, loss on the completion) -> ``Attributor.query_vectors``
 (``scoring.query_gradients``: hooks, factor-space gradient, preconditioner, final projection) ->
-``scoring.scan`` (one pass over the memory-mapped shards: top-k and bottom-k) -> ``make_result``
+``scoring.lookup`` (the cache's index when it has one: candidates, then their exact scores; else
+``scoring.scan``, one pass over the memory-mapped shards: top-k and bottom-k) -> ``make_result``
 (the documents' text from the shards' JSON lines).
 """
 
@@ -24,25 +25,29 @@ from torch import nn
 
 from hf_grass.attribution import example_source
 from hf_grass.cache.reader import GradientCache, open_cache
-from hf_grass.capture.engine import GradientComputer, unwrap_model
+from hf_grass.capture.engine import GradientComputer
 from hf_grass.capture.fingerprint import weights_fingerprint
 from hf_grass.capture.loss import PerExampleLoss, loss_name
 from hf_grass.checkpoints import checkpoint_weights
 from hf_grass.config import GraSSConfig
 from hf_grass.data import (
-    IGNORE_INDEX,
-    collate,
-    encode_text,
-    leading_special,
-    pad_token_id,
     padded_batches,
-    padding_side,
-    special_ids,
 )
 from hf_grass.precondition.eigenbasis import attach_basis, is_whitened
 from hf_grass.precondition.preconditioner import Preconditioner
+from hf_grass.prompts import encode_query, generate, render_prompt  # noqa: F401 - public names
 from hf_grass.results import InfluenceResult, InfluentialDocument
-from hf_grass.scoring import NORM_COLUMNS, ScanResult, TopK, check_k, query_vectors, scan
+from hf_grass.scoring import (
+    NORM_COLUMNS,
+    SEARCHES,
+    Normalisation,
+    ScanResult,
+    TopK,
+    check_k,
+    lookup,
+    query_vectors,
+    scan,
+)
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -58,6 +63,11 @@ class Attributor:
         check_model: refuse a model whose weights differ from the one that built the cache.
         per_example_loss: the ``fn(model, batch) -> [B]`` loss the cache was built with, if it was
             built with one (see ``GradientComputer``); queries take their gradient of the same loss.
+        search: how lists are found: ``"auto"`` (the cache's FAISS index if it has one, else the
+            exact scan), ``"exact"`` (force the scan), ``"index"``, ``"bm25"``, ``"index+bm25"``;
+            scores are exact in every case (``hf_grass.scoring.lookup``).
+        candidates: rows re-scored per list in a two-stage lookup (default
+            ``scoring.default_candidates(k)``).
     """
 
     def __init__(
@@ -74,7 +84,12 @@ class Attributor:
         batch_size: int | None = None,
         disable_progress: bool = True,
         per_example_loss: PerExampleLoss | None = None,
+        search: str = "auto",
+        candidates: int | None = None,
     ):
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        self.search, self.candidates = search, candidates
         self.cache = open_cache(cache)
         self.per_example_loss = per_example_loss
         _check_loss(self.cache, per_example_loss)
@@ -150,15 +165,24 @@ class Attributor:
     def scan(
         self, encoded: tuple[torch.Tensor, torch.Tensor], k: int | None = None, weight: float = 1.0, **what: Any
     ) -> ScanResult:
-        """``scoring.scan`` of encoded queries with this attributor's normalisation; ``what``: top,
-        bottom, dense, disable_progress."""
+        """The lists (and with ``dense=True`` every score) of encoded queries, with this attributor's
+        search and normalisation (``scoring.lookup``; ``k=None``: the dense scan); ``what``: top,
+        bottom, dense, query_texts, disable_progress."""
         rows, norms = encoded
-        return scan(
-            self.cache, weight * rows, k, cosine=self.cosine, query_norms=norms, normalize=self.normalize, **what
-        )
+        normalisation = Normalisation(norms, self.normalize) if self.normalize else None
+        if k is None:
+            what.pop("query_texts", None)
+            return scan(self.cache, weight * rows, None, cosine=self.cosine, norms=normalisation, **what)
+        return lookup(
+            self.cache, weight * rows, k, search=self.search, cosine=self.cosine, norms=normalisation,
+            candidates=self.candidates, **what,
+        )  # fmt: skip
 
-    def attribute(self, query_dataset: Any) -> torch.Tensor:
-        """Scores ``[n_query, n_train]`` (columns = training dataset indices)."""
+    def attribute(self, query_dataset: Any, k: int | None = None) -> torch.Tensor | ScanResult:
+        """Scores ``[n_query, n_train]`` (columns = training dataset indices), or with ``k`` only each
+        query's ``k`` most helpful and most harmful documents (a ``ScanResult`` with ``top`` and
+        ``bottom``), without the dense matrix: streamed over blocks of rows with matrix-matrix
+        products (memory independent of the cache size), or two-stage with an index."""
         source = example_source(
             query_dataset,
             self.tokenizer,
@@ -168,9 +192,14 @@ class Attributor:
             prefix=self.cache.document_prefix,  # text queries begin as the documents do
         )
         encoded = self.encode(padded_batches(source, self.tokenizer, self.batch_size))
-        found = self.scan(encoded, top=False, dense=True, disable_progress=self.disable_progress)
-        assert found.dense is not None
-        return found.dense
+        if k is None:
+            found = self.scan(encoded, top=False, dense=True, disable_progress=self.disable_progress)
+            assert found.dense is not None
+            return found.dense
+        texts = None
+        if "bm25" in self.search:
+            texts = [source.example(i).get("text") or "" for i in range(len(source))]
+        return self.scan(encoded, k, top=True, bottom=True, query_texts=texts, disable_progress=self.disable_progress)
 
     def find_influential(
         self,
@@ -191,7 +220,8 @@ class Attributor:
         prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, documents=self.cache, **generate_kwargs
         )
-        found = self.scan(self.encode([batch]), k, top=True, bottom=True, dense=all_scores)
+        found = self.scan(self.encode([batch]), k, top=True, bottom=True, dense=all_scores,
+                          query_texts=[prompt_text + text])  # fmt: skip
         assert found.top is not None and found.bottom is not None
         result = make_result(self.cache, prompt_text, text, found.top, found.bottom)
         if found.dense is not None:  # columns are dataset indices; skipped examples have no row
@@ -241,93 +271,6 @@ def make_result(
     return InfluenceResult(prompt, completion, make(best.scores[0], best.indices[0]), harmful)
 
 
-def encode_query(
-    model: nn.Module,
-    tokenizer: Any,
-    prompt: str | list[dict[str, str]],
-    completion: str | None,
-    *,
-    documents: GradientCache | None = None,
-    **generate_kwargs: Any,
-) -> tuple[str, str, dict[str, torch.Tensor]]:
-    """(prompt text, completion text, a one-example batch whose loss covers the completion only).
-
-    The query begins the way the cached ``documents`` begin (``GradientCache.document_prefix``):
-    a string prompt starts with exactly the special token ids every document starts with, in place
-    of those the tokenizer adds itself, so documents that begin with ``<eos>`` give a query that
-    begins with ``<eos>``, and a tokenizer that adds ``<bos>`` does not put it in twice. A chat
-    prompt is tokenized as its template renders it (the template holds its own special tokens);
-    the documents' prefix goes in front only when the rendered prompt begins with no special token.
-    Without a recorded prefix (older caches) the prompt is tokenized as the tokenizer does.
-    """
-    prompt_text = render_prompt(tokenizer, prompt)
-    prefix = documents.document_prefix if documents is not None else None
-    if isinstance(prompt, list):
-        # a rendered chat template already holds its special tokens
-        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-        if (
-            prefix
-            and prompt_ids[: len(prefix)] != prefix
-            and not leading_special(prompt_ids, special_ids(tokenizer))
-        ):
-            prompt_ids = list(prefix) + prompt_ids
-    else:
-        if documents is not None and documents.chat_documents:
-            logger.warning(
-                "The cached documents begin the way the chat template begins a conversation; pass the "
-                "prompt as a list of messages so that the query is encoded like them."
-            )
-        prompt_ids = encode_text(tokenizer, prompt_text, prefix)
-    if completion is None:
-        completion_ids = generate(model, tokenizer, prompt_ids, **generate_kwargs)
-    else:
-        if not isinstance(completion, str) or not completion:
-            raise ValueError("completion must be a non-empty string (or None to generate one)")
-        completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    if not completion_ids:
-        raise ValueError(
-            "the completion is empty (the model generated nothing); pass completion=... explicitly"
-        )
-    text = tokenizer.decode(completion_ids, skip_special_tokens=True) if completion is None else completion
-    example = {
-        "input_ids": prompt_ids + completion_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
-    }
-    return prompt_text, text, collate([example], pad_token_id(tokenizer), padding_side(tokenizer))
-
-
-def generate(model: nn.Module, tokenizer: Any, prompt_ids: list[int], **generate_kwargs: Any) -> list[int]:
-    """Greedy (by default) completion token ids of a prompt, without the EOS token."""
-    model = unwrap_model(model)
-    device = next(model.parameters()).device
-    kwargs = {"max_new_tokens": 32, "do_sample": False, "pad_token_id": pad_token_id(tokenizer)}
-    kwargs.update(generate_kwargs)
-    ids = torch.tensor([prompt_ids], device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    finally:
-        model.train(was_training)
-    new = out[0, len(prompt_ids) :].tolist()
-    # generation stops at any of these; the stop token ends the answer but is not part of it
-    stops = set(_as_list(kwargs.get("eos_token_id"))) | set(
-        _as_list(getattr(tokenizer, "eos_token_id", None))
-    )
-    stops |= set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
-    for pos, token in enumerate(new):
-        if token in stops:
-            return new[:pos]
-    return new
-
-
-def _as_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
 class MultiCheckpointAttributor:
     """Scores summed over several caches (TracIn-CP style), each with the query gradient taken at
     the weights its cache was built with.
@@ -372,13 +315,25 @@ class MultiCheckpointAttributor:
             with checkpoint_weights(self.model, cache):
                 yield weight, Attributor(self.model, self.tokenizer, cache, **self.kwargs)
 
-    def attribute(self, query_dataset: Any) -> torch.Tensor:
+    def attribute(self, query_dataset: Any, k: int | None = None) -> torch.Tensor | ScanResult:
+        if k is not None and len(self.caches) == 1:  # streaming (or two-stage) top-k
+            return next(self._each()).attribute(query_dataset, k=k)
         total: torch.Tensor | None = None
         for weight, attributor in self._each():
-            scores = weight * attributor.attribute(query_dataset)
+            scores = attributor.attribute(query_dataset)
+            assert isinstance(scores, torch.Tensor)
+            scores = weight * scores
             total = scores if total is None else total + scores
         assert total is not None
-        return total
+        if k is None:
+            return total
+        # summed over checkpoints: the lists need every summed score, so they come from the dense sum
+        check_k(k, self.caches[-1].num_rows)
+        present = torch.zeros(total.shape[1], dtype=torch.bool)
+        present[self.caches[-1].indices] = True
+        return ScanResult(
+            top=_dense_topk(total, present, k, largest=True), bottom=_dense_topk(total, present, k, largest=False)
+        )
 
     def find_influential(
         self,
@@ -417,20 +372,6 @@ def _dense_topk(scores: torch.Tensor, present: torch.Tensor, k: int, largest: bo
     return TopK(values, indices)
 
 
-def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
-    if isinstance(prompt, list):
-        if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-            raise ValueError(
-                "a chat prompt must be a non-empty list of {'role': ..., 'content': ...} messages"
-            )
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("the tokenizer has no chat template; pass the prompt as a string")
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty: pass the text whose completion you want to explain")
-    return prompt
-
-
 def find_influential(
     prompt: str | list[dict[str, str]],
     *,
@@ -443,11 +384,14 @@ def find_influential(
     damping: float | None = None,
     check_model: bool = True,
     per_example_loss: PerExampleLoss | None = None,
+    search: str = "auto",
     **generate_kwargs: Any,
 ) -> InfluenceResult:
     """One call from a prompt to its influential training documents (cache: object, path or Hub id).
 
     ``per_example_loss``: the loss the cache was built with, if it was built with one.
+    ``search``: ``"auto"`` uses the cache's index when it has one (``"exact"`` forces the scan;
+    ``"bm25"``, ``"index+bm25"`` add lexical candidates); see ``Attributor``.
     """
     attributor = Attributor(
         model,
@@ -457,6 +401,7 @@ def find_influential(
         damping=damping,
         check_model=check_model,
         per_example_loss=per_example_loss,
+        search=search,
     )
     return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
 
@@ -468,12 +413,14 @@ class AttributionLookups:
     def _attributor(self, **kwargs: Any) -> Attributor | MultiCheckpointAttributor:
         raise NotImplementedError
 
-    def attribute(self, query_dataset: Any, **kwargs: Any) -> torch.Tensor:
-        """Influence scores ``[n_query, n_train]`` of every query on every training example.
+    def attribute(self, query_dataset: Any, k: int | None = None, **kwargs: Any) -> torch.Tensor | ScanResult:
+        """Influence scores ``[n_query, n_train]`` of every query on every training example, or with
+        ``k`` each query's top-k helpful and harmful documents (``ScanResult``), without the dense matrix.
 
-        ``kwargs``: ``preconditioner``, ``damping``, ``cosine``, ``check_model`` overrides.
+        ``kwargs``: ``preconditioner``, ``damping``, ``cosine``, ``check_model``, ``search`` overrides.
         """
-        return self._attributor(**kwargs).attribute(query_dataset)
+        attributor = self._attributor(**kwargs)
+        return attributor.attribute(query_dataset) if k is None else attributor.attribute(query_dataset, k=k)
 
     def find_influential(
         self,

@@ -159,6 +159,29 @@ def test_query_table(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     assert f"Loading model {setup.model_dir}" in err  # the model recorded in the manifest
 
 
+def test_index_then_query_with_it_or_without(
+    setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    copy = Path(shutil.copytree(setup.cache, tmp_path / "cache", ignore=shutil.ignore_patterns(".lock-*")))
+    code, out, err = run(capsys, "index", str(copy), "--kind", "flat", "--bm25")
+    assert code == 0, err
+    assert "index: Flat, 16 rows" in out and "lexical_index: BM25, 16 rows" in out
+    code, out, _ = run(capsys, "info", str(copy))
+    assert "index       Flat, 16 rows" in out and "bm25        BM25, 16 rows" in out
+    fact = setup.facts[0]
+    answers = {}
+    for search in ("auto", "exact", "index+bm25"):
+        code, out, err = run(
+            capsys, "query", "--cache", str(copy), "--prompt", fact["prompt"], "--completion",
+            " " + fact["answer"], "-k", "3", "--json", "--search", search,
+        )  # fmt: skip
+        assert code == 0, err
+        answers[search] = [(d["index"], round(d["score"], 4)) for d in json.loads(out)[0]["documents"]]
+    assert answers["auto"] == answers["exact"] == answers["index+bm25"]  # flat index, all rows candidates
+    code, _, err = run(capsys, "index", "alice/some-repo")
+    assert code == 2 and "pull it first" in err
+
+
 def test_query_json_prompts_file_and_plot(
     setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -23,6 +23,7 @@ from huggingface_hub import DatasetCard, HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import hf_grass.cache.reader as reader_module
+import hf_grass.cache.verification as verification_module
 from hf_grass import GradientCache, GraSSConfig, find_influential
 from hf_grass.attribution import run_attribution_pass
 from hf_grass.cache import CacheError, open_cache
@@ -225,7 +226,7 @@ def test_manifest_naming_a_path_outside_is_refused(
     )
     _no_reads_before_checks(monkeypatch)
     monkeypatch.setattr(
-        reader_module, "sha256_file", lambda *a: pytest.fail("hashed before the paths were checked")
+        verification_module, "sha256_file", lambda *a: pytest.fail("hashed before the paths were checked")
     )
     with pytest.raises(CacheError, match="outside the cache directory"):
         GradientCache.from_pretrained(REPO, endpoint=hub.url)
@@ -310,3 +311,54 @@ def test_local_paths_and_repo_ids(built: Built, tmp_path: Path, monkeypatch: pyt
     assert is_repo_id("alice/grads") and is_repo_id("org-1/my.cache_v2")
     for not_an_id in ("grads", "./a", "a/b/c", "/abs/x", "a/../b", "a--b/c", "-a/b"):
         assert not is_repo_id(not_an_id), not_an_id
+
+
+def test_large_push_resumes_and_a_lazy_pull_fetches_only_the_candidates_shards(
+    built: Built, hub: MockHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hf_grass.query import Attributor
+
+    copy = Path(shutil.copytree(built.cache.path, tmp_path / "copy", ignore=shutil.ignore_patterns(".lock-*")))
+    cache = GradientCache(copy)
+    entry = cache.build_index("flat")
+    real_commit, calls = HfApi.create_commit, []
+
+    def failing_commit(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(kwargs.get("commit_message"))
+        if len(calls) == 2 and fail:
+            raise ConnectionError("injected: the connection dropped")
+        return real_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", failing_commit)
+    fail = True
+    with pytest.raises(ConnectionError, match="injected"):
+        push(cache, hub, large=True)  # 4 shards x 2 files + stats + eigenbasis + index: 3 data commits
+    assert "manifest.json" not in hub.files(REPO)  # no manifest until every file is there
+    uploaded = sum(1 for r in hub.requests if r[:2] == ("storage", "PUT"))
+    calls.clear()
+    fail = False
+    commit = cache.push_to_hub(REPO, token=TOKEN, endpoint=hub.url, large=True)
+    assert set(hub.files(REPO)) == expected_repo_files(cache)
+    assert entry["files"][0]["file"] in hub.files(REPO)
+    assert calls[-1].startswith("Upload hf-grass gradient cache") and "part" in calls[0]
+    # LFS objects sent before the interruption were not sent again
+    again = sum(1 for r in hub.requests if r[:2] == ("storage", "PUT")) - uploaded
+    lfs_files = [f for f in hub.files(REPO) if f.endswith(".safetensors") or f.endswith(".index")]
+    assert uploaded + again == len(lfs_files) and again < len(lfs_files)
+    assert push(cache, hub, large=True).oid == commit.oid  # nothing changed: no new commit
+
+    pulled = open_cache(REPO, endpoint=hub.url, lazy=True, local_dir=tmp_path / "lazy")
+    assert not list((pulled.path / "shards").glob("*")) if (pulled.path / "shards").exists() else True
+    assert pulled.index() is not None and pulled.remote is not None
+    fact = built.facts[0]
+    kw = {"k": 1, "completion": " " + fact["answer"]}
+    lazy = Attributor(built.model, built.tokenizer, pulled, candidates=1).find_influential(fact["prompt"], **kw)
+    exact = Attributor(built.model, built.tokenizer, cache, search="exact").find_influential(fact["prompt"], **kw)
+    assert [(d.index, d.text) for d in lazy.documents + lazy.harmful] == [
+        (d.index, d.text) for d in exact.documents + exact.harmful
+    ]
+    assert [d.score for d in lazy.documents] == pytest.approx([d.score for d in exact.documents], rel=1e-5)
+    fetched = {f for f in pulled.remote.fetched if f.endswith(".safetensors")}
+    assert 1 <= len(fetched) <= 2 < len(cache.shards)  # only the shards holding the two documents
+    with pytest.raises(ValueError, match="revision and lazy apply to Hub repos"):
+        open_cache(copy, lazy=True)

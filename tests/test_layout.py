@@ -29,6 +29,7 @@ STAGES = [
     ["hf_grass.scoring"],
     ["hf_grass.results"],
     ["hf_grass.checkpoints"],
+    ["hf_grass.prompts"],
     ["hf_grass.query"],
     ["hf_grass.trainer"],
     ["hf_grass.callbacks"],

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from hf_grass.cache.manifest import MANIFEST
+from hf_grass.cache.files import CacheError, sha256_file
+from hf_grass.cache.manifest import MANIFEST, safe_path
 from hf_grass.config import GraSSConfig
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 REPO_TYPE = "dataset"
 CARD_TAGS = ["hf-grass", "gradient-cache", "data-attribution", "training-data-attribution"]
 # repo paths a cache owns: a new push deletes those its manifest does not list (stale shards, ...)
-_OWNED_PREFIXES = ("shards/", "stats/", "parts/", "preconditioner/")
+_OWNED_PREFIXES = ("shards/", "stats/", "parts/", "preconditioner/", "index/")
 _OWNED_FILES = (MANIFEST, "eigenbasis.safetensors")
 _COMPRESSOR_FIELDS = (
     "proj_dim",
@@ -214,12 +215,24 @@ def push_folder(
     revision: str | None = None,
     commit_message: str | None = None,
     endpoint: str | None = None,
+    large: bool = False,
+    batch_files: int = 500,
+    batch_bytes: int = 4 << 30,
 ) -> CommitInfo:
     """Upload a verified cache (``manifest.json`` plus ``files``, with a dataset card) to the dataset
-    repo ``repo_id`` in one commit.
+    repo ``repo_id`` in one commit, or with ``large`` in several.
 
-    Creates the repo (and the branch ``revision``) if needed. Returns the ``CommitInfo``: a ``str``
-    holding the commit URL, with the commit id in ``.oid`` (pin downloads to it for reproducibility).
+    ``large``: the data files go up in commits of at most ``batch_files`` files / ``batch_bytes``
+    bytes, then one last commit adds ``manifest.json`` and the card and deletes stale files, so the
+    repo never shows a manifest whose files are not all there. Resumable: run it again after an
+    interruption and files already committed are skipped (``create_commit`` drops unchanged files),
+    and LFS objects already uploaded are not sent again (the LFS batch API answers without an
+    upload action). ``huggingface_hub`` 2.x has no ``upload_large_folder`` any more; its successor,
+    ``upload_folder``, is multi-commit and resumable only over Xet storage, so this uses
+    ``create_commit`` in batches, which works with LFS and Xet alike.
+
+    Creates the repo (and the branch ``revision``) if needed. Returns the ``CommitInfo`` of the
+    (last) commit: a ``str`` holding the commit URL, with the commit id in ``.oid``.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
@@ -238,6 +251,31 @@ def push_folder(
     ]
     card = str(dataset_card(manifest, repo_id, revision)).encode()
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    config = manifest["config"]
+    rows = sum(s["rows"] for s in manifest["shards"])
+    message = commit_message or (
+        f"Upload hf-grass gradient cache ({rows} rows, {config['compressor']}, dim {manifest['dim']})"
+    )
+    if large:
+        data = [op for op in operations if op.path_in_repo not in (MANIFEST, "README.md")]
+        operations = [op for op in operations if op.path_in_repo in (MANIFEST, "README.md")]
+        batches: list[list[Any]] = [[]]
+        size = 0
+        for op in data:
+            nbytes = Path(op.path_or_fileobj).stat().st_size
+            if batches[-1] and (len(batches[-1]) >= batch_files or size + nbytes > batch_bytes):
+                batches.append([])
+                size = 0
+            batches[-1].append(op)
+            size += nbytes
+        for number, batch in enumerate(batches, 1):
+            api.create_commit(
+                repo_id,
+                batch,
+                commit_message=f"{message} (data, part {number} of {len(batches)})",
+                repo_type=REPO_TYPE,
+                revision=revision,
+            )
 
     head = api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision).sha
     remote = api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=head)
@@ -246,11 +284,6 @@ def push_folder(
         for f in remote
         if (f.startswith(_OWNED_PREFIXES) or f in _OWNED_FILES) and f not in uploads
     ]
-    config = manifest["config"]
-    rows = sum(s["rows"] for s in manifest["shards"])
-    message = commit_message or (
-        f"Upload hf-grass gradient cache ({rows} rows, {config['compressor']}, dim {manifest['dim']})"
-    )
     return api.create_commit(
         repo_id,
         operations,
@@ -273,6 +306,53 @@ def default_local_dir(repo_id: str, revision: str | None = None) -> Path:
     return Path(home).expanduser() / "hf_grass" / folder / quote(revision or "main", safe="")
 
 
+# what a lazy pull downloads up front: everything but the shards (rows and documents)
+LAZY_UP_FRONT = [MANIFEST, "README.md", "stats/*", "eigenbasis.safetensors", "index/*"]
+
+
+class RemoteFiles:
+    """The files of a lazily pulled cache that are fetched when first needed, from one commit.
+
+    ``fetch`` downloads them with ``hf_hub_download`` into the cache folder and checks each against
+    its sha256 from the manifest before anything reads it (a mismatch deletes the file and raises).
+    """
+
+    def __init__(
+        self, repo_id: str, commit: str, root: Path, token: str | None = None, endpoint: str | None = None
+    ):
+        self.repo_id, self.commit, self.root = repo_id, commit, root
+        self.token, self.endpoint = token, endpoint
+        self.fetched: list[str] = []  # in order: what a query made us download
+
+    @staticmethod
+    def lazy(rel: str) -> bool:
+        return rel.startswith("shards/")
+
+    def fetch(self, files: list[tuple[str, str]]) -> None:
+        from huggingface_hub import hf_hub_download
+
+        for rel, sha256 in files:
+            path = safe_path(self.root, rel)
+            if path.is_file() and sha256_file(path) == sha256:
+                continue
+            hf_hub_download(
+                self.repo_id,
+                rel,
+                repo_type=REPO_TYPE,
+                revision=self.commit,  # the manifest's commit, even if the branch moved since
+                local_dir=self.root,
+                token=self.token,
+                endpoint=_endpoint(self.endpoint),
+            )
+            if sha256_file(path) != sha256:
+                path.unlink(missing_ok=True)
+                raise CacheError(
+                    f"{rel} of {self.repo_id}@{self.commit[:12]} does not match the sha256 in its manifest; "
+                    "nothing was loaded from it. The repo is damaged: push the cache again."
+                )
+            self.fetched.append(rel)
+
+
 def download(
     repo_id: str,
     revision: str | None = None,
@@ -280,20 +360,31 @@ def download(
     endpoint: str | None = None,
     local_dir: str | os.PathLike | None = None,
     force_download: bool = False,
-) -> Path:
-    """Download the cache in the dataset repo ``repo_id`` into a plain folder; returns the folder.
+    lazy: bool = False,
+) -> tuple[Path, RemoteFiles | None]:
+    """Download the cache in the dataset repo ``repo_id`` into a plain folder; returns the folder
+    (and, with ``lazy``, the ``RemoteFiles`` that fetch the shards on demand).
 
-    Nothing is checked here: ``open_cache`` opens the folder like any other cache.
+    ``lazy``: download only the manifest, statistics, eigenbasis and indexes now, pinned to the
+    commit the revision points to; shards come when a read needs them (``GradientCache.rows_at``
+    after an index lookup reads only the shards holding candidates). Nothing is checked here:
+    ``open_cache`` opens the folder like any other cache.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
     target = Path(local_dir) if local_dir is not None else default_local_dir(repo_id, revision)
+    remote = None
     try:
+        if lazy:
+            api = HfApi(endpoint=_endpoint(endpoint), token=token)
+            revision = api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision).sha
+            remote = RemoteFiles(repo_id, revision, target, token, endpoint)
         folder = snapshot_download(
             repo_id,
             repo_type=REPO_TYPE,
             revision=revision,
+            allow_patterns=LAZY_UP_FRONT if lazy else None,
             local_dir=target,
             token=token,
             endpoint=_endpoint(endpoint),
@@ -308,4 +399,4 @@ def download(
             "*dataset* repo, created by GradientCache.push_to_hub.)"
         )
         raise
-    return Path(folder)
+    return Path(folder), remote

@@ -9,6 +9,8 @@ Layout of a cache directory::
     shards/shard-{id:06d}.jsonl    the documents of those rows: {"index", "text", "id"}
     stats/rank{r}-{seq:06d}.safetensors running float64 sums for the preconditioner
     eigenbasis.safetensors         warm-up K-FAC eigenvectors and row whitening (kfac/ekfac only)
+    index/faiss-*.index            the FAISS index of the rows, if built ("index" entry, cache/index.py)
+    index/bm25-*/                  the BM25 index of the documents, if built ("lexical_index", cache/lexical.py)
     preconditioner/                fitted preconditioners (eigendecompositions), written on first use
 
 Shard ``s`` holds dataset examples ``[s * shard_size, (s + 1) * shard_size)`` minus skipped ones, so
@@ -138,7 +140,44 @@ def validate_manifest(manifest: Any, root: Path) -> dict[str, Any]:
         if not isinstance(basis, dict) or not isinstance(basis.get("file"), str):
             raise CacheError(f"{root / MANIFEST}: invalid eigenbasis entry")
         safe_path(root, basis["file"])
+    for key in ("index", "lexical_index"):
+        _check_index_entry(manifest.get(key), root, key)
     return manifest
+
+
+def _check_index_entry(entry: Any, root: Path, key: str) -> None:
+    """An optional index entry: its files (inside the cache, with a sha256) and what it was built from."""
+    if entry is None:
+        return
+    files = entry.get("files") if isinstance(entry, dict) else None
+    built = entry.get("built_from") if isinstance(entry, dict) else None
+    if (
+        not isinstance(files, list)
+        or not files
+        or not isinstance(built, dict)
+        or not isinstance(built.get("shards"), list)
+    ):
+        raise CacheError(f"{root / MANIFEST}: invalid {key!r} entry; delete it and build the index again")
+    for f in files:
+        if not isinstance(f, dict) or not isinstance(f.get("file"), str) or not isinstance(f.get("sha256"), str):
+            raise CacheError(f"{root / MANIFEST}: invalid file in the {key!r} entry")
+        safe_path(root, f["file"])
+
+
+def carry_indexes(root: Path, merged: dict[str, Any]) -> dict[str, Any]:
+    """Keep the index entries of the manifest on disk in a re-merged one: a writer rewriting the
+    manifest (a resumed or repeated build) must not drop them silently. If the shards changed, the
+    kept entry is stale and readers refuse it, naming the fix."""
+    path = root / MANIFEST
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return merged
+        for key in ("index", "lexical_index"):
+            if isinstance(old, dict) and old.get(key):
+                merged[key] = old[key]
+    return merged
 
 
 def _check_fields(obj: Any, fields: dict[str, type], root: Path, what: str) -> None:

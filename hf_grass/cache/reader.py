@@ -13,23 +13,25 @@ costs a ``stat`` per file; ``verify(full=True)`` re-hashes everything.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from hf_grass.cache import hub
-from hf_grass.cache.files import CacheError, atomic_write_json, mmap_tensors, read_header, sha256_file
+from hf_grass.cache import hub, lexical
+from hf_grass.cache import index as faiss_index
+from hf_grass.cache import rows as row_io
+from hf_grass.cache.files import CacheError, mmap_tensors, read_header
 from hf_grass.cache.manifest import MANIFEST, load_json, safe_path, validate_manifest
+from hf_grass.cache.rows import RowBlock, StoredShard
+from hf_grass.cache.verification import verify_files
 from hf_grass.config import GraSSConfig
-
-VERIFIED = ".verified.json"
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -44,9 +46,17 @@ class GradientCache:
         source: how to name the cache in messages (a Hub download names its repo and revision).
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = False, source: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        verify: bool = False,
+        source: str | None = None,
+        remote: hub.RemoteFiles | None = None,
+    ):
         self.path = Path(path)
         self.source = source
+        # a lazily pulled Hub cache: shard files are downloaded (and checked) when first read
+        self.remote = remote
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             hint = (
@@ -58,10 +68,15 @@ class GradientCache:
         self.manifest: dict[str, Any] = validate_manifest(load_json(manifest_path), self.path)
         self.config = GraSSConfig.from_dict(self.manifest["config"])
         self._shard_paths = [safe_path(self.path, s["file"]) for s in self.shards]
+        self._checked = [False] * len(self.shards)  # headers checked (a lazy cache: once fetched)
+        counts = torch.tensor([0] + [s["rows"] for s in self.shards], dtype=torch.int64)
+        self.row_offsets = counts.cumsum(0)  # first row position of each shard, then num_rows
         if verify:  # checksums first: nothing of an unverified file is parsed
             self.verify()
-        for shard, shard_path in zip(self.shards, self._shard_paths):
-            self._check_shard_header(shard, shard_path)
+        for pos, (shard, shard_path) in enumerate(zip(self.shards, self._shard_paths)):
+            if self.remote is not None and not shard_path.is_file():
+                continue  # fetched (and checked) when first read
+            self._checked[pos] = self._check_shard_header(shard, shard_path)
         if not self.manifest["complete"]:
             logger.warning("Gradient cache %s is incomplete (%d rows so far).", self.path, self.num_rows)
 
@@ -147,7 +162,7 @@ class GradientCache:
 
     # ---- integrity ------------------------------------------------------------------------------
 
-    def _check_shard_header(self, shard: dict[str, Any], path: Path) -> None:
+    def _check_shard_header(self, shard: dict[str, Any], path: Path) -> bool:
         if not path.is_file():
             raise CacheError(
                 f"shard file {path} is missing; rebuild shard {shard['id']}: run the same build command on "
@@ -175,6 +190,7 @@ class GradientCache:
         norms = header.get("norms")
         if norms is not None and (norms["shape"] != [shard["rows"], 2] or norms["dtype"] != "F32"):
             raise CacheError(f"{path} has an invalid 'norms' tensor; rebuild shard {shard['id']}")
+        return True
 
     def files(self) -> list[tuple[Path, str]]:
         """Every data file with its expected sha256."""
@@ -187,91 +203,105 @@ class GradientCache:
         if self.manifest.get("eigenbasis"):
             entry = self.manifest["eigenbasis"]
             out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
+        for entry in faiss_index.index_files(self.manifest):  # the FAISS and BM25 indexes, if built
+            out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
         return out
 
     def verify(self, full: bool = False, remember: bool = True) -> None:
         """Check every file against its sha256; raises ``CacheError`` naming the first bad file.
 
         Files whose size, mtime, ctime and inode match a recorded earlier verification are not
-        hashed again, unless ``full``. With ``remember`` the result is recorded for the next time.
+        hashed again, unless ``full``. With ``remember`` the result is recorded for the next time
+        (``hf_grass.cache.verification``).
         """
-        stamps = {} if full else self._stamps()
-        fresh: dict[str, list[Any]] = {}
-        for path, expected in self.files():
-            rel = path.relative_to(self.path.resolve()).as_posix()
-            if not path.is_file():
-                raise CacheError(self._missing_message(rel, path))
-            stat = _stat_key(path)
-            if stamps.get(rel) == [*stat, expected]:
-                fresh[rel] = stamps[rel]
-                continue
-            actual = sha256_file(path)
-            if actual != expected:
-                raise CacheError(self._mismatch_message(rel, path, expected, actual))
-            fresh[rel] = [*stat, expected]
-        if remember and fresh != stamps:
-            with contextlib.suppress(OSError):  # a read-only cache is verified, just not remembered
-                atomic_write_json(self.path / VERIFIED, fresh)
 
-    def _stamps(self) -> dict[str, list[Any]]:
-        try:
-            stamps = json.loads((self.path / VERIFIED).read_text())
-        except (OSError, ValueError):
-            return {}
-        return stamps if isinstance(stamps, dict) else {}
+        def not_fetched(rel: str, path: Path) -> bool:  # a lazy pull checks a file when it fetches it
+            return self.remote is not None and not path.is_file() and self.remote.lazy(rel)
 
-    def _missing_message(self, rel: str, path: Path) -> str:
-        if self.source is None:
-            return f"{path} is missing from the cache; rebuild it (or pull the cache again)"
-        return (
-            f"{rel} is listed in the manifest of {self.source} but is missing (looked for {path}); "
-            "the repo is incomplete: push the cache again."
-        )
-
-    def _mismatch_message(self, rel: str, path: Path, expected: str, actual: str) -> str:
-        if self.source is None:
-            return (
-                f"{path} does not match its sha256 in the manifest: it is corrupt or was altered. Rebuild "
-                "that shard by running the same build command again with verification (hf-grass build --verify, "
-                "or build_gradient_cache(..., verify_existing=True)), or pull the cache again."
-            )
-        return (
-            f"{rel} of {self.source} does not match the sha256 in its manifest (expected {expected[:16]}..., "
-            f"got {actual[:16]}... for {path}): the repo's copy or the downloaded copy was altered, so "
-            "nothing was loaded. Pull again with force_download=True; if it still fails, the repo "
-            "itself is damaged: push the cache again."
-        )
+        verify_files(self.path, self.files(), self.source, full=full, remember=remember, skip=not_fetched)
 
     # ---- data -----------------------------------------------------------------------------------
 
-    def iter_stored(self) -> Iterator[StoredShard]:
-        """One ``StoredShard`` per shard, memory-mapped, as stored: a row is ``grads * scale`` for
-        int8 caches, ``grads`` otherwise. The scan converts them chunk by chunk
-        (``hf_grass.scoring.shard_scores``)."""
-        for path in self._shard_paths:
-            t = mmap_tensors(path)
+    def iter_stored(self, shards: list[int] | None = None) -> Iterator[StoredShard]:
+        """One ``StoredShard`` per shard (``shards``: only these positions), memory-mapped, as
+        stored: a row is ``grads * scale`` for int8 caches, ``grads`` otherwise (convert with
+        ``hf_grass.cache.rows.rows_to_float32``, or read ``iter_row_blocks``)."""
+        for pos in range(len(self.shards)) if shards is None else shards:
+            t = mmap_tensors(self._local_shard(pos))
             yield StoredShard(t["indices"], t["grads"], t.get("scales"), t.get("norms"))
 
     @property
     def has_norms(self) -> bool:
         """Whether the shards store each row's exact norms (caches written since hf-grass 0.2)."""
-        return bool(self._shard_paths) and all("norms" in read_header(p)[0] for p in self._shard_paths)
+        return bool(self.shards) and all(s.get("norms", False) for s in self.shards)
 
-    def iter_shards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_shards(self, shards: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(indices [rows] int64, grads [rows, dim])`` per shard: memory-mapped, or, for int8
-        caches, decoded to float32 one shard at a time."""
-        for shard in self.iter_stored():
+        caches, decoded to float32 one shard at a time. ``shards``: only these positions."""
+        for shard in self.iter_stored(shards):
             yield shard.indices, shard.rows()
+
+    def iter_row_blocks(self, rows_per_block: int, shards: list[int] | None = None) -> Iterator[RowBlock]:
+        """Float32 rows in blocks of at most ``rows_per_block`` (never spanning shards), in row order.
+
+        Each block's ``rows`` is one reused buffer, valid until the next block: copy what you keep.
+        ``shards``: only these shard positions (e.g. one rank's share).
+        """
+        order = list(range(len(self.shards))) if shards is None else list(shards)
+        stream = (
+            (int(self.row_offsets[pos]), shard.indices, shard.stored())
+            for pos, shard in zip(order, self.iter_stored(order))
+        )
+        return row_io.iter_blocks(stream, rows_per_block, self.dim)
+
+    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[n, dim]`` float32 rows at these row positions (see ``hf_grass.cache.rows``): reads only
+        those rows (a lazily pulled cache downloads only the shards holding them)."""
+        return row_io.gather_rows(self._mapped, self.row_offsets, positions, self.dim)
+
+    def norms_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[n, 2]`` float32: the exact gradient and preconditioned norms of the rows at these
+        positions (stored by the pass; for unit-normalised scores)."""
+        return row_io.gather_rows(self._mapped, self.row_offsets, positions, 2, key="norms")
+
+    def _mapped(self, pos: int) -> dict[str, torch.Tensor]:
+        """The memory-mapped tensors of shard ``pos``, kept open (up to 256 shards, least recently
+        used closed first) so that gathering scattered rows costs no re-open per query."""
+        maps = self.__dict__.setdefault("_maps", OrderedDict())
+        if pos in maps:
+            maps.move_to_end(pos)
+        else:
+            maps[pos] = mmap_tensors(self._local_shard(pos))
+            if len(maps) > 256:
+                maps.popitem(last=False)
+        return maps[pos]
+
+    def _local_shard(self, pos: int) -> Path:
+        """The shard file at position ``pos``, downloaded first if this is a lazy Hub cache."""
+        path = self._shard_paths[pos]
+        if not self._checked[pos]:
+            if self.remote is not None:
+                shard = self.shards[pos]
+                self.remote.fetch([(shard["file"], shard["sha256"]), (shard["docs"], shard["docs_sha256"])])
+            self._checked[pos] = self._check_shard_header(self.shards[pos], path)
+        return path
 
     @cached_property
     def indices(self) -> torch.Tensor:
         """Dataset index of every row, in row order."""
-        parts = [mmap_tensors(p)["indices"].clone() for p in self._shard_paths]
+        parts = [self._shard_indices(pos) for pos in range(len(self.shards))]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def _shard_indices(self, pos: int) -> torch.Tensor:
+        if not self._checked[pos]:  # not downloaded (lazy): from the manifest if it tells
+            out = row_io.indices_from_manifest(self.shards[pos])
+            if out is not None:
+                return out
+        return mmap_tensors(self._local_shard(pos))["indices"].clone()
 
     def load(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All rows in memory (small caches and tests): ``[num_rows, dim]``."""
-        blocks = [grads.to(dtype) for _, grads in self.iter_shards()]
+        blocks = [row_io.rows_to_float32({"grads": grads}).to(dtype) for _, grads in self.iter_shards()]
         return torch.cat(blocks) if blocks else torch.empty(0, self.dim, dtype=dtype)
 
     def module_slice(self, name: str) -> slice:
@@ -288,7 +318,10 @@ class GradientCache:
             first, last = shard.get("first_index"), shard.get("last_index")
             if wanted is not None and (first is None or not any(first <= i <= last for i in wanted)):
                 continue
-            with open(safe_path(self.path, shard["docs"]), encoding="utf-8") as fh:
+            docs_path = safe_path(self.path, shard["docs"])
+            if self.remote is not None and not docs_path.is_file():
+                self.remote.fetch([(shard["docs"], shard["docs_sha256"])])
+            with open(docs_path, encoding="utf-8") as fh:
                 for line in fh:
                     doc = json.loads(line)
                     if wanted is None or doc["index"] in wanted:
@@ -309,6 +342,33 @@ class GradientCache:
             return None
         return {k: v.clone() for k, v in mmap_tensors(safe_path(self.path, entry["file"])).items()}
 
+    # ---- indexes --------------------------------------------------------------------------------
+
+    def build_index(self, kind: str = "ivfpq", **kwargs: Any) -> dict[str, Any]:
+        """Build (or resume building) the FAISS index of the rows, stored in the cache; returns its
+        manifest entry. See ``hf_grass.cache.index.build_index`` for the options."""
+        entry = faiss_index.build_index(self, kind, **kwargs)
+        self.__dict__.pop("_faiss", None)
+        return entry
+
+    def index(self) -> faiss_index.FaissIndex | None:
+        """The FAISS index (loaded once, checked: sha256 and not stale), or None if none is built."""
+        if "_faiss" not in self.__dict__:
+            self.__dict__["_faiss"] = faiss_index.load_index(self)
+        return self.__dict__["_faiss"]
+
+    def build_lexical_index(self, **kwargs: Any) -> dict[str, Any]:
+        """Build the BM25 index of the documents' text, stored in the cache (``cache/lexical.py``)."""
+        entry = lexical.build_lexical_index(self, **kwargs)
+        self.__dict__.pop("_bm25", None)
+        return entry
+
+    def lexical_index(self) -> Any:
+        """The BM25 index (``hf_grass.cache.lexical.LexicalIndex``), or None if none is built."""
+        if "_bm25" not in self.__dict__:
+            self.__dict__["_bm25"] = lexical.load_lexical_index(self)
+        return self.__dict__["_bm25"]
+
     # ---- Hub ------------------------------------------------------------------------------------
 
     def push_to_hub(
@@ -319,17 +379,21 @@ class GradientCache:
         revision: str | None = None,
         commit_message: str | None = None,
         endpoint: str | None = None,
+        large: bool = False,
     ) -> str:
         """Upload this cache, with a dataset card, to a Hugging Face *dataset* repo in one commit.
 
         Returns the commit, a ``huggingface_hub.CommitInfo``: the commit URL as a ``str``, with the
-        commit id in ``.oid``. See ``hf_grass.cache.hub`` for what is uploaded.
+        commit id in ``.oid``. See ``hf_grass.cache.hub`` for what is uploaded. ``large``: upload the
+        data in several resumable commits, the manifest last (``hub.push_folder``).
         """
         if not self.manifest["complete"]:
             raise CacheError(
                 f"{self.path} is an unfinished build ({self.num_rows} of {self.manifest['num_examples']} "
                 "rows); run the build again to finish it before pushing."
             )
+        if self.remote is not None and not all(path.is_file() for path, _ in self.files()):
+            raise CacheError(f"{self.path} is a lazy pull, not all of it is here; pull it with lazy=False to push")
         # never publish a damaged cache: every file must match its sha256 (and pushing writes nothing here)
         self.verify(full=True, remember=False)
         return hub.push_folder(
@@ -342,6 +406,7 @@ class GradientCache:
             revision=revision,
             commit_message=commit_message,
             endpoint=endpoint,
+            large=large,
         )
 
     @classmethod
@@ -355,6 +420,7 @@ class GradientCache:
         local_dir: str | os.PathLike | None = None,
         force_download: bool = False,
         verify: bool = True,
+        lazy: bool = False,
     ) -> GradientCache:
         """``open_cache``: a local cache directory, or a Hub repo downloaded; verified either way."""
         return open_cache(
@@ -365,6 +431,7 @@ class GradientCache:
             local_dir=local_dir,
             force_download=force_download,
             verify=verify,
+            lazy=lazy,
         )
 
 
@@ -377,6 +444,7 @@ def open_cache(
     local_dir: str | os.PathLike | None = None,
     force_download: bool = False,
     verify: bool = True,
+    lazy: bool = False,
 ) -> GradientCache:
     """The one way to open a cache: a ``GradientCache`` as it is, a local directory, or a Hub dataset
     repo id (downloaded first, see ``hf_grass.cache.hub``).
@@ -395,6 +463,8 @@ def open_cache(
         force_download: download every file again even if the local copy is current.
         verify: check every file's sha256 (``False``: sizes and headers only, e.g. to describe a
             damaged cache).
+        lazy: (Hub only) download the shards only when a read needs them; with an index, a query
+            then fetches only the shards holding its candidates.
     """
     if isinstance(spec, GradientCache):
         return spec
@@ -402,42 +472,19 @@ def open_cache(
         raise TypeError(f"cache must be a GradientCache, a path or a Hub repo id; got {type(spec).__name__}")
     text = os.fspath(spec)
     if hub.is_local(spec):
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} applies to Hub repos; {text} is a local path")
+        if revision is not None or lazy:
+            raise ValueError(f"revision and lazy apply to Hub repos; {text} is a local path")
         return GradientCache(text, verify=verify)
-    folder = hub.download(
+    folder, remote = hub.download(
         text,
         revision=revision,
         token=token,
         endpoint=endpoint,
         local_dir=local_dir,
         force_download=force_download,
+        lazy=lazy,
     )
     source = f"{text}@{revision or 'main'}"
     if not (folder / MANIFEST).is_file():
         raise CacheError(f"{source} is not an hf-grass gradient cache: it has no {MANIFEST}")
-    return GradientCache(folder, verify=verify, source=source)
-
-
-class StoredShard(NamedTuple):
-    """One shard's tensors as stored."""
-
-    indices: torch.Tensor  # [rows] int64 dataset indices
-    grads: torch.Tensor  # [rows, dim] in the storage dtype
-    scales: torch.Tensor | None  # [rows] float32 for int8 rows (row = grads * scale)
-    norms: torch.Tensor | None  # [rows, 2] float32: exact gradient and preconditioned norms
-
-    def rows(self) -> torch.Tensor:
-        """The rows: memory-mapped as they are, or decoded to float32 for int8."""
-        return self.grads if self.scales is None else decode_rows(self.grads, self.scales)
-
-
-def decode_rows(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 rows from their stored form (see ``hf_grass.cache.writer.encode_rows``)."""
-    rows = stored.to(torch.float32)
-    return rows if scales is None else rows * scales.to(torch.float32)[:, None]
-
-
-def _stat_key(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return GradientCache(folder, verify=verify, source=source, remote=remote)

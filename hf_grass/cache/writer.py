@@ -35,6 +35,7 @@ from hf_grass.cache.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     PARTS_DIR,
+    carry_indexes,
     load_json,
     merge_parts,
     part_name,
@@ -263,6 +264,7 @@ class CacheWriter:
             "prefix": prefix,
             "first_index": indices[0] if indices else None,
             "last_index": indices[-1] if indices else None,
+            "norms": norms is not None,  # the shard stores exact row norms (readers need not open it)
         }
         old_stats = self.stats_file
         if stats is not None:
@@ -286,7 +288,7 @@ class CacheWriter:
     def _write_part(self) -> None:
         atomic_write_json(self.root / part_name(self.rank, self.world_size), self.part)
         if self.world_size == 1:
-            atomic_write_json(self.root / MANIFEST, merge_parts([self.part]))
+            atomic_write_json(self.root / MANIFEST, carry_indexes(self.root, merge_parts([self.part])))
 
     def finish(self, complete: bool) -> None:
         """Mark this rank's part complete (rank 0 merges all parts once every rank has finished)."""
@@ -296,7 +298,7 @@ class CacheWriter:
     def merge(self) -> dict[str, Any]:
         """Rank 0, after a barrier: write ``manifest.json`` from every rank's part."""
         parts = [load_json(self.root / part_name(r, self.world_size)) for r in range(self.world_size)]
-        manifest = merge_parts(parts)
+        manifest = carry_indexes(self.root, merge_parts(parts))
         atomic_write_json(self.root / MANIFEST, manifest)
         return manifest
 

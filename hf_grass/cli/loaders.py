@@ -181,7 +181,7 @@ def _select_text(dataset: Any, spec: str, text_column: str, max_examples: int | 
     return dataset
 
 
-def open_cache_arg(spec: str, verify: bool = True) -> GradientCache:
+def open_cache_arg(spec: str, verify: bool = True, lazy: bool = False) -> GradientCache:
     """``open_cache`` of a command-line argument: a local folder that is not a cache is a usage
     error; a Hub repo id is downloaded. Both are checked the same way."""
     from hf_grass.cache.hub import is_local
@@ -194,6 +194,8 @@ def open_cache_arg(spec: str, verify: bool = True) -> GradientCache:
         if not (path / "manifest.json").is_file():
             hint = " (an unfinished build: run it again to finish)" if (path / "parts").is_dir() else ""
             raise UsageError(f"{spec!r} is not a gradient cache: it has no manifest.json{hint}")
+        if lazy:
+            raise UsageError("--lazy applies to a Hub repo id; a local cache is read where it is")
         return open_cache(path, verify=verify)
-    status(f"Fetching gradient cache {spec} from the Hub ...")
-    return open_cache(spec, verify=verify)
+    status(f"Fetching gradient cache {spec} from the Hub{' (shards on demand)' if lazy else ''} ...")
+    return open_cache(spec, verify=verify, lazy=lazy)

@@ -50,6 +50,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("model", f"{model.get('class')} {model.get('name_or_path') or '(no name recorded)'}"),
         ("weights", f"sha256 {model.get('weights_sha256')} (revision {model.get('revision') or '-'})"),
     ]
+    for key, label in (("index", "index"), ("lexical_index", "bm25")):
+        entry = cache.manifest.get(key)
+        if entry:
+            from hf_grass.cache.index import stale_reason
+
+            stale = stale_reason(entry, cache.manifest)
+            what = entry.get("factory", "BM25") + (" cosine" if entry.get("cosine") else "")
+            rows.append((label, f"{what}, {entry['rows']} rows" + (f" (STALE: {stale})" if stale else "")))
     names = cache.module_names
     rows.append(
         ("modules", ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else ""))
@@ -76,6 +84,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         token=args.token,
         revision=args.revision,
         commit_message=args.commit_message,
+        large=args.large,
     )
     oid = getattr(commit, "oid", None)
     print(f"Pushed {cache.path} to {args.repo_id}" + (f" (commit {oid[:12]})" if oid else ""))
@@ -134,6 +143,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--revision", help="branch to push to (created if needed; default: main)")
     p.add_argument("--token", help="Hub token (default: the saved login or HF_TOKEN)")
     p.add_argument("--commit-message", help="commit message")
+    p.add_argument(
+        "--large",
+        action="store_true",
+        help="large caches: the data in several resumable commits, the manifest last",
+    )
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser(

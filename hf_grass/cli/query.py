@@ -42,7 +42,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         matplotlib_classes()  # fail now, not after the work
     if args.damping is not None and (not math.isfinite(args.damping) or args.damping < 0):
         raise UsageError(f"--damping must be a finite number >= 0, got {args.damping}")
-    cache = open_cache_arg(args.cache)
+    cache = open_cache_arg(args.cache, lazy=args.lazy)
     from hf_grass.scoring import check_k
 
     try:
@@ -72,6 +72,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         cosine=args.cosine,
         cosine_norms=args.cosine_norms,
         check_model=not args.no_check_model,
+        search="exact" if args.exact else args.search,
+        candidates=args.candidates,
     )
     results, panels = [], []
     for prompt, completion in pairs:
@@ -150,6 +152,21 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--no-check-model",
         action="store_true",
         help="score even if the model's weights differ from those the cache was built with",
+    )
+    g = p.add_argument_group("lookup (hf-grass index builds the indexes)")
+    g.add_argument(
+        "--search",
+        choices=["auto", "exact", "index", "bm25", "index+bm25"],
+        default="auto",
+        help="auto: the cache's FAISS index if it has one, else scan every row; bm25 / index+bm25: "
+        "BM25 candidates from the documents' text (alone or joined); scores are exact in every case",
+    )
+    g.add_argument("--exact", action="store_true", help="scan every row (same as --search exact)")
+    g.add_argument("--candidates", type=positive_int, help="rows re-scored per list in a two-stage lookup")
+    g.add_argument(
+        "--lazy",
+        action="store_true",
+        help="Hub cache: download only the shards the lookup reads (with an index: those of the candidates)",
     )
     add_model_arguments(p, required=False)
     p.set_defaults(func=cmd_query)

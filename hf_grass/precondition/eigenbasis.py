@@ -112,9 +112,10 @@ def fit_rotated_masks(
     coordinates.
     """
     basis: dict[str, torch.Tensor] = {}
+    solved: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []  # shared covariances
     for name, comp in compressors.items():
-        b_in, e_in, s_in = _factor_map(full_in.get(name), comp.d_in, comp.in_idx, comp.generator("hash_in"))  # type: ignore[attr-defined]
-        b_out, e_out, s_out = _factor_map(full_out.get(name), comp.d_out, comp.out_idx, comp.generator("hash_out"))  # type: ignore[attr-defined]
+        b_in, e_in, s_in = _factor_map(full_in.get(name), comp.d_in, comp.in_idx, comp.generator("hash_in"), solved)  # type: ignore[attr-defined]
+        b_out, e_out, s_out = _factor_map(full_out.get(name), comp.d_out, comp.out_idx, comp.generator("hash_out"), solved)  # type: ignore[attr-defined]
         e_in = e_in / max(float(tokens.get(name, 0.0)), 1.0)
         e_out = e_out / max(examples, 1.0)
         eig = torch.outer(e_out, e_in)
@@ -129,7 +130,11 @@ def fit_rotated_masks(
 
 
 def _factor_map(
-    cov: torch.Tensor | None, d: int, idx: torch.Tensor, gen: torch.Generator
+    cov: torch.Tensor | None,
+    d: int,
+    idx: torch.Tensor,
+    gen: torch.Generator,
+    solved: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(B [d, m] float32, eigenvalues [m] float64, scale)`` of one factor (see fit_rotated_masks)."""
     idx = idx.cpu()
@@ -145,8 +150,21 @@ def _factor_map(
         b = torch.zeros(d, m, dtype=torch.float32)
         b[idx, torch.arange(m)] = 1.0
         return b, torch.zeros(m, dtype=torch.float64), math.sqrt(d / m)
-    eig, q = linalg.eigh_psd(cov)
+    eig, q = _eigh_once(cov, solved if solved is not None else [])
     return q[:, idx].to(torch.float32).contiguous(), eig[idx], math.sqrt(d / m)
+
+
+def _eigh_once(
+    cov: torch.Tensor, solved: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh_psd(cov)``, reusing the decomposition of an equal covariance: modules that read the
+    same input (q/k/v, gate/up) have the same one, and eigh of a 1.5k-wide factor costs seconds."""
+    for other, result in solved:
+        if other.shape == cov.shape and torch.equal(other, cov):
+            return result
+    result = linalg.eigh_psd(cov)
+    solved.append((cov, result))
+    return result
 
 
 def attach_basis(compressors: dict[str, Compressor], basis: dict[str, torch.Tensor] | None) -> None:

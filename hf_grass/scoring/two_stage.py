@@ -1,0 +1,199 @@
+"""Two-stage lookup: candidates from an index (FAISS) or BM25, then the exact re-rank from the
+cache rows, so the reported scores stay exact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hf_grass.cache.reader import GradientCache
+from hf_grass.distributed import Distributed
+from hf_grass.scoring.streaming import (
+    Normalisation,
+    ScanResult,
+    TopK,
+    _norms,
+    block_scores,
+    check_k,
+    scan,
+)
+
+SEARCHES = ("auto", "exact", "index", "bm25", "index+bm25")
+
+
+def default_candidates(k: int) -> int:
+    """Candidates re-scored per list by default: 300 for k <= 10 (benchmarks/index.py: at 10^6 real
+    rows 1000 candidates gained <= 0.005 recall@10 over 300, for 8-13 ms more per query)."""
+    return max(300, 30 * k)
+
+
+def lookup(
+    cache: GradientCache,
+    queries: torch.Tensor,
+    k: int,
+    *,
+    search: str = "auto",
+    top: bool = True,
+    bottom: bool = False,
+    dense: bool = False,
+    cosine: bool = False,
+    query_texts: list[str] | None = None,
+    candidates: int | None = None,
+    search_params: dict[str, int] | None = None,
+    dist: Distributed | None = None,
+    disable_progress: bool = True,
+    norms: Normalisation | None = None,
+) -> ScanResult:
+    """Top-k / bottom-k per query, from the index when there is one, else by the exact scan.
+
+    ``search``: ``"auto"`` (the FAISS index if the cache has one, else the exact scan), ``"exact"``
+    (always scan every row), ``"index"``, ``"bm25"`` (BM25 candidates from the documents' text,
+    needs ``query_texts``) or ``"index+bm25"`` (both candidate sets joined). Whatever finds the
+    candidates, the reported scores are exact: every candidate is re-scored from its cache row.
+    ``dense`` needs every score, so it always scans.
+    """
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    k = check_k(k, cache.num_rows)
+    if search == "auto":
+        search = "index" if cache.manifest.get("index") and not dense else "exact"
+    if search == "exact" or dense:
+        return scan(
+            cache, queries, k, top=top, bottom=bottom, dense=dense, cosine=cosine, dist=dist,
+            disable_progress=disable_progress, norms=norms,
+        )  # fmt: skip
+    index = lexical = None
+    if "index" in search:
+        index = cache.index()
+        if index is None:
+            raise ValueError(
+                f"search={search!r} but {cache.path} has no index: build it with `hf-grass index "
+                f"{cache.path}` (or cache.build_index()), or use search='exact'"
+            )
+        cosine = cosine or norms is not None  # unit-normalised scores: the index of unit rows
+        if index.cosine != cosine:
+            raise ValueError(
+                f"the index of {cache.path} was built for {'cosine' if index.cosine else 'inner-product'} "
+                f"scores but this query asks for {'cosine' if cosine else 'inner-product'} scores; rebuild "
+                f"it (hf-grass index {cache.path} --rebuild {'--cosine' if cosine else '--no-cosine'}) or "
+                "use search='exact'"
+            )
+    if "bm25" in search:
+        lexical = cache.lexical_index()
+        if lexical is None:
+            raise ValueError(
+                f"search={search!r} but {cache.path} has no BM25 index: build it with `hf-grass index "
+                f"{cache.path} --bm25` (or cache.build_lexical_index())"
+            )
+        if query_texts is None or len(query_texts) != queries.shape[0]:
+            raise ValueError("BM25 candidates need the text of every query (query_texts)")
+    return two_stage(
+        cache, queries, k, index=index, lexical=lexical, query_texts=query_texts, top=top, bottom=bottom,
+        cosine=cosine, candidates=candidates, search_params=search_params, method=search, norms=norms,
+    )  # fmt: skip
+
+
+def two_stage(
+    cache: GradientCache,
+    queries: torch.Tensor,
+    k: int,
+    *,
+    index: Any = None,
+    lexical: Any = None,
+    query_texts: list[str] | None = None,
+    top: bool = True,
+    bottom: bool = False,
+    cosine: bool = False,
+    candidates: int | None = None,
+    search_params: dict[str, int] | None = None,
+    query_batch: int | None = None,
+    method: str = "index",
+    norms: Normalisation | None = None,
+) -> ScanResult:
+    """Candidates per query, then the exact score of each from its cache row, then the top-k.
+
+    Helpful candidates are the index's maximum inner products with ``q``; harmful ones are its
+    maximum inner products with ``-q`` (the most negative scores), a second search of the same
+    index. The index's shortlist (the rows of largest norm, ``hf_grass.cache.index``) is a
+    candidate of every query, scored from its float32 copy. BM25 candidates (``lexical``) join both
+    lists. Rows are read once per query batch for the
+    union of its candidates (``GradientCache.rows_at``: only those rows, only those shards); the
+    batch (default) holds at most ``2^15`` candidate rows, so memory is bounded by the candidates,
+    not by the cache or the number of queries.
+    """
+    queries = queries.to(torch.float32)
+    n = candidates or default_candidates(k)
+    if n < k:
+        raise ValueError(f"candidates={n} must be at least k={k}")
+    wanted = [largest for largest, on in ((True, top), (False, bottom)) if on]
+    sources = (index is not None) + (lexical is not None)
+    # the index's rows of the largest norms, candidates of every query
+    shortlisted = getattr(index, "shortlist_mask", None)
+    query_batch = query_batch or max(1, min(256, (1 << 15) // (n * len(wanted) * sources)))
+    parts: dict[bool, list[TopK]] = {largest: [] for largest in wanted}
+    for lo in range(0, queries.shape[0], query_batch):
+        q = queries[lo : lo + query_batch]
+        found: dict[bool, list[torch.Tensor]] = {largest: [] for largest in wanted}
+        if index is not None:
+            signed = torch.cat([q if largest else -q for largest in wanted])
+            hits = index.search(signed, n, search_params)
+            for i, largest in enumerate(wanted):
+                found[largest].append(hits[i * q.shape[0] : (i + 1) * q.shape[0]])
+        if lexical is not None:
+            assert query_texts is not None
+            hits = lexical.search(query_texts[lo : lo + query_batch], n)
+            for largest in wanted:
+                found[largest].append(hits)
+        cand = {largest: _dedupe(torch.cat(found[largest], dim=1)) for largest in wanted}
+        if shortlisted is not None:  # scored below from the index's own float32 copy
+            cand = {largest: c.masked_fill(shortlisted[c.clamp(min=0)] & (c >= 0), -1) for largest, c in cand.items()}
+        union = torch.unique(torch.cat([c[c >= 0] for c in cand.values()]))
+        rows = cache.rows_at(union)
+        sub = norms.select(slice(lo, lo + query_batch)) if norms is not None else None
+        qn = _norms(q) if cosine and sub is None else None
+        exact = block_scores(q, rows, qn, sub, cache.norms_at(union) if sub else None)  # [b, |union|]
+        extra = None
+        if shortlisted is not None:
+            extra_norms = cache.norms_at(index.shortlist_positions) if sub else None
+            extra = block_scores(q, index.shortlist_rows, qn, sub, extra_norms)
+        for largest in wanted:
+            c = cand[largest]
+            cols = torch.searchsorted(union, c.clamp(min=0))
+            scores = exact.gather(1, cols.clamp(max=max(union.numel() - 1, 0)))
+            fill = float("-inf") if largest else float("inf")
+            scores = scores.masked_fill(c < 0, fill)
+            if extra is not None:
+                scores = torch.cat([scores, extra], dim=1)
+                c = torch.cat([c, index.shortlist_positions.unsqueeze(0).expand(c.shape[0], -1)], dim=1)
+            values, pos = scores.topk(min(k, c.shape[1]), dim=1, largest=largest, sorted=True)
+            positions = c.gather(1, pos)
+            short = (positions < 0).any(dim=1)
+            if bool(short.any()):  # fewer than k candidates: those queries get the exact scan
+                again = scan(
+                    cache, q[short], k, top=largest, bottom=not largest, cosine=cosine,
+                    norms=sub.select(short) if sub is not None else None,
+                )  # fmt: skip
+                lists = again.top if largest else again.bottom
+                assert lists is not None
+                values[short] = lists.scores
+                positions[short] = _positions_of(cache, lists.indices)
+            parts[largest].append(TopK(values, cache.indices[positions]))
+    lists = {largest: TopK(torch.cat([p.scores for p in v]), torch.cat([p.indices for p in v]))
+             for largest, v in parts.items()}  # fmt: skip
+    return ScanResult(top=lists.get(True), bottom=lists.get(False), method=method)
+
+
+def _dedupe(cand: torch.Tensor) -> torch.Tensor:
+    """Candidate positions per row with repeats (the same row found twice) set to ``-1``."""
+    cand, _ = cand.sort(dim=1)
+    repeat = torch.zeros_like(cand, dtype=torch.bool)
+    repeat[:, 1:] = cand[:, 1:] == cand[:, :-1]
+    return cand.masked_fill(repeat, -1)
+
+
+def _positions_of(cache: GradientCache, indices: torch.Tensor) -> torch.Tensor:
+    """Row positions of dataset indices (the inverse of ``cache.indices``)."""
+    order = torch.argsort(cache.indices)
+    return order[torch.searchsorted(cache.indices[order], indices)]
+
