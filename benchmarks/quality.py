@@ -37,21 +37,32 @@ BENCHES = ("tinylm", "fact_tracing", "digits_mlp")
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     "damping=0.001": {"damping": 0.001},
+    "damping=0.003": {"damping": 0.003},
     "damping=0.01": {"damping": 0.01},
     "damping=0.1": {"damping": 0.1},
+    "ekfac_sample_size=1024 (no token cap)": {"warmup_tokens": 10**9},
     "kfac": {"preconditioner": "kfac"},
+    "kfac damping=0.003": {"preconditioner": "kfac", "damping": 0.003},
+    "kfac damping=0.01": {"preconditioner": "kfac", "damping": 0.01},
+    "warm-up 64 examples": {"ekfac_sample_size": 64},
+    "warm-up 64, damping=0.003": {"ekfac_sample_size": 64, "damping": 0.003},
     "total_dim=16384": {"total_dim": 16384},
     "factor_dim=64": {"factor_dim": 64},
     "factor_dim=256": {"factor_dim": 256},
     "input-masks": {"mask_basis": "input"},
     "float32 rows": {"dtype": "float32"},
     "identity cache": {"preconditioner": "identity"},
+    "cosine (preconditioned norms)": {"cosine": True},
     "v0.1 default (proj_dim=1024)": {"proj_dim": 1024, "dtype": "float16", "damping": 0.1},
-    "logra proj_dim=1024": {"compressor": "logra", "proj_dim": 1024, "dtype": "float16", "damping": 0.1},
 }
 GRIDS = {
     "default": ["default"],
     "full": list(CONFIGS),
+    "damping": ["default", "damping=0.001", "damping=0.003", "damping=0.01", "kfac", "kfac damping=0.003",
+                "kfac damping=0.01", "warm-up 64 examples", "warm-up 64, damping=0.003"],  # fmt: skip
+    "report": ["default", "ekfac_sample_size=1024 (no token cap)", "damping=0.01", "damping=0.1", "kfac",
+               "total_dim=16384", "factor_dim=64", "factor_dim=256", "input-masks", "float32 rows",
+               "identity cache", "cosine (preconditioned norms)", "v0.1 default (proj_dim=1024)"],  # fmt: skip
 }
 
 
@@ -83,6 +94,16 @@ def run_config(
     attributor = Attributor(bench.model, bench.tokenizer, cache, batch_size=batch_size, **query_overrides)
     scores = attributor.attribute(bench.test)
     query_s = time.perf_counter() - start
+    if bench.name == "fact_tracing":  # the path a user takes: find_influential encodes the prompt itself
+        ranks = []
+        for record, source in zip(bench.test_records, bench.source):
+            found = attributor.find_influential(record["prompt"], k=10, completion=record["completion"])
+            order = [d.index for d in found.documents]
+            ranks.append(order.index(int(source)) if int(source) in order else 10)
+        return_extra = {"find_influential": {"recall@1": sum(r < 1 for r in ranks) / len(ranks),
+                                             "recall@10": sum(r < 10 for r in ranks) / len(ranks)}}  # fmt: skip
+    else:
+        return_extra = {}
     row_bytes = sum(p.stat().st_size for p in (cache.path / "shards").glob("*.safetensors")) / max(cache.num_rows, 1)
     return {
         "config": name,
@@ -93,6 +114,7 @@ def run_config(
         "pass_s": pass_s,
         "query_s": query_s,
         "scores": scores,
+        **return_extra,
     }
 
 
@@ -113,14 +135,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="hf_grass_quality_") as tmp:
             for name in names:
                 runs = [run_config(bench, name, CONFIGS[name], s, args.batch_size, Path(tmp)) for s in args.seeds]
-                per_seed = [bd.metrics(common, bench, r.pop("scores")) for r in runs]
+                per_seed = [{**bd.metrics(common, bench, r.pop("scores")),
+                             **{f"find_influential {k}": v for k, v in r.get("find_influential", {}).items()}}
+                            for r in runs]  # fmt: skip
                 mean = {k: statistics.fmean(m[k] for m in per_seed) for k in per_seed[0]}
                 row = {
                     "bench": bench_name,
                     "config": name,
                     "metrics": mean,
                     "per_seed": per_seed,
-                    "ratio_to_kronfluence": {k: v / reference[k] for k, v in mean.items()} if reference else None,
+                    "ratio_to_kronfluence": (
+                        {k: v / reference[k.removeprefix("find_influential ")] for k, v in mean.items()}
+                        if reference
+                        else None
+                    ),
                     "bytes_per_document": runs[0]["bytes_per_document"],
                     "dim": runs[0]["dim"],
                     "pass_s": statistics.fmean(r["pass_s"] for r in runs),

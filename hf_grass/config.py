@@ -56,6 +56,7 @@ _CACHE_FIELDS = (
     "preconditioner",
     "damping",
     "ekfac_sample_size",
+    "warmup_tokens",
     "max_length",
     "shard_size",
 )
@@ -154,8 +155,11 @@ class GraSSConfig:
         metadata={"help": "fim, kfac, ekfac or identity. Default: ekfac for factgrass/logra, fim otherwise."},
     )
     damping: float = field(
-        default=0.1,
-        metadata={"help": "Damping as a fraction of the mean eigenvalue of each module's preconditioner."},
+        default=0.001,
+        metadata={
+            "help": "Damping as a fraction of the mean eigenvalue of each module's preconditioner (chosen on "
+            "bench-dev, docs/howto/choosing.md). A kfac/ekfac build also whitens its rows with it."
+        },
     )
     cosine: bool = field(
         default=False,
@@ -177,6 +181,14 @@ class GraSSConfig:
         metadata={
             "help": "Examples used by the warm-up pass that fits the K-FAC eigenbasis (ekfac/kfac only); "
             "the eigenvalue corrections then use every example."
+        },
+    )
+    warmup_tokens: int = field(
+        default=8192,
+        metadata={
+            "help": "The warm-up sample also stops at this many tokens (the first examples, in dataset "
+            "order, up to ekfac_sample_size examples): it bounds the warm-up's cost on long documents. "
+            "An example without input_ids counts as one token."
         },
     )
     max_length: int | None = field(
@@ -204,7 +216,7 @@ class GraSSConfig:
         _check_choice("distribution", self.distribution, ("gaussian", "rademacher"))
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("loss_reduction", self.loss_reduction, ("sum", "mean"))
-        for name in ("sparsify_factor", "sjlt_nnz", "shard_size", "ekfac_sample_size", "factor_dim"):
+        for name in ("sparsify_factor", "sjlt_nnz", "shard_size", "ekfac_sample_size", "factor_dim", "warmup_tokens"):
             _check_positive_int(name, getattr(self, name))
         for name in ("proj_dim", "total_dim", "max_length", "batch_size"):
             if getattr(self, name) is not None:
@@ -238,7 +250,7 @@ class GraSSConfig:
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
             raise TypeError(f"damping must be a float, got {self.damping!r}.")
         if not math.isfinite(self.damping) or self.damping < 0:
-            raise ValueError(f"damping must be a finite number >= 0 (default 0.1), got {self.damping}.")
+            raise ValueError(f"damping must be a finite number >= 0 (default 0.001), got {self.damping}.")
 
     def _resolve_layout(self) -> None:
         """Fill the layout fields left at None (see their help) and check they go together."""

@@ -150,6 +150,7 @@ CACHE_ALTERNATIVES: dict[str, Any] = {
     "shard_size": 512,
     "total_dim": 16384,
     "factor_dim": 64,
+    "warmup_tokens": 4096,
     "mask_basis": "input",
     # the build-time damping whitens kfac/ekfac rows, so it changes the cache's bytes (issue 10)
     "damping": 0.5,

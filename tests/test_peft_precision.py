@@ -16,6 +16,9 @@ from hf_grass.capture import GradientComputer
 from hf_grass.data import collate
 
 peft = pytest.importorskip("peft")
+# measured: the planted document first for 6/6 facts and in the top 3 for 6/6 (proj_dim=64,
+# OMP_NUM_THREADS=1); the bounds leave room for the trained weights to differ across thread counts
+PEFT_TOP1, PEFT_TOP3 = 4, 5
 
 
 def test_lora_trained_with_trainer_caches_lora_factors(tmp_path: Path) -> None:
@@ -46,8 +49,15 @@ def test_lora_trained_with_trainer_caches_lora_factors(tmp_path: Path) -> None:
         if name in frozen:
             assert not param.requires_grad and torch.equal(param, frozen[name])
     assert any(p.requires_grad for p in model.parameters())
-    result = trainer.find_influential(facts[0]["prompt"], k=3, completion=" " + facts[0]["answer"])
-    assert len(result.documents) == 3 and result.documents[0].score > 0
+    # the planted document of each fact is found (among 24 documents; chance is 1 in 24 for top-1)
+    ranks = []
+    for fact in facts:
+        result = trainer.find_influential(fact["prompt"], k=3, completion=" " + fact["answer"])
+        assert len(result.documents) == 3 and result.documents[0].score > 0
+        order = [d.index for d in result.documents]
+        ranks.append(order.index(fact["doc"]) if fact["doc"] in order else 3)
+    print("planted-document ranks (3 = not in the top 3):", ranks)
+    assert sum(r == 0 for r in ranks) >= PEFT_TOP1 and sum(r < 3 for r in ranks) >= PEFT_TOP3, ranks
 
 
 def test_bf16_model_accumulates_in_fp32() -> None:

@@ -80,7 +80,7 @@ def brute_force_factor_grads(
 def test_kronecker_scores_equal_explicit_inverse(tmp_path: Path, kind: str, compressor: str) -> None:
     model = tiny_llama(VOCAB).double()
     config = GraSSConfig(
-        compressor=compressor, proj_dim=16, preconditioner=kind, dtype="float32", shard_size=4
+        compressor=compressor, proj_dim=16, preconditioner=kind, dtype="float32", shard_size=4, damping=0.1
     )
     train = random_token_examples(11, VOCAB, seed=1)
     computer, cache = build(tmp_path, model, config, train)
@@ -122,6 +122,52 @@ def test_kronecker_scores_equal_explicit_inverse(tmp_path: Path, kind: str, comp
     torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
     if compressor == "logra":  # no final projection: the whitening cancels exactly
         torch.testing.assert_close(got, exact, rtol=RTOL, atol=RTOL * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+@pytest.mark.parametrize("mask_basis", ["input", "eigen"])
+def test_factgrass_scores_equal_the_exact_factor_space_score(tmp_path: Path, kind: str, mask_basis: str) -> None:
+    """The global layout whose factor spaces fit the row stores them as they are, so the score is
+    exactly the factor-space influence: checked against batch-of-one autograd gradients and explicit
+    inverses, with no re-implementation of the library's whitening (which must cancel)."""
+    model = tiny_llama(VOCAB).double()
+    config = GraSSConfig(
+        total_dim=4096, factor_dim=16, mask_basis=mask_basis, preconditioner=kind, dtype="float32",
+        shard_size=4, damping=0.1,
+    )  # fmt: skip
+    train = random_token_examples(11, VOCAB, seed=1)
+    computer, cache = build(tmp_path, model, config, train)
+    assert computer.embedded and cache.manifest["layout"] == "module"  # stored without projection
+    queries = random_token_examples(2, VOCAB, seed=7)
+    pre = Preconditioner.fit(cache)
+    basis = cache.eigenbasis()
+    got = dense_scores(cache, query_gradients(computer, [collate(queries)], pre, basis)).double()
+    stats = cache.statistics()
+    n = float(stats["examples"])
+    query_factor = brute_force_factor_grads(model, computer, queries)  # through the fitted masks
+    train_factor = brute_force_factor_grads(model, computer, train)
+    exact = torch.zeros_like(got)
+    for name in cache.module_names:
+        g_train = train_factor[name].reshape(len(train), -1)
+        g_query = query_factor[name].reshape(len(queries), -1)
+        if mask_basis == "input":  # the factor space is masked coordinates: K-FAC / EK-FAC in it
+            rot = torch.kron(basis[f"{name}::q_out"], basis[f"{name}::q_in"]).double()
+            if kind == "kfac":
+                a = stats[f"{name}::cov_in"] / stats[f"{name}::tokens"]
+                curvature = torch.kron(stats[f"{name}::cov_out"] / n, a)
+            else:
+                curvature = rot @ torch.diag((g_train @ rot).square().mean(0)) @ rot.T
+        else:  # masks in the eigenbasis: the coordinates are eigen-directions, scaled by sqrt(d/m)
+            scale = float(basis[f"{name}::scale"].prod())
+            if kind == "kfac":
+                eig = torch.outer(basis[f"{name}::eig_out"], basis[f"{name}::eig_in"]).reshape(-1)
+            else:  # EK-FAC's eigenvalues of the unscaled coordinates, by brute force
+                eig = (g_train / scale).square().mean(0)
+            curvature = torch.diag(eig.double())
+        lam = 0.1 * torch.linalg.eigvalsh(curvature).clamp(min=0).mean()
+        inverse = torch.linalg.inv(curvature + lam * torch.eye(curvature.shape[0], dtype=torch.float64))
+        exact += (g_query @ inverse) @ g_train.T
+    torch.testing.assert_close(got, exact, rtol=RTOL, atol=RTOL * exact.abs().max().item())
 
 
 def test_streaming_topk_equals_argsort_and_cosine(tmp_path: Path) -> None:

@@ -328,7 +328,7 @@ class AttributionPass:
         # basis (which rotates the stored rows) is then bit-identical for any number of processes,
         # where summing per-rank parts in another order could turn eigenvectors of (near-)degenerate
         # eigenvalues arbitrarily. The sample is small; other ranks wait (or, under ZeRO-3, step along).
-        n = min(len(self.source), self.config.ekfac_sample_size) if self.dist.rank == 0 else 0
+        n = self._warmup_size() if self.dist.rank == 0 else 0
         sample = list(range(n))
         rotated = self.config.mask_basis == "eigen"
         sums: StatsAccumulator | FullCovariances
@@ -365,6 +365,18 @@ class AttributionPass:
         writer.record_eigenbasis(sha256_file(path))
         # every rank uses rank 0's file, so the basis is bit-identical across processes
         return {k: v.clone() for k, v in mmap_tensors(path).items()}
+
+    def _warmup_size(self) -> int:
+        """The first examples, up to ``ekfac_sample_size`` of them and ``warmup_tokens`` tokens
+        (the batch that crosses the token budget is the last)."""
+        limit = min(len(self.source), self.config.ekfac_sample_size)
+        tokens = 0
+        for i in range(limit):
+            ids = self.source.example(i).get("input_ids")
+            tokens += len(ids) if ids is not None and hasattr(ids, "__len__") else 1
+            if tokens >= self.config.warmup_tokens:
+                return min(limit, -(-(i + 1) // self.batch_size) * self.batch_size)
+        return limit
 
     def _statistics(
         self, writer: CacheWriter, basis: dict[str, torch.Tensor] | None

@@ -48,11 +48,8 @@ _SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 # (without it, 60 epochs put the fact's own document first for only 3 of the 30 facts).
 DEMO_EPOCHS = 40
 _DEMO_LABEL_SMOOTHING = 0.1
-# Every proj_dim tried (1024, 2304, 4096) puts each fact's own documents first for all 30 facts. The
-# contradicting documents need more: they differ from the fact only in the answer's output rows,
-# and at 1024 the masks keep 64 of the lm_head's 227; 4096 ranks both most harmful for each of the
-# seeds 0, 1, 2 (1024: two of three). Still only 30 MB on disk, built in a few seconds.
-_DEMO_PROJ_DIM = 4096
+# The demo uses the library's default configuration (one row of GraSSConfig().total_dim int8 numbers
+# per document, masks in the K-FAC eigenbasis, EK-FAC), so what it shows is what a user gets.
 
 
 @contextlib.contextmanager
@@ -231,8 +228,8 @@ def _run_demo(args: argparse.Namespace, out: Path, plot_path: Path | None) -> in
         cache = trainer.build_gradient_cache()
         s = cache.summary()
         print(
-            f"      {s['rows']} rows x {s['dim']} numbers ({s['modules']} modules x {s['proj_dim']}, "
-            f"factgrass), {s['dtype']}, {human_bytes(dir_bytes(cache.path))} in {cache.path}"
+            f"      {s['rows']} rows x {s['dim']} numbers ({s['modules']} modules, factgrass), "
+            f"{s['dtype']}, {human_bytes(dir_bytes(cache.path))} in {cache.path}"
         )
         return cache
 
@@ -305,9 +302,7 @@ def _demo_trainer(model: Any, tokenizer: Any, train: Any, cache_dir: Path, epoch
         seed=0,
         disable_tqdm=True,
     )
-    config = GraSSConfig(
-        compressor="factgrass", proj_dim=_DEMO_PROJ_DIM, cache_dir=str(cache_dir), shard_size=128
-    )
+    config = GraSSConfig(cache_dir=str(cache_dir), shard_size=128)
     trainer = AttributionTrainer(
         model=model,
         args=args,
