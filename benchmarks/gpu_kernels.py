@@ -1,4 +1,4 @@
-"""Time the deterministic Triton kernels against the torch paths and the opt-in atomic kernels, on CUDA.
+"""Time the deterministic Triton kernels against the torch paths, on CUDA.
 
 Shapes are GPT-2 small's linear layers (HF ``Conv1D`` with bias, so d_in counts the bias column) at
 B=8 examples of T=512 tokens, with FactGraSS at k in {256, 1024, 4096} and sparsify_factor 4
@@ -7,9 +7,11 @@ inputs and the same compressor tensors (masks, SJLT map, drawn by ``make_compres
 
 * ``torch``: the library's torch path on CUDA (masked outer product with ``bmm``, then the SJLT
   gathered through the inverse index: deterministic);
-* ``triton``: the default, deterministic Triton kernels (:mod:`hf_grass.kernels.triton_kernels`);
-* ``atomic``: the opt-in atomic kernels (``HF_GRASS_KERNELS=triton_atomic``), not deterministic.
-  They are kept only until this benchmark shows whether they are worth it.
+* ``triton``: the default, deterministic Triton kernels (:mod:`hf_grass.kernels.triton_kernels`).
+
+Earlier atomic-add Triton kernels (not deterministic) were removed before any GPU measurement; they
+are in git history (commit 4b164a7, ``hf_grass/kernels/triton_atomic.py``) should a measurement here
+show the gather kernels leave much on the table.
 
 Before timing, each output is compared with the scatter reference (``index_add_``) to ``REL_TOL``,
 and each deterministic variant is run ``REPEATS`` times: its outputs must be identical bit for bit.
@@ -53,7 +55,7 @@ SJLT_N = 1 << 20
 REL_TOL = 1e-4
 # runs of each deterministic variant whose outputs must agree bit for bit
 REPEATS = 5
-VARIANTS = ("torch", "triton", "atomic")
+VARIANTS = ("torch", "triton")
 
 
 def cuda_time_ms(fn: Callable[[], torch.Tensor], warmup: int, reps: int) -> float:
@@ -103,7 +105,6 @@ def _variants(call: Callable[[], torch.Tensor]) -> dict[str, Callable[[], torch.
     return {
         "torch": _with_kernels("torch", call),
         "triton": _with_kernels("triton", call),
-        "atomic": _with_kernels("triton_atomic", call),
     }
 
 
@@ -119,7 +120,7 @@ def measure(
         repeatable = all(same_bits(o, outs[0]) for o in outs[1:])
         row[f"{name}_rel_err"] = err
         row[f"{name}_repeatable"] = repeatable
-        ok = ok and err <= REL_TOL and (repeatable or name == "atomic")
+        ok = ok and err <= REL_TOL and repeatable
     for name, run in runs.items():
         row[f"{name}_ms"] = cuda_time_ms(run, args.warmup, args.reps)
     row["ok"] = ok
@@ -178,18 +179,18 @@ def bench_sjlt(k: int, args: argparse.Namespace) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = f"{'kernel':<10} {'case':<24} {'shape':<16} {'k':>5} {'m_out x m_in':>12} "
     header += " ".join(f"{v + ' ms':>10}" for v in VARIANTS)
-    header += f" {'torch/triton':>12} {'atomic/triton':>13} {'repeatable':>11} {'triton err':>10}"
+    header += f" {'torch/triton':>12} {'repeatable':>11} {'triton err':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
         masks = f"{r['m_out']} x {r['m_in']}" if r["m_in"] is not None else "-"
         times = " ".join(f"{r[v + '_ms']:>10.3f}" for v in VARIANTS)
         tri = r["triton_ms"] if r["triton_ms"] > 0 else float("nan")
-        repeat = "".join("y" if r[f"{v}_repeatable"] else "n" for v in VARIANTS)  # torch, triton, atomic
+        repeat = "".join("y" if r[f"{v}_repeatable"] else "n" for v in VARIANTS)  # torch, triton
         flag = "" if r["ok"] else "  MISMATCH"
         print(
             f"{r['kernel']:<10} {r['module']:<24} {r['shape']:<16} {r['k']:>5} {masks:>12} {times} "
-            f"{r['torch_ms'] / tri:>11.2f}x {r['atomic_ms'] / tri:>12.2f}x {repeat:>11} "
+            f"{r['torch_ms'] / tri:>11.2f}x {repeat:>11} "
             f"{r['triton_rel_err']:>10.1e}{flag}"
         )
 

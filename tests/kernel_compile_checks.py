@@ -30,7 +30,6 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hf_grass.kernels import triton_atomic as ta  # noqa: E402
 from hf_grass.kernels import triton_kernels as tk  # noqa: E402
 
 NO_BACKEND = 77
@@ -67,9 +66,7 @@ def _compile(
         raise AssertionError("no cubin produced")
 
 
-def _factgrass_variant(
-    dtype: torch.dtype, m: int, bias: bool, ones: bool, target: GPUTarget, atomic: bool = False
-) -> None:
+def _factgrass_variant(dtype: torch.dtype, m: int, bias: bool, ones: bool, target: GPUTarget) -> None:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     # the dtype the wrapper would hand tl.dot on a GPU (bf16 stays bf16 outside the interpreter)
     dot = dtype if dtype in (torch.float16, torch.bfloat16) else acc
@@ -90,15 +87,10 @@ def _factgrass_variant(
     }
     # strides past 2**31 arrive as i64
     ints = {"stride_xb": "i64", "stride_db": "i64"}
-    if atomic:
-        fn = ta._factgrass_kernel
-        pointers.update({"rows_ptr": "*i64", "signs_ptr": "*fp32", "out_ptr": PTR[acc]})
-        may_be_one = ("T", "m_in", "m_out", "n_proj", "s", "n_tchunks", "stride_xd", "stride_dd", "stride_ob")
-    else:
-        fn = tk._masked_outer_kernel
-        pointers["gp_ptr"] = PTR[acc]
-        ints.update({"stride_gpc": "i64", "stride_gpb": "i64"})
-        may_be_one = ("T", "m_in", "m_out", "n_tchunks", "stride_xd", "stride_dd", "stride_gpb")
+    fn = tk._masked_outer_kernel
+    pointers["gp_ptr"] = PTR[acc]
+    ints.update({"stride_gpc": "i64", "stride_gpb": "i64"})
+    may_be_one = ("T", "m_in", "m_out", "n_tchunks", "stride_xd", "stride_dd", "stride_gpb")
     if ones:
         # every integer argument that can be 1 at run time, as the JIT would specialise it
         for name in may_be_one:
@@ -106,23 +98,11 @@ def _factgrass_variant(
     _compile(fn, pointers, constexprs, ints, num_warps, target)
 
 
-def _sjlt_variant(
-    dtype: torch.dtype, batch: int, ones: bool, target: GPUTarget, atomic: bool = False
-) -> None:
+def _sjlt_variant(dtype: torch.dtype, batch: int, ones: bool, target: GPUTarget) -> None:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    if atomic:
-        meta = ta._sjlt_meta(batch)
-        num_warps = meta.pop("num_warps")
-        constexprs: dict[str, Any] = {"ACC_DTYPE": tk._TL_DTYPES[acc], **meta}
-        if ones:
-            for name in ("B", "n", "s", "stride_gn", "stride_ob"):
-                constexprs[name] = 1
-        pointers = {"g_ptr": PTR[dtype], "rows_ptr": "*i64", "signs_ptr": "*fp32", "out_ptr": PTR[acc]}
-        _compile(ta._sjlt_kernel, pointers, constexprs, {"stride_gb": "i64"}, num_warps, target)
-        return
     meta = tk._sjlt_meta(batch)
     num_warps = meta.pop("num_warps")
-    constexprs = {"ACC_DTYPE": tk._TL_DTYPES[acc], **meta}
+    constexprs: dict[str, Any] = {"ACC_DTYPE": tk._TL_DTYPES[acc], **meta}
     if ones:
         names = ("B", "k", "width", "steps_per_program", "n_gparts", "stride_gb", "stride_gn", "stride_ob")
         for name in names:
@@ -163,22 +143,6 @@ def variants() -> list[tuple[str, Any]]:
             (f"sjlt {label} B={batch} sm90", lambda d=dtype, b=batch: _sjlt_variant(d, b, False, sm90))
         )
     out.append(("sjlt float16 ints=1 sm80", lambda: _sjlt_variant(torch.float16, 1, True, sm80)))
-    # the opt-in atomic kernels: one variant each per target family
-    out.append(
-        (
-            "atomic factgrass bfloat16 m=128 bias sm90",
-            lambda: _factgrass_variant(torch.bfloat16, 128, True, False, sm90, atomic=True),
-        )
-    )
-    out.append(
-        (
-            "atomic factgrass float64 ints=1 sm80",
-            lambda: _factgrass_variant(torch.float64, 16, True, True, sm80, atomic=True),
-        )
-    )
-    out.append(
-        ("atomic sjlt bfloat16 B=8 sm90", lambda: _sjlt_variant(torch.bfloat16, 8, False, sm90, atomic=True))
-    )
     return out
 
 

@@ -4,8 +4,7 @@ The default kernels are deterministic, so they are checked twice: bit for bit ag
 reference that adds in the same order (``reference.sjlt_project_gather`` over the kernel's own
 partial sums: the masked outer product's ``tl.dot`` has no torch twin with its summation order, so
 for factgrass only the SJLT stage is compared bit for bit, and the ``tl.dot`` stage to rounding), and
-to float rounding against the plain reference (``index_add_``, the CPU path). The opt-in atomic
-kernels are checked to rounding only.
+to float rounding against the plain reference (``index_add_``, the CPU path).
 
 ``tests/test_kernels.py`` runs this file in a subprocess, because ``TRITON_INTERPRET=1`` only takes
 effect when it is set before ``triton`` is imported, and the pytest process may already have imported
@@ -39,7 +38,6 @@ from hf_grass import kernels  # noqa: E402
 from hf_grass.compressors import make_compressor  # noqa: E402
 from hf_grass.config import GraSSConfig  # noqa: E402
 from hf_grass.kernels import SJLTMap, reference  # noqa: E402
-from hf_grass.kernels import triton_atomic as ta  # noqa: E402
 from hf_grass.kernels import triton_kernels as tk  # noqa: E402
 
 CHECKS: dict[str, Callable[[], str]] = {}
@@ -359,24 +357,6 @@ def int64_offsets_sjlt() -> str:
     return _compare(tk.sjlt_project(g, sjlt), _sjlt_ref(g.clone(), sjlt), "sjlt")
 
 
-# ---- the opt-in atomic kernels (kept only for benchmarking) ----------------------------------------
-
-
-@check
-def atomic_kernels_match_reference() -> str:
-    notes = []
-    for n, label in enumerate(("fp32", "bf16")):
-        args = _fact_inputs(FACT_CASES[2], DTYPES[label], DTYPES[label], seed=20 + n)
-        x, delta, in_idx, out_idx, sjlt, k, bias = args
-        out = ta._factgrass_launch(x, delta, in_idx, out_idx, sjlt.rows, sjlt.signs, k, bias, 16)
-        notes.append(_compare(out, _ref_factgrass(args), f"atomic factgrass {label}"))
-        g = torch.randn(3, 700, generator=_gen(30 + n)).to(DTYPES[label])
-        sjlt = _sjlt_tables(700, 48, 2, _gen(40 + n))
-        out = ta.sjlt_project(g, sjlt.rows, sjlt.signs, sjlt.k)
-        notes.append(_compare(out, _sjlt_ref(g, sjlt), f"atomic sjlt {label}"))
-    return "; ".join(notes)
-
-
 # ---- through the dispatcher and the compressor ----------------------------------------------------
 
 
@@ -404,9 +384,6 @@ def dispatcher_uses_triton() -> str:
         raise AssertionError(
             f"HF_GRASS_KERNELS=triton with TRITON_INTERPRET=1 should pick triton, got {backend}"
         )
-    with _kernels_env("triton_atomic"):
-        if kernels.backend_for(x) != "triton_atomic":
-            raise AssertionError("HF_GRASS_KERNELS=triton_atomic should pick the atomic kernels")
     args = _fact_inputs(FACT_CASES[1], torch.float32, torch.float32, seed=12)
     out = kernels.factgrass_project(*_kernel_args(args))
     notes = [_compare(out, _ref_factgrass(args), "kernels.factgrass_project")]

@@ -48,7 +48,6 @@ CHECK_GROUPS: tuple[tuple[str, ...], ...] = (
         "sjlt_bitwise_in_order",
         "factgrass_exact_inputs_match_index_add",
         "sjlt_non_contiguous",
-        "atomic_kernels_match_reference",
         "dispatcher_uses_triton",
         "compressor_end_to_end",
     ),

@@ -13,9 +13,8 @@ Every default path is deterministic (the same inputs give the same bits in every
   (:func:`reference.sjlt_project_gather`), because ``index_add_`` uses atomics there.
 * CUDA tensors, Triton: :mod:`hf_grass.kernels.triton_kernels`, which uses no atomics.
 
-``HF_GRASS_KERNELS=triton_atomic`` opts into the earlier atomic kernels
-(:mod:`hf_grass.kernels.triton_atomic`), whose rows change by float rounding from run to run; they
-are kept only for benchmarking.
+The earlier kernels that scattered with atomic adds (rows changing by float rounding from run to
+run) are gone: no GPU measurement has shown that they are worth their non-determinism.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from hf_grass.kernels.sjlt_map import SJLTMap
 
 __all__ = ["SJLTMap", "backend_for", "factgrass_project", "sjlt_project", "triton_available"]
 
-_MODES = ("auto", "torch", "triton", "triton_atomic")
+_MODES = ("auto", "torch", "triton")
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,14 +42,13 @@ def triton_available() -> bool:
 
 
 def backend_for(t: torch.Tensor) -> str:
-    """'triton', 'triton_atomic' or 'torch' for a tensor, honouring ``HF_GRASS_KERNELS``
-    (auto | torch | triton | triton_atomic)."""
+    """'triton' or 'torch' for a tensor, honouring ``HF_GRASS_KERNELS`` (auto | torch | triton)."""
     mode = os.environ.get("HF_GRASS_KERNELS", "").lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"HF_GRASS_KERNELS must be one of {', '.join(_MODES)}; got {mode!r}.")
     if mode == "torch":
         return "torch"
-    if mode in ("triton", "triton_atomic"):
+    if mode == "triton":
         if not triton_available():
             raise RuntimeError(
                 f"HF_GRASS_KERNELS={mode} but triton does not import; pip install 'hf-grass[triton]'."
@@ -77,10 +75,6 @@ def sjlt_project(g: torch.Tensor, sjlt: SJLTMap) -> torch.Tensor:
         from hf_grass.kernels import triton_kernels
 
         return triton_kernels.sjlt_project(g, sjlt)
-    if backend == "triton_atomic":
-        from hf_grass.kernels import triton_atomic
-
-        return triton_atomic.sjlt_project(g, sjlt.rows, sjlt.signs, sjlt.k)
     return _torch_sjlt(g, sjlt)
 
 
@@ -98,12 +92,6 @@ def factgrass_project(
         from hf_grass.kernels import triton_kernels
 
         return triton_kernels.factgrass_project(x, delta, in_idx, out_idx, sjlt, bias_index)
-    if backend == "triton_atomic":
-        from hf_grass.kernels import triton_atomic
-
-        return triton_atomic.factgrass_project(
-            x, delta, in_idx, out_idx, sjlt.rows, sjlt.signs, sjlt.k, bias_index
-        )
     if x.device.type == "cpu":
         return reference.factgrass_project(
             x, delta, in_idx, out_idx, sjlt.rows, sjlt.signs, sjlt.k, bias_index
