@@ -11,7 +11,8 @@ cache's row bytes (row, scale, index) per cached row; times are wall seconds of 
 scoring all queries. Prints a table and a JSON report.
 
     python -m benchmarks.quality                                  # default config + kronfluence
-    python -m benchmarks.quality --grid full --json-out q.json    # the measured grid of docs/benchmarks.md
+    python -m benchmarks.quality --grid report --seeds 0 1 2 --json-out q.json   # docs/benchmarks.md's table
+    python -m benchmarks.quality --grid full                      # every configuration, tuning included
     python -m benchmarks.quality --benches tinylm --configs default input-masks --no-kronfluence
 """
 
