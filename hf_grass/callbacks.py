@@ -26,7 +26,7 @@ from hf_grass.cache.reader import GradientCache
 from hf_grass.capture.loss import PerExampleLoss
 from hf_grass.config import GraSSConfig
 from hf_grass.distributed import current_distributed
-from hf_grass.query import AttributionLookups, MultiCheckpointAttributor
+from hf_grass.lookups import AttributionLookups, MultiCheckpointAttributor
 
 
 class GraSSCallback(AttributionLookups, TrainerCallback):

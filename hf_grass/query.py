@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,11 +27,9 @@ from hf_grass.cache.reader import GradientCache, open_cache
 from hf_grass.capture.engine import GradientComputer
 from hf_grass.capture.fingerprint import weights_fingerprint
 from hf_grass.capture.loss import PerExampleLoss, loss_name
-from hf_grass.checkpoints import checkpoint_weights
 from hf_grass.config import GraSSConfig
-from hf_grass.data import (
-    padded_batches,
-)
+from hf_grass.data import ExampleSource, pad_token_id, padded_batches, padding_side
+from hf_grass.distributed import Distributed, current_distributed
 from hf_grass.precondition.eigenbasis import attach_basis, is_whitened
 from hf_grass.precondition.preconditioner import Preconditioner
 from hf_grass.prompts import encode_query, generate, render_prompt  # noqa: F401 - public names
@@ -48,6 +45,7 @@ from hf_grass.scoring import (
     query_vectors,
     scan,
 )
+from hf_grass.scoring.during_pass import PassScores, score_during_pass
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -183,15 +181,7 @@ class Attributor:
         query's ``k`` most helpful and most harmful documents (a ``ScanResult`` with ``top`` and
         ``bottom``), without the dense matrix: streamed over blocks of rows with matrix-matrix
         products (memory independent of the cache size), or two-stage with an index."""
-        source = example_source(
-            query_dataset,
-            self.tokenizer,
-            self.config,
-            self.model,
-            all_columns=self.per_example_loss is not None,
-            prefix=self.cache.document_prefix,  # text queries begin as the documents do
-        )
-        encoded = self.encode(padded_batches(source, self.tokenizer, self.batch_size))
+        source, encoded = self._encode_dataset(query_dataset)
         if k is None:
             found = self.scan(encoded, top=False, dense=True, disable_progress=self.disable_progress)
             assert found.dense is not None
@@ -200,6 +190,61 @@ class Attributor:
         if "bm25" in self.search:
             texts = [source.example(i).get("text") or "" for i in range(len(source))]
         return self.scan(encoded, k, top=True, bottom=True, query_texts=texts, disable_progress=self.disable_progress)
+
+    def _encode_dataset(self, query_dataset: Any) -> tuple[ExampleSource, tuple[torch.Tensor, torch.Tensor]]:
+        """The queries of a dataset as examples, and their encoded vectors (``encode``)."""
+        source = example_source(
+            query_dataset,
+            self.tokenizer,
+            self.config,
+            self.model,
+            all_columns=self.per_example_loss is not None,
+            prefix=self.cache.document_prefix,  # text queries begin as the documents do
+        )
+        return source, self.encode(padded_batches(source, self.tokenizer, self.batch_size))
+
+    def score_dataset(
+        self,
+        dataset: Any,
+        query_dataset: Any,
+        k: int = 10,
+        *,
+        select: int | None = None,
+        bottom: bool = True,
+        text_column: str = "text",
+        dist: Distributed | None = None,
+    ) -> PassScores:
+        """Each query's ``k`` most helpful and most harmful examples of ``dataset``, scored while an
+        attribution pass streams through it: nothing is stored, so ``dataset`` may be far larger
+        than any cache (``hf_grass.scoring.during_pass``).
+
+        This attributor's cache is the reference: its compressors, eigenbasis and preconditioner
+        fix the scores, which equal those of caching ``dataset`` with the same configuration and
+        querying it. ``select``: also choose the ``select`` examples with the highest mean score
+        over the queries (data selection). Indices are positions in ``dataset``. Under torchrun /
+        Accelerate each process scores its share and every process returns the merged lists.
+        """
+        _, (rows, norms) = self._encode_dataset(query_dataset)
+        source = example_source(
+            dataset, self.tokenizer, self.config, self.model, text_column,
+            all_columns=self.per_example_loss is not None,
+        )  # fmt: skip
+        return score_during_pass(
+            self.computer,
+            source,
+            rows,
+            k,
+            basis=self.basis,
+            norms=Normalisation(norms, self.normalize) if self.normalize else None,
+            cosine=self.cosine,
+            select=select,
+            bottom=bottom,
+            batch_size=self.batch_size,
+            pad_token_id=pad_token_id(self.tokenizer),
+            padding_side=padding_side(self.tokenizer),
+            dist=dist or current_distributed(),
+            disable_progress=self.disable_progress,
+        )
 
     def find_influential(
         self,
@@ -271,107 +316,6 @@ def make_result(
     return InfluenceResult(prompt, completion, make(best.scores[0], best.indices[0]), harmful)
 
 
-class MultiCheckpointAttributor:
-    """Scores summed over several caches (TracIn-CP style), each with the query gradient taken at
-    the weights its cache was built with.
-
-    A cache whose weight fingerprint differs from the current model's must record the checkpoint
-    directory it was built from (``GraSSCallback(every_save=True)`` does); those weights are loaded
-    for its query gradient and the current weights restored afterwards. The completion of a prompt
-    comes from the current model.
-
-    Args:
-        checkpoint_weights: ``"learning_rate"`` (default) weights each checkpoint's scores by the
-            learning rate recorded with its cache, as TracIn-CP does (a cache without one counts 1);
-            ``"uniform"`` sums them unweighted.
-        kwargs: passed to each ``Attributor`` (preconditioner, damping, cosine, ...).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        caches: list[GradientCache | str | os.PathLike],
-        checkpoint_weights: str = "learning_rate",
-        **kwargs: Any,
-    ):
-        if not caches:
-            raise ValueError("no caches to attribute with")
-        if checkpoint_weights not in ("learning_rate", "uniform"):
-            raise ValueError(
-                f"checkpoint_weights must be 'learning_rate' or 'uniform', got {checkpoint_weights!r}"
-            )
-        self.model, self.tokenizer, self.kwargs = model, tokenizer, kwargs
-        self.caches = [open_cache(c) for c in caches]
-        self.weights = [
-            float(c.model_info.get("learning_rate") or 1.0) if checkpoint_weights == "learning_rate" else 1.0
-            for c in self.caches
-        ]
-
-    def _each(self) -> Iterator[tuple[float, Attributor]]:
-        """``(weight, attributor)`` per cache, with that cache's weights loaded while the caller
-        works with the attributor (the caller must finish with it inside the loop body)."""
-        for weight, cache in zip(self.weights, self.caches):
-            with checkpoint_weights(self.model, cache):
-                yield weight, Attributor(self.model, self.tokenizer, cache, **self.kwargs)
-
-    def attribute(self, query_dataset: Any, k: int | None = None) -> torch.Tensor | ScanResult:
-        if k is not None and len(self.caches) == 1:  # streaming (or two-stage) top-k
-            return next(self._each()).attribute(query_dataset, k=k)
-        total: torch.Tensor | None = None
-        for weight, attributor in self._each():
-            scores = attributor.attribute(query_dataset)
-            assert isinstance(scores, torch.Tensor)
-            scores = weight * scores
-            total = scores if total is None else total + scores
-        assert total is not None
-        if k is None:
-            return total
-        # summed over checkpoints: the lists need every summed score, so they come from the dense sum
-        check_k(k, self.caches[-1].num_rows)
-        present = torch.zeros(total.shape[1], dtype=torch.bool)
-        present[self.caches[-1].indices] = True
-        return ScanResult(
-            top=_dense_topk(total, present, k, largest=True), bottom=_dense_topk(total, present, k, largest=False)
-        )
-
-    def find_influential(
-        self,
-        prompt: str | list[dict[str, str]],
-        k: int = 10,
-        completion: str | None = None,
-        **generate_kwargs: Any,
-    ) -> InfluenceResult:
-        check_k(k, self.caches[-1].num_rows)
-        # the completion comes from the current (final) model; its gradient is taken at every checkpoint
-        prompt_text, text, batch = encode_query(
-            self.model, self.tokenizer, prompt, completion, documents=self.caches[-1], **generate_kwargs
-        )
-        if len(self.caches) == 1:  # one read of the cache, streaming lists
-            for weight, attributor in self._each():  # the query gradient at the cache's own weights
-                found = attributor.scan(attributor.encode([batch]), k, weight, top=True, bottom=True)
-            assert found.top is not None and found.bottom is not None
-            return make_result(self.caches[0], prompt_text, text, found.top, found.bottom)
-        total: torch.Tensor | None = None
-        for weight, attributor in self._each():
-            dense = attributor.scan(attributor.encode([batch]), None, weight, top=False, dense=True).dense
-            assert dense is not None
-            scores = dense
-            total = scores if total is None else total + scores
-        assert total is not None
-        present = torch.zeros(total.shape[1], dtype=torch.bool)
-        present[self.caches[-1].indices] = True  # skipped examples are not candidates
-        best = _dense_topk(total, present, k, largest=True)
-        worst = _dense_topk(total, present, k, largest=False)
-        return make_result(self.caches[-1], prompt_text, text, best, worst)
-
-
-def _dense_topk(scores: torch.Tensor, present: torch.Tensor, k: int, largest: bool) -> TopK:
-    masked = scores.masked_fill(~present, float("-inf") if largest else float("inf"))
-    values, indices = masked.topk(k, dim=1, largest=largest, sorted=True)
-    return TopK(values, indices)
-
-
 def find_influential(
     prompt: str | list[dict[str, str]],
     *,
@@ -404,30 +348,3 @@ def find_influential(
         search=search,
     )
     return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
-
-
-class AttributionLookups:
-    """``attribute`` and ``find_influential`` for the objects that hold a model and its caches
-    (``AttributionTrainer``, ``GraSSCallback``): they only say how to make the attributor."""
-
-    def _attributor(self, **kwargs: Any) -> Attributor | MultiCheckpointAttributor:
-        raise NotImplementedError
-
-    def attribute(self, query_dataset: Any, k: int | None = None, **kwargs: Any) -> torch.Tensor | ScanResult:
-        """Influence scores ``[n_query, n_train]`` of every query on every training example, or with
-        ``k`` each query's top-k helpful and harmful documents (``ScanResult``), without the dense matrix.
-
-        ``kwargs``: ``preconditioner``, ``damping``, ``cosine``, ``check_model``, ``search`` overrides.
-        """
-        attributor = self._attributor(**kwargs)
-        return attributor.attribute(query_dataset) if k is None else attributor.attribute(query_dataset, k=k)
-
-    def find_influential(
-        self,
-        prompt: str | list[dict[str, str]],
-        k: int = 10,
-        completion: str | None = None,
-        **generate_kwargs: Any,
-    ) -> InfluenceResult:
-        """The top-k helpful and harmful training documents behind the model's completion of ``prompt``."""
-        return self._attributor().find_influential(prompt, k=k, completion=completion, **generate_kwargs)

@@ -20,7 +20,8 @@ from hf_grass.cache.reader import GradientCache, open_cache
 from hf_grass.capture.loss import PerExampleLoss
 from hf_grass.config import GraSSConfig
 from hf_grass.distributed import current_distributed
-from hf_grass.query import AttributionLookups, Attributor
+from hf_grass.lookups import AttributionLookups
+from hf_grass.query import Attributor
 
 
 class AttributionTrainer(AttributionLookups, Trainer):

@@ -136,11 +136,23 @@ def main() -> None:
     attributor = trainer._attributor()
     vectors = attributor.query_vectors([collate(queries)])
     split = topk_scores(cache, vectors, k=5, dist=current_distributed())
+    # the same dataset scored during a pass (nothing stored): each rank its shards, lists merged
+    during = trainer.score_dataset(train, queries, k=5, select=4)
     # torch.distributed is the ground truth: under DeepSpeed on CPU, Accelerate reports 1 process
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if rank == 0:
         torch.save(scores, os.path.join(opts.out, "scores.pt"))
         torch.save({"values": split.scores, "indices": split.indices}, os.path.join(opts.out, "topk.pt"))
+        assert during.top is not None and during.bottom is not None and during.selected is not None
+        torch.save(
+            {
+                "top": during.top.indices,
+                "top_scores": during.top.scores,
+                "bottom": during.bottom.indices,
+                "selected": during.selected.indices,
+            },
+            os.path.join(opts.out, "during.pt"),
+        )
         with open(os.path.join(opts.out, "info.json"), "w") as fh:
             json.dump(
                 {

@@ -11,7 +11,8 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 from hf_grass import GradientCache, GraSSCallback, GraSSConfig
 from hf_grass.checkpoints import load_checkpoint
-from hf_grass.query import Attributor, MultiCheckpointAttributor
+from hf_grass.lookups import MultiCheckpointAttributor
+from hf_grass.query import Attributor
 
 
 def setup(tmp_path: Path, epochs: int, save_steps: int | None = None, **callback_kwargs):
@@ -136,3 +137,11 @@ def test_one_checkpoint_before_the_end_scores_at_its_weights(tmp_path: Path) -> 
         rtol=1e-4,
         atol=1e-6,
     )
+    # the streaming lists of a dataset of queries, and a scoring pass, also at the checkpoint's weights
+    queries = [{"text": f["prompt"] + " " + f["answer"]} for f in facts[:2]]
+    want = Attributor(fresh, tokenizer, cache).attribute(queries, k=3)
+    got = lookup.attribute(queries, k=3)
+    assert got.top.indices.tolist() == want.top.indices.tolist()
+    torch.testing.assert_close(got.top.scores, want.top.scores, rtol=1e-4, atol=1e-6)
+    during = lookup.score_dataset(trainer.train_dataset, queries, k=3)
+    assert during.top.indices.tolist() == want.top.indices.tolist()

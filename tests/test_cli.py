@@ -182,6 +182,35 @@ def test_index_then_query_with_it_or_without(
     assert code == 2 and "pull it first" in err
 
 
+def test_score_during_a_pass_equals_the_cached_query_and_selects(
+    setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fact = setup.facts[0]
+    query = ["--prompt", fact["prompt"], "--completion", " " + fact["answer"], "-k", "3", "--json"]
+    code, out, err = run(capsys, "query", "--cache", str(setup.cache), "--search", "exact", *query)
+    assert code == 0, err
+    cached = json.loads(out)[0]
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text(json.dumps({"text": setup.docs[fact["doc"]]}) + "\n")
+    chosen = tmp_path / "chosen.json"
+    code, out, err = run(
+        capsys, "score", "--cache", str(setup.cache), "--dataset", str(setup.dataset), *query,
+        "--targets", str(targets), "--select", "2", "--select-out", str(chosen), "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    during = report["results"][0]
+    assert [d["index"] for d in during["documents"]] == [d["index"] for d in cached["documents"]]
+    assert [d["index"] for d in during["harmful"]] == [d["index"] for d in cached["harmful"]]
+    for got, want in zip(during["documents"], cached["documents"]):
+        assert got["id"] == want["id"] and got["score"] == pytest.approx(want["score"], rel=1e-4)
+    assert len(report["results"]) == 2  # the prompt and the target document
+    assert [d["index"] for d in json.loads(chosen.read_text())] == [d["index"] for d in report["selected"]]
+    assert len(report["selected"]) == 2
+    code, _, err = run(capsys, "score", "--cache", str(setup.cache), "--dataset", str(setup.dataset))
+    assert code == 2 and "no query" in err
+
+
 def test_query_json_prompts_file_and_plot(
     setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -115,6 +115,13 @@ def compare(multi_dir: Path, single: GradientCache, single_scores: torch.Tensor)
     # top-k scored across ranks (each rank its shards, lists merged) = the dense argsort
     split = torch.load(multi_dir / "topk.pt")
     assert split["indices"].tolist() == scores.argsort(dim=1, descending=True)[:, :5].tolist()
+    # scored during a pass on both ranks (nothing stored), lists merged: the same lists as caching
+    # and querying, since each rank computes the very rows the cache holds
+    during = torch.load(multi_dir / "during.pt")
+    assert during["top"].tolist() == split["indices"].tolist()
+    torch.testing.assert_close(during["top_scores"], split["values"], rtol=0, atol=1e-5 * scale)
+    assert during["bottom"].tolist() == scores.argsort(dim=1)[:, :5].tolist()
+    assert during["selected"][0].tolist() == scores.mean(dim=0).argsort(descending=True)[:4].tolist()
 
 
 @pytest.mark.parametrize("preconditioner", ["ekfac", "fim"])

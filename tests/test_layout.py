@@ -31,6 +31,7 @@ STAGES = [
     ["hf_grass.checkpoints"],
     ["hf_grass.prompts"],
     ["hf_grass.query"],
+    ["hf_grass.lookups"],
     ["hf_grass.trainer"],
     ["hf_grass.callbacks"],
     ["hf_grass.cli"],

@@ -6,6 +6,7 @@
     hf-grass build  --model M --dataset D  attribution pass over a dataset -> gradient cache
     hf-grass query  --cache C --prompt P   the training documents behind the model's completion of P
     hf-grass index  CACHE                  build the FAISS (and BM25) index of a cache for fast lookups
+    hf-grass score  --cache C --dataset D  rank D's documents per query during a pass, storing nothing
     hf-grass info   CACHE                  what a cache holds (--verify checks every checksum)
     hf-grass push   CACHE REPO_ID          upload a cache to a Hub dataset repo
     hf-grass pull   REPO_ID                download (and verify) a cache from the Hub

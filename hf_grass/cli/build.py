@@ -7,24 +7,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hf_grass.cli.common import EXIT_OK, PROG, dir_bytes, human_bytes, positive_int, status
+from hf_grass.cli.common import EXIT_OK, PROG, dir_bytes, human_bytes, status
 from hf_grass.cli.flags import add_config_arguments, config_from_args
-from hf_grass.cli.loaders import add_model_arguments, load_model_and_tokenizer, load_text_dataset
+from hf_grass.cli.loaders import (
+    add_dataset_arguments,
+    add_model_arguments,
+    dataset_from_args,
+    model_from_args,
+)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Attribution pass over a dataset -> gradient cache, with a progress bar and a summary."""
     config = config_from_args(args)
-    dataset = load_text_dataset(args.dataset, args.split, args.text_column, args.max_examples)
-    model, tokenizer = load_model_and_tokenizer(
-        args.model,
-        args.tokenizer,
-        dtype=args.model_dtype,
-        device=args.device,
-        gguf_file=args.gguf_file,
-        trust_remote_code=args.trust_remote_code,
-        revision=args.revision,
-    )
+    dataset = dataset_from_args(args)
+    model, tokenizer = model_from_args(args)
     from hf_grass.attribution import run_attribution_pass
     from hf_grass.capture.engine import context_length
 
@@ -102,16 +99,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "resumed).",
     )
     add_model_arguments(p, required=True)
-    g = p.add_argument_group("dataset")
-    g.add_argument(
-        "--dataset",
-        required=True,
-        help="a .jsonl/.json/.csv/.parquet file, a directory saved with datasets' save_to_disk, a data "
-        "directory, or a Hub dataset id (datasets.load_dataset)",
-    )
-    g.add_argument("--split", default="train", help="split of a Hub dataset or DatasetDict (default: train)")
-    g.add_argument("--text-column", default="text", help="column holding the documents (default: text)")
-    g.add_argument("--max-examples", type=positive_int, help="only the first N examples")
+    add_dataset_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--verify",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_grass.cli.common import UsageError, default_device, status
+from hf_grass.cli.common import UsageError, default_device, positive_int, status
 
 if TYPE_CHECKING:
     from hf_grass.cache.reader import GradientCache
@@ -39,6 +39,40 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool) -> None:
         "'auto' keeps the checkpoint's)",
     )
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def add_dataset_arguments(p: argparse.ArgumentParser, what: str = "the training documents") -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument(
+        "--dataset",
+        required=True,
+        help=f"{what}: a .jsonl/.json/.csv/.parquet file, a directory saved with datasets' save_to_disk, "
+        "a data directory, or a Hub dataset id (datasets.load_dataset)",
+    )
+    g.add_argument("--split", default="train", help="split of a Hub dataset or DatasetDict (default: train)")
+    g.add_argument("--text-column", default="text", help="column holding the documents (default: text)")
+    g.add_argument("--max-examples", type=positive_int, help="only the first N examples")
+
+
+def dataset_from_args(args: argparse.Namespace) -> Any:
+    """The dataset ``add_dataset_arguments`` describes."""
+    return load_text_dataset(args.dataset, args.split, args.text_column, args.max_examples)
+
+
+def model_from_args(args: argparse.Namespace, cache: GradientCache | None = None) -> tuple[Any, Any]:
+    """The model and tokenizer of ``add_model_arguments`` (default: the model ``cache`` records)."""
+    model_spec = args.model or (cache.model_info.get("name_or_path") if cache is not None else None)
+    if not model_spec:
+        raise UsageError(f"the cache {args.cache} does not record which model built it; give it with --model")
+    return load_model_and_tokenizer(
+        model_spec,
+        args.tokenizer,
+        dtype=args.model_dtype,
+        device=args.device,
+        gguf_file=args.gguf_file,
+        trust_remote_code=args.trust_remote_code,
+        revision=args.revision,
+    )
 
 
 def load_model_and_tokenizer(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from hf_grass._version import __version__
-from hf_grass.cli import build, demo, index, manage, query
+from hf_grass.cli import build, demo, index, manage, query, score
 from hf_grass.cli.common import PROG
 
 # in the order ``hf-grass --help`` lists them
-COMMANDS = (demo, build, index, query, manage)
+COMMANDS = (demo, build, index, query, score, manage)
 
 
 def common_arguments() -> argparse.ArgumentParser:

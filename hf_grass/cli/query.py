@@ -7,14 +7,14 @@ import json
 import math
 
 from hf_grass.cli.common import EXIT_OK, UsageError, check_output_file, existing_file, positive_int, status
-from hf_grass.cli.loaders import add_model_arguments, load_model_and_tokenizer, open_cache_arg, read_jsonl
+from hf_grass.cli.loaders import add_model_arguments, model_from_args, open_cache_arg, read_jsonl
 from hf_grass.cli.plots import matplotlib_classes, plot_scores
 from hf_grass.config import PRECONDITIONERS
 from hf_grass.results import SCORE_LEGEND, format_result
 
 
-def read_prompts(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    """(prompt, completion) pairs from --prompt and --prompts-file."""
+def read_prompts(args: argparse.Namespace, required: bool = True) -> list[tuple[str, str | None]]:
+    """(prompt, completion) pairs from --prompt and --prompts-file (``required``: at least one)."""
     pairs: list[tuple[str, str | None]] = [(p, args.completion) for p in args.prompt or []]
     if args.prompts_file:
         path = existing_file(args.prompts_file, "prompts file")
@@ -26,12 +26,32 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, str | None]]:
         else:
             lines = path.read_text(encoding="utf-8").splitlines()
             pairs += [(line, args.completion) for line in lines if line.strip()]
-    if not pairs:
+    if not pairs and required:
         raise UsageError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
     for prompt, _ in pairs:
         if not prompt.strip():
             raise UsageError("a prompt is empty: give the text whose completion you want to explain")
     return pairs
+
+
+def add_prompt_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("prompts" + ("" if required else " (queries)"))
+    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    g.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="one prompt per line, or JSON Lines with 'prompt' and optional 'completion' fields",
+    )
+    g.add_argument(
+        "--completion",
+        help="attribute this completion instead of generating one (applies to every prompt without its own)",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=32,
+        help="length of generated completions (default: 32)",
+    )
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -49,18 +69,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         check_k(args.k, cache.num_rows)
     except ValueError as err:
         raise UsageError(f"-k {args.k}: {err} ({args.cache})") from None
-    model_spec = args.model or cache.model_info.get("name_or_path")
-    if not model_spec:
-        raise UsageError(f"the cache {args.cache} does not record which model built it; give it with --model")
-    model, tokenizer = load_model_and_tokenizer(
-        model_spec,
-        args.tokenizer,
-        dtype=args.model_dtype,
-        device=args.device,
-        gguf_file=args.gguf_file,
-        trust_remote_code=args.trust_remote_code,
-        revision=args.revision,
-    )
+    model, tokenizer = model_from_args(args, cache)
     from hf_grass.query import Attributor
 
     attributor = Attributor(
@@ -109,23 +118,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "the training documents that most helped (score > 0) and most hurt (score < 0) it.",
     )
     p.add_argument("--cache", required=True, help="gradient cache directory or Hub dataset repo id")
-    g = p.add_argument_group("prompts")
-    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
-    g.add_argument(
-        "--prompts-file",
-        metavar="FILE",
-        help="one prompt per line, or JSON Lines with 'prompt' and optional 'completion' fields",
-    )
-    g.add_argument(
-        "--completion",
-        help="attribute this completion instead of generating one (applies to every prompt without its own)",
-    )
-    g.add_argument(
-        "--max-new-tokens",
-        type=positive_int,
-        default=32,
-        help="length of generated completions (default: 32)",
-    )
+    add_prompt_arguments(p)
     g = p.add_argument_group("output")
     g.add_argument("-k", type=positive_int, default=10, help="documents per list (default: 10)")
     g.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
