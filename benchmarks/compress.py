@@ -11,6 +11,7 @@ throughput to ``logra``'s.
     python -m benchmarks.compress                 # full: B=8, T=512, k in {256, 1024, 4096}
     python -m benchmarks.compress --quick         # T=128, k in {256, 4096}, 3 repeats
     python -m benchmarks.compress --compressors logra factgrass --ks 4096 --threads 2 --json-out r.json
+    python -m benchmarks.compress --compressors logra factgrass --eigen    # + masks in a basis (default config)
 
 Run from the repository root (or with hf_grass installed). ``random`` keeps its dense [k, p] matrix
 in memory only up to ``HF_GRASS_MAX_DENSE_BYTES`` (1 GiB by default); above that every call would
@@ -98,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-bias", action="store_true", help="modules without bias (default: with, as Conv1D)"
     )
+    parser.add_argument(
+        "--eigen",
+        action="store_true",
+        help="also time factgrass-eigen: masks taken in a basis (mask_basis='eigen', the default "
+        "configuration's), here a random orthonormal one of the same shapes, which costs the same as a fitted one",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="small run: T=128, k in {256, 4096}, 3 repeats")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
@@ -154,6 +161,16 @@ def bench_module(module: str, d_in: int, d_out: int, k: int, args: argparse.Name
         m.seq = seq
         xs, ds = (x, delta) if seq == args.seq else (x[:, :seq].contiguous(), delta[:, :seq].contiguous())
         calls[name] = lambda comp=comp, xs=xs, ds=ds: comp.compress(xs, ds)
+        if name == "factgrass" and args.eigen:
+            eigen = make_compressor(config, f"h.0.{module}", d_in=width, d_out=d_out, bias=bias)
+            eigen.set_basis(  # type: ignore[attr-defined]
+                torch.linalg.qr(torch.randn(width, eigen.m_in, generator=gen))[0],  # type: ignore[attr-defined]
+                torch.linalg.qr(torch.randn(d_out, eigen.m_out, generator=gen))[0],  # type: ignore[attr-defined]
+                1.0,
+                1.0,
+            )
+            results.append(Measurement(k=k, compressor="factgrass-eigen", module=module, d_in=width, d_out=d_out, seq=seq))
+            calls["factgrass-eigen"] = lambda comp=eigen: comp.compress(x, delta)
 
     with torch.inference_mode():  # as in the capture hooks: no autograd bookkeeping
         for name, fn in calls.items():
@@ -214,7 +231,7 @@ def fmt_rate(v: float | None) -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     modules = [name for name, _, _ in GPT2_MODULES]
     head = ["k", "compressor", "T"] + modules + ["block tok/s", f"x {BASELINE}"]
-    widths = [5, 10, 4] + [max(11, len(m)) for m in modules] + [11, 8]
+    widths = [5, 15, 4] + [max(11, len(m)) for m in modules] + [11, 8]
     print("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
     for r in rows:
         ratio = "-" if r["ratio_to_logra"] is None else f"{r['ratio_to_logra']:.2f}"

@@ -50,7 +50,6 @@ def factor_sizes(k_prime: int, d_in: int, d_out: int) -> tuple[int, int]:
 @register_compressor("factgrass")
 class FactGraSSCompressor(FactorisedCompressor):
     @classmethod
-    @classmethod
     def factor_widths(cls, config: CompressorSettings, d_in: int, d_out: int) -> tuple[int, int]:
         """``(m_in, m_out)`` of a module in the global layout (what ``_draw`` will use)."""
         return min(d_in, config.factor_dim), min(d_out, config.factor_dim)
