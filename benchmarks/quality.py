@@ -42,6 +42,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "damping=0.01": {"damping": 0.01},
     "damping=0.1": {"damping": 0.1},
     "ekfac_sample_size=1024 (no token cap)": {"warmup_tokens": 10**9},
+    "warmup_tokens=4096": {"warmup_tokens": 4096},
+    "warmup_tokens=2048": {"warmup_tokens": 2048},
     "kfac": {"preconditioner": "kfac"},
     "kfac damping=0.003": {"preconditioner": "kfac", "damping": 0.003},
     "kfac damping=0.01": {"preconditioner": "kfac", "damping": 0.01},

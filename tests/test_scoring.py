@@ -15,7 +15,7 @@ from hf_grass.capture import GradientComputer
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource, collate
 from hf_grass.precondition import Preconditioner
-from hf_grass.scoring import dense_scores, query_gradients, topk_scores
+from hf_grass.scoring import dense_scores, query_gradients, query_vectors, topk_scores
 
 VOCAB = 40
 RTOL = 1e-4
@@ -147,6 +147,11 @@ def test_factgrass_scores_equal_the_exact_factor_space_score(tmp_path: Path, kin
     query_factor = brute_force_factor_grads(model, computer, queries)  # through the fitted masks
     train_factor = brute_force_factor_grads(model, computer, train)
     exact = torch.zeros_like(got)
+    # exact norms (issue 10 item 7): ||g'|| and sqrt(g'^T H^-1 g'), summed over modules
+    grad_sq = torch.zeros(len(train), dtype=torch.float64)
+    train_pre_sq = torch.zeros(len(train), dtype=torch.float64)
+    query_grad_sq = torch.zeros(len(queries), dtype=torch.float64)
+    query_pre_sq = torch.zeros(len(queries), dtype=torch.float64)
     for name in cache.module_names:
         g_train = train_factor[name].reshape(len(train), -1)
         g_query = query_factor[name].reshape(len(queries), -1)
@@ -167,7 +172,21 @@ def test_factgrass_scores_equal_the_exact_factor_space_score(tmp_path: Path, kin
         lam = 0.1 * torch.linalg.eigvalsh(curvature).clamp(min=0).mean()
         inverse = torch.linalg.inv(curvature + lam * torch.eye(curvature.shape[0], dtype=torch.float64))
         exact += (g_query @ inverse) @ g_train.T
+        grad_sq += g_train.square().sum(1)
+        query_grad_sq += g_query.square().sum(1)
+        query_pre_sq += ((g_query @ inverse) * g_query).sum(1)
+        train_pre_sq += ((g_train @ inverse) * g_train).sum(1)
     torch.testing.assert_close(got, exact, rtol=RTOL, atol=RTOL * exact.abs().max().item())
+    # the norms stored with the rows: the gradient norm always; the preconditioned one is that of the
+    # build-time K-FAC whitening, so exact against the K-FAC inverse at the build damping (0.1 here)
+    stored = torch.cat([shard.norms for shard in cache.iter_stored()]).double()
+    torch.testing.assert_close(stored[:, 0], grad_sq.sqrt(), rtol=RTOL, atol=0)
+    if kind == "kfac":
+        torch.testing.assert_close(stored[:, 1], train_pre_sq.sqrt(), rtol=RTOL, atol=0)
+    # the queries' norms, in the query's own preconditioner (kfac or ekfac)
+    _, query_norms = query_vectors(computer, [collate(queries)], pre, basis)
+    torch.testing.assert_close(query_norms[:, 0].double(), query_grad_sq.sqrt(), rtol=RTOL, atol=0)
+    torch.testing.assert_close(query_norms[:, 1].double(), query_pre_sq.sqrt(), rtol=RTOL, atol=0)
 
 
 def test_streaming_topk_equals_argsort_and_cosine(tmp_path: Path) -> None:
@@ -204,3 +223,21 @@ def test_preconditioner_mismatch_is_explained(tmp_path: Path) -> None:
         Preconditioner.fit(cache, "fim")
     assert Preconditioner.fit(cache, "kfac").kind == "kfac"  # ekfac caches hold the K-FAC factors too
     assert Preconditioner.fit(cache, "identity").kind == "identity"
+
+
+def test_harmful_lists_hold_negative_scores_only(tmp_path: Path) -> None:
+    """"Harmful" means score < 0 (DESIGN.md §2): the bottom of the ranking is not harmful when its
+    scores are positive, so it is left out, and the table says so in one line (issue 10 item 6)."""
+    from hf_grass.query import make_result
+    from hf_grass.results import format_result
+    from hf_grass.scoring import TopK
+
+    _, cache = build(tmp_path, tiny_gpt2(VOCAB), GraSSConfig(proj_dim=16), random_token_examples(6, VOCAB))
+    best = TopK(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[0, 1, 2]]))
+    mixed = TopK(torch.tensor([[-2.0, -0.5, 0.25]]), torch.tensor([[5, 4, 3]]))
+    result = make_result(cache, "p", " c", best, mixed)
+    assert [(d.index, d.score) for d in result.harmful] == [(5, -2.0), (4, -0.5)]
+    positive = TopK(torch.tensor([[0.5, 0.75, 1.0]]), torch.tensor([[5, 4, 3]]))
+    result = make_result(cache, "p", " c", best, positive)
+    assert result.harmful == [] and [d.index for d in result.documents] == [0, 1, 2]
+    assert "Most harmful training documents: none (no document scores below 0" in format_result(result)

@@ -41,7 +41,7 @@ class CaptureRequest:
     factor_grads: bool = False  # factor-space per-example gradients [B, m_out, m_in] (factorised only)
     covariances: bool = False  # token sums of x' x'^T and delta' delta'^T in factor space (float64)
     # token sums of x x^T (bias column included) and delta delta^T in each module's full input and
-    # output space (float64), for the warm-up fit of an eigen-basis cache; a side wider than
+    # output space (the batch's sums in the model's precision), for the warm-up fit of an eigen-basis cache; a side wider than
     # FULL_COVARIANCE_MAX_WIDTH gets the sums of squares (its diagonal) instead
     full_covariances: bool = False
     # with factor_grads too: project the rows from G' (cheaper) rather than compress() them; False
@@ -163,16 +163,16 @@ class GradientCapture:
 
     @staticmethod
     def _covariance(t: torch.Tensor, bias: bool) -> torch.Tensor:
-        """``t^T t`` (with a trailing column of ones when ``bias``) in float64, or its diagonal for a
-        side wider than FULL_COVARIANCE_MAX_WIDTH. The product runs in the input's precision (float32
-        for a float32 model: twice as fast as float64, and a batch's sum loses nothing that matters
-        to an eigenbasis) and is accumulated over batches in float64."""
+        """``t^T t`` (with a trailing column of ones when ``bias``), or its diagonal for a side wider
+        than FULL_COVARIANCE_MAX_WIDTH, in the input's precision (float32 for a float32 model: twice
+        as fast as float64, and a batch's sum loses nothing that matters to an eigenbasis).
+        ``FullCovariances`` adds it into float64 sums in place: converting every batch's matrices
+        to new float64 tensors here cost as much as the products (SmolLM2-135M's warm-up)."""
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         t = t.to(acc)
         if bias:  # the gradient's input has a trailing 1 (DESIGN.md §2)
             t = torch.cat([t, torch.ones(t.shape[0], 1, dtype=acc, device=t.device)], dim=1)
-        part = t.T @ t if t.shape[1] <= FULL_COVARIANCE_MAX_WIDTH else t.square().sum(0)
-        return part.to(torch.float64)
+        return t.T @ t if t.shape[1] <= FULL_COVARIANCE_MAX_WIDTH else t.square().sum(0)
 
     def _real_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, T, d]`` -> ``[tokens, d]``: padding positions carry inputs but are not data."""

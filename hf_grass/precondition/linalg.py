@@ -12,11 +12,12 @@ def symmetrise(mat: torch.Tensor) -> torch.Tensor:
     return (mat + mat.T) / 2
 
 
-def eigh_psd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh_psd(mat: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (clamped at 0: a covariance has none below) and eigenvectors of a symmetrised
-    matrix."""
-    eig, vecs = torch.linalg.eigh(symmetrise(mat))
-    return eig.clamp(min=0), vecs
+    matrix, float64; ``dtype=torch.float32`` decomposes in single precision (half the time)."""
+    mat = mat.cpu().to(dtype)
+    eig, vecs = torch.linalg.eigh((mat + mat.T) / 2)
+    return eig.clamp(min=0).double(), vecs.double()
 
 
 def rotate(q_out: torch.Tensor, q_in: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:

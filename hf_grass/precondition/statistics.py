@@ -149,9 +149,9 @@ class FullCovariances:
     def update(self, grads: BatchGradients) -> None:
         self.sums["examples"] += grads.losses.shape[0]
         for name in self.names:
-            if name in grads.full_in:
-                self.sums[f"{name}::full_in"] += grads.full_in[name].to("cpu", torch.float64)
-                self.sums[f"{name}::full_out"] += grads.full_out[name].to("cpu", torch.float64)
+            if name in grads.full_in:  # in place: no float64 copy of each batch's matrices
+                self.sums[f"{name}::full_in"].add_(grads.full_in[name].to("cpu"))
+                self.sums[f"{name}::full_out"].add_(grads.full_out[name].to("cpu"))
                 self.sums[f"{name}::tokens"] += grads.tokens.get(name, 0)
 
     def parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float], float]:
