@@ -190,3 +190,40 @@ def test_targeting_rules() -> None:
         find_target_modules(model, ["ln_f"])
     with pytest.raises(ValueError, match="no module left"):
         find_target_modules(model, ["lm_head"], exclude_modules=["lm_head"])
+
+
+@pytest.mark.parametrize("width", [7, 255, 256, 257, 1000, 1537])
+def test_gram_equals_the_full_product(width: int) -> None:
+    from hf_grass.capture.hooks import gram
+
+    t = torch.randn(300, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    torch.testing.assert_close(gram(t), t.T @ t, rtol=1e-12, atol=1e-10)
+
+
+def test_warm_up_covariances_equal_brute_force() -> None:
+    """The warm-up's full-space sums ``x x^T`` (bias column included) and ``delta delta^T`` over the
+    real tokens of a padded batch, for widths that take the blocked ``gram`` (>= 256)."""
+    model = tiny_llama(VOCAB, hidden=264).double()
+    config = GraSSConfig(proj_dim=16, dtype="float32")
+    computer = GradientComputer(model, config)
+    examples = random_token_examples(3, VOCAB, seed=4)
+    batch = collate(examples, padding_side="left")
+    seen: dict[str, list[torch.Tensor]] = {"x": [], "delta": []}
+    target = next(t for t in computer.targets if t.name.endswith("layers.1.self_attn.q_proj"))
+
+    def remember(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        seen["x"].append(inputs[0].detach())
+        output.register_hook(lambda grad: seen["delta"].append(grad.detach()))
+
+    handle = target.module.register_forward_hook(remember)
+    with computer.session():
+        grads = computer.compute(batch, CaptureRequest(rows=False, full_covariances=True))
+    handle.remove()
+    real = batch["attention_mask"].bool()
+    x, delta = seen["x"][0][real], seen["delta"][0][real]
+    if target.bias:
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    assert x.shape[1] >= 256 and delta.shape[1] >= 256
+    torch.testing.assert_close(grads.full_in[target.name], x.T @ x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads.full_out[target.name], delta.T @ delta, rtol=1e-10, atol=1e-10)
+    assert grads.tokens[target.name] == int(real.sum())

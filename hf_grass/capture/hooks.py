@@ -172,7 +172,7 @@ class GradientCapture:
         t = t.to(acc)
         if bias:  # the gradient's input has a trailing 1 (DESIGN.md §2)
             t = torch.cat([t, torch.ones(t.shape[0], 1, dtype=acc, device=t.device)], dim=1)
-        return t.T @ t if t.shape[1] <= FULL_COVARIANCE_MAX_WIDTH else t.square().sum(0)
+        return gram(t) if t.shape[1] <= FULL_COVARIANCE_MAX_WIDTH else t.square().sum(0)
 
     def _real_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, T, d]`` -> ``[tokens, d]``: padding positions carry inputs but are not data."""
@@ -186,6 +186,27 @@ class GradientCapture:
         _accumulate(self.state.cov_in, name, (xs.T @ xs).to(torch.float64))
         _accumulate(self.state.cov_out, name, (ds.T @ ds).to(torch.float64))
         self.state.tokens[name] = self.state.tokens.get(name, 0) + xs.shape[0]
+
+
+# Column blocks of ``gram``: the products of the blocks on and above the diagonal, 10 of 16, ran in
+# 0.55x (width 1536) and 0.65x (576) of one full ``t^T t`` on 2 CPU threads; the warm-up of
+# SmolLM2-135M spends most of its time in these products.
+GRAM_BLOCKS, GRAM_MIN_WIDTH = 4, 256
+
+
+def gram(t: torch.Tensor) -> torch.Tensor:
+    """``t^T t`` for ``t [n, d]``: only the column blocks on and above the diagonal are multiplied
+    (``GRAM_BLOCKS`` of them per side); each block below the diagonal is its mirror's transpose."""
+    d = t.shape[1]
+    if d < GRAM_MIN_WIDTH:
+        return t.T @ t
+    edges = [round(i * d / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
+    out = torch.empty(d, d, dtype=t.dtype, device=t.device)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        row = t[:, lo:hi].T @ t[:, lo:]  # [hi - lo, d - lo]: the diagonal block and those right of it
+        out[lo:hi, lo:] = row
+        out[hi:, lo:hi] = row[:, hi - lo :].T
+    return out
 
 
 def _accumulate(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
