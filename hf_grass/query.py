@@ -33,7 +33,7 @@ from hf_grass.distributed import Distributed, current_distributed
 from hf_grass.precondition.eigenbasis import attach_basis, is_whitened
 from hf_grass.precondition.preconditioner import Preconditioner
 from hf_grass.prompts import encode_query, generate, render_prompt  # noqa: F401 - public names
-from hf_grass.results import InfluenceResult, InfluentialDocument
+from hf_grass.results import InfluenceResult, ranked_result
 from hf_grass.scoring import (
     NORM_COLUMNS,
     SEARCHES,
@@ -167,7 +167,7 @@ class Attributor:
         search and normalisation (``scoring.lookup``; ``k=None``: the dense scan); ``what``: top,
         bottom, dense, query_texts, disable_progress."""
         rows, norms = encoded
-        normalisation = Normalisation(norms, self.normalize) if self.normalize else None
+        normalisation = self._normalisation(norms)
         if k is None:
             what.pop("query_texts", None)
             return scan(self.cache, weight * rows, None, cosine=self.cosine, norms=normalisation, **what)
@@ -175,6 +175,10 @@ class Attributor:
             self.cache, weight * rows, k, search=self.search, cosine=self.cosine, norms=normalisation,
             candidates=self.candidates, **what,
         )  # fmt: skip
+
+    def _normalisation(self, query_norms: torch.Tensor) -> Normalisation | None:
+        """The exact unit normalisation of these queries' scores, when ``cosine`` asks for it."""
+        return Normalisation(query_norms, self.normalize) if self.normalize else None
 
     def attribute(self, query_dataset: Any, k: int | None = None) -> torch.Tensor | ScanResult:
         """Scores ``[n_query, n_train]`` (columns = training dataset indices), or with ``k`` only each
@@ -235,7 +239,7 @@ class Attributor:
             rows,
             k,
             basis=self.basis,
-            norms=Normalisation(norms, self.normalize) if self.normalize else None,
+            norms=self._normalisation(norms),
             cosine=self.cosine,
             select=select,
             bottom=bottom,
@@ -299,21 +303,10 @@ def _check_loss(cache: GradientCache, fn: PerExampleLoss | None) -> None:
 def make_result(
     cache: GradientCache, prompt: str, completion: str, best: TopK, worst: TopK
 ) -> InfluenceResult:
-    """An ``InfluenceResult`` with the documents' text read from the cache."""
-    docs = cache.documents(best.indices[0].tolist() + worst.indices[0].tolist())
-
-    def make(scores: torch.Tensor, indices: torch.Tensor) -> list[InfluentialDocument]:
-        out = []
-        for s, i in zip(scores.tolist(), indices.tolist()):
-            d = docs.get(i, {})
-            out.append(InfluentialDocument(index=i, score=s, text=d.get("text"), id=d.get("id")))
-        return out
-
-    # "harmful" means score < 0 (DESIGN.md §2): the bottom of the list is not harmful when every
-    # score is positive, so the harmful list holds only the negative ones (maybe none)
-    negative = worst.scores[0] < 0
-    harmful = make(worst.scores[0][negative], worst.indices[0][negative])
-    return InfluenceResult(prompt, completion, make(best.scores[0], best.indices[0]), harmful)
+    """An ``InfluenceResult`` of the first query's lists, with the documents' text read from the cache."""
+    top = (best.scores[0].tolist(), best.indices[0].tolist())
+    bottom = (worst.scores[0].tolist(), worst.indices[0].tolist())
+    return ranked_result(prompt, completion, top, bottom, cache.documents(top[1] + bottom[1]))
 
 
 def find_influential(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,31 @@ class InfluenceResult:
             "documents": [vars(d) for d in self.documents],
             "harmful": [vars(d) for d in self.harmful],
         }
+
+
+def ranked_result(
+    prompt: str,
+    completion: str,
+    best: tuple[Sequence[float], Sequence[int]],
+    worst: tuple[Sequence[float], Sequence[int]],
+    documents: Mapping[int, Mapping[str, Any]],
+) -> InfluenceResult:
+    """An ``InfluenceResult`` from one query's lists, ``(scores, indices)`` most helpful first and
+    most harmful first, with each document's ``text`` and ``id`` looked up in ``documents``.
+
+    "Harmful" means score < 0 (DESIGN.md §2): the bottom of a ranking is not harmful when its scores
+    are positive, so the harmful list keeps only the negative ones (maybe none)."""
+
+    def make(scores: Sequence[float], indices: Sequence[int], negative_only: bool) -> list[InfluentialDocument]:
+        out = []
+        for score, index in zip(scores, indices):
+            if negative_only and not score < 0:
+                continue
+            doc = documents.get(index, {})
+            out.append(InfluentialDocument(index=index, score=score, text=doc.get("text"), id=doc.get("id")))
+        return out
+
+    return InfluenceResult(prompt, completion, make(*best, False), make(*worst, True))
 
 
 def format_score(score: float) -> str:

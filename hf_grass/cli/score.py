@@ -17,13 +17,7 @@ from hf_grass.cli.loaders import (
     open_cache_arg,
 )
 from hf_grass.cli.query import add_prompt_arguments, read_prompts
-from hf_grass.results import (
-    SCORE_LEGEND,
-    InfluenceResult,
-    InfluentialDocument,
-    format_documents,
-    format_result,
-)
+from hf_grass.results import SCORE_LEGEND, format_documents, format_result, ranked_result
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -55,21 +49,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     found = attributor.score_dataset(dataset, queries, k=args.k, select=args.select)
     assert found.top is not None and found.bottom is not None
 
-    def docs(scores: Any, indices: Any, negative_only: bool = False) -> list[InfluentialDocument]:
-        out = []
-        for score, index in zip(scores.tolist(), indices.tolist()):
-            if negative_only and score >= 0:  # "harmful" means score < 0
-                continue
-            row = dataset[index]
-            out.append(InfluentialDocument(index=index, score=score, text=row.get("text"), id=row.get("id")))
-        return out
+    def lists(found_lists: Any, q: int) -> tuple[list[float], list[int]]:
+        return found_lists.scores[q].tolist(), found_lists.indices[q].tolist()
 
-    results = [
-        InfluenceResult(text, answer, docs(found.top.scores[q], found.top.indices[q]),
-                        docs(found.bottom.scores[q], found.bottom.indices[q], negative_only=True))
-        for q, (text, answer) in enumerate(shown)
-    ]  # fmt: skip
-    selected = docs(found.selected.scores[0], found.selected.indices[0]) if found.selected is not None else None
+    def documents(*lists_: tuple[list[float], list[int]]) -> dict[int, Any]:
+        return {i: dataset[i] for _, indices in lists_ for i in indices}
+
+    results = []
+    for q, (text, answer) in enumerate(shown):
+        top, bottom = lists(found.top, q), lists(found.bottom, q)
+        results.append(ranked_result(text, answer, top, bottom, documents(top, bottom)))
+    selected = None
+    if found.selected is not None:  # every score of the selection is listed, whatever its sign
+        chosen = lists(found.selected, 0)
+        selected = ranked_result("", "", chosen, ([], []), documents(chosen)).documents
     if select_path is not None and selected is not None:
         select_path.write_text(json.dumps([{"index": d.index, "score": d.score, "id": d.id} for d in selected]) + "\n")
         status(f"{len(selected)} selected indices written to {select_path}")

@@ -6,7 +6,7 @@ set (data selection, as LESS does).
 The rows come from ``BatchRunner.encoded``, the code the attribution pass writes shards with, and
 are decoded by ``rows_to_float32``, the code every cache reader goes through: a row scored here is
 bit-identical to the row a cache of the same dataset would hold, and the lists equal those of
-building that cache and querying it (``tests/test_scoring.py``, ``tests/test_distributed.py``).
+building that cache and querying it (``tests/test_during_pass.py``, ``tests/test_distributed.py``).
 
 What fixes the scores comes from a *reference* cache: its configuration (compressors, seeds, storage
 dtype), the K-FAC eigenbasis that whitens its rows, and the preconditioner fitted from its statistics
