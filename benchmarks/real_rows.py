@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_grass.attribution import example_source
 
     source = example_source(corpus(args.queries, seed=3), tokenizer, cache.config, model)
-    queries = attributor.query_vectors(padded_batches(source, tokenizer, args.batch_size))
+    queries = attributor.query_vectors(padded_batches(source, tokenizer, args.batch_size)).rows
     save_file({"queries": queries.contiguous()}, str(args.out / "queries.safetensors"))
     query_s = time.perf_counter() - start
     tokens = sum(len(tokenizer(d)["input_ids"]) for d in docs[:10000]) * (len(docs) / min(len(docs), 10000))

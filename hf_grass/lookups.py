@@ -120,12 +120,12 @@ class MultiCheckpointAttributor:
         )
         if len(self.caches) == 1:  # one read of the cache, streaming lists
             for weight, attributor in self._each():  # the query gradient at the cache's own weights
-                found = attributor.scan(attributor.encode([batch]), k, weight, top=True, bottom=True)
+                found = attributor.scan(attributor.query_vectors([batch]), k, weight, top=True, bottom=True)
             assert found.top is not None and found.bottom is not None
             return make_result(self.caches[0], prompt_text, text, found.top, found.bottom)
         total: torch.Tensor | None = None
         for weight, attributor in self._each():
-            dense = attributor.scan(attributor.encode([batch]), None, weight, top=False, dense=True).dense
+            dense = attributor.scan(attributor.query_vectors([batch]), None, weight, top=False, dense=True).dense
             assert dense is not None
             scores = dense
             total = scores if total is None else total + scores

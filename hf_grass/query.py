@@ -30,17 +30,19 @@ from hf_grass.capture.loss import PerExampleLoss, loss_name
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource, pad_token_id, padded_batches, padding_side
 from hf_grass.distributed import Distributed, current_distributed
-from hf_grass.precondition.eigenbasis import attach_basis, is_whitened
-from hf_grass.precondition.preconditioner import Preconditioner
+from hf_grass.precondition import preconditioner_class
 from hf_grass.prompts import encode_query, generate, render_prompt  # noqa: F401 - public names
 from hf_grass.results import InfluenceResult, ranked_result
 from hf_grass.scoring import (
     NORM_COLUMNS,
     SEARCHES,
     Normalisation,
+    QueryVectors,
     ScanResult,
     TopK,
+    cache_eigenbasis,
     check_k,
+    fitted_preconditioner,
     lookup,
     query_vectors,
     scan,
@@ -119,18 +121,19 @@ class Attributor:
             model, cfg.replace(target_modules=names, exclude_modules=None), per_example_loss=per_example_loss
         )
         self._check_model(check_model)
-        self.basis = self.cache.eigenbasis()  # K-FAC caches: the whitening of their train rows
-        if preconditioner == "identity" and is_whitened(self.basis):
+        self.basis = cache_eigenbasis(self.cache)  # K-FAC caches: the whitening of their train rows
+        chosen = preconditioner_class(preconditioner or cfg.preconditioner)
+        if self.basis is not None and chosen.acts_on == "rows":
             # unbiased, but the query side then carries the whitening's inverse: measured far noisier
             # than gradient similarity on raw rows (docs/howto/choosing.md), so refuse, saying how
             raise ValueError(
-                f"preconditioner='identity' (plain gradient similarity) needs raw rows, but {self.cache.path} "
-                f"stores rows whitened for {cfg.preconditioner!r}: build a cache with "
-                "GraSSConfig(preconditioner='identity') for gradient similarity, or query this one with "
-                f"{cfg.preconditioner!r} / 'kfac'."
+                f"preconditioner={chosen.name!r} acts on raw rows, but {self.cache.path} stores rows whitened "
+                f"for {cfg.preconditioner!r}: build a cache with GraSSConfig(preconditioner={chosen.name!r}) "
+                f"for it, or query this one with {cfg.preconditioner!r} / 'kfac'."
             )
-        self.preconditioner = Preconditioner.fit(self.cache, preconditioner, damping)
-        attach_basis(self.computer.compressors, self.basis)  # masks in the eigenbasis: their maps
+        self.preconditioner = fitted_preconditioner(self.cache, preconditioner, damping, self.basis)
+        if self.basis is not None:
+            self.basis.attach(self.computer.compressors)  # masks in the eigenbasis: their maps
 
     def _check_model(self, check_weights: bool) -> None:
         found = {t.name: (t.d_out, t.d_in, t.bias) for t in self.computer.targets}
@@ -152,12 +155,8 @@ class Attributor:
 
     # ---- queries --------------------------------------------------------------------------------
 
-    def query_vectors(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """``[n_query, dim]``: the queries' preconditioned, compressed gradients."""
-        return self.encode(batches)[0]
-
-    def encode(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(query rows, their exact norms [n_query, 2])`` (``scoring.query_vectors``)."""
+    def query_vectors(self, batches: list[dict[str, torch.Tensor]]) -> QueryVectors:
+        """The queries' preconditioned, compressed gradients and their norms (``scoring.query_vectors``)."""
         return query_vectors(self.computer, batches, self.preconditioner, self.basis)
 
     def scan(
@@ -196,7 +195,7 @@ class Attributor:
         return self.scan(encoded, k, top=True, bottom=True, query_texts=texts, disable_progress=self.disable_progress)
 
     def _encode_dataset(self, query_dataset: Any) -> tuple[ExampleSource, tuple[torch.Tensor, torch.Tensor]]:
-        """The queries of a dataset as examples, and their encoded vectors (``encode``)."""
+        """The queries of a dataset as examples, and their query vectors."""
         source = example_source(
             query_dataset,
             self.tokenizer,
@@ -205,7 +204,7 @@ class Attributor:
             all_columns=self.per_example_loss is not None,
             prefix=self.cache.document_prefix,  # text queries begin as the documents do
         )
-        return source, self.encode(padded_batches(source, self.tokenizer, self.batch_size))
+        return source, self.query_vectors(padded_batches(source, self.tokenizer, self.batch_size))
 
     def score_dataset(
         self,
@@ -269,7 +268,7 @@ class Attributor:
         prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, documents=self.cache, **generate_kwargs
         )
-        found = self.scan(self.encode([batch]), k, top=True, bottom=True, dense=all_scores,
+        found = self.scan(self.query_vectors([batch]), k, top=True, bottom=True, dense=all_scores,
                           query_texts=[prompt_text + text])  # fmt: skip
         assert found.top is not None and found.bottom is not None
         result = make_result(self.cache, prompt_text, text, found.top, found.bottom)

@@ -134,7 +134,7 @@ def main() -> None:
     from hf_grass.scoring import topk_scores
 
     attributor = trainer._attributor()
-    vectors = attributor.query_vectors([collate(queries)])
+    vectors = attributor.query_vectors([collate(queries)]).rows
     split = topk_scores(cache, vectors, k=5, dist=current_distributed())
     # the same dataset scored during a pass (nothing stored): each rank its shards, lists merged
     during = trainer.score_dataset(train, queries, k=5, select=4)

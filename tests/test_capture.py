@@ -13,6 +13,7 @@ from torch import nn
 from hf_grass.capture import CaptureRequest, GradientComputer, find_target_modules, per_example_loss
 from hf_grass.config import GraSSConfig
 from hf_grass.data import collate
+from hf_grass.precondition.warmup import WarmupCovariances, module_widths
 
 RTOL = 1e-4
 VOCAB = 40
@@ -194,7 +195,7 @@ def test_targeting_rules() -> None:
 
 @pytest.mark.parametrize("width", [7, 255, 256, 257, 1000, 1537])
 def test_gram_equals_the_full_product(width: int) -> None:
-    from hf_grass.capture.hooks import gram
+    from hf_grass.precondition.warmup import gram
 
     t = torch.randn(300, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
     torch.testing.assert_close(gram(t), t.T @ t, rtol=1e-12, atol=1e-10)
@@ -216,14 +217,21 @@ def test_warm_up_covariances_equal_brute_force() -> None:
         output.register_hook(lambda grad: seen["delta"].append(grad.detach()))
 
     handle = target.module.register_forward_hook(remember)
+    sums = WarmupCovariances(module_widths(computer.compressors))
     with computer.session():
-        grads = computer.compute(batch, CaptureRequest(rows=False, full_covariances=True))
+        computer.compute(batch, CaptureRequest(rows=False, full_covariances=sums))
     handle.remove()
     real = batch["attention_mask"].bool()
     x, delta = seen["x"][0][real], seen["delta"][0][real]
     if target.bias:
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
     assert x.shape[1] >= 256 and delta.shape[1] >= 256
-    torch.testing.assert_close(grads.full_in[target.name], x.T @ x, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(grads.full_out[target.name], delta.T @ delta, rtol=1e-10, atol=1e-10)
-    assert grads.tokens[target.name] == int(real.sum())
+    torch.testing.assert_close(sums.input_covariance(target.name), x.T @ x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sums.output_covariance(target.name), delta.T @ delta, rtol=1e-10, atol=1e-10)
+    assert sums.tokens[target.name] == int(real.sum())
+    # modules that read one input keep ONE sum of it (issue 18 item 1): q, k and v share theirs, and
+    # the sums hold one input covariance per distinct input, not per module
+    layer = target.name.rpartition(".")[0]
+    for other in ("k_proj", "v_proj"):
+        assert sums.input_covariance(f"{layer}.{other}") is sums.input_covariance(target.name)
+    assert len(sums.inputs) < len(sums.outputs) == len(computer.targets)

@@ -28,7 +28,8 @@ def test_hf_argument_parser() -> None:
     (cfg,) = parser.parse_args_into_dataclasses(["--compressor", "logra", "--proj_dim", "256"])
     assert isinstance(cfg, GraSSConfig)
     assert (cfg.compressor, cfg.proj_dim) == ("logra", 256)
-    assert cfg.preconditioner == "ekfac"  # resolved by __post_init__ after parsing
+    assert cfg.preconditioner is None  # the config keeps what was given ...
+    assert cfg.resolved().preconditioner == "ekfac"  # ... and resolved() fills in the default
     assert cfg.sparsify_factor == FIELDS["sparsify_factor"].default
 
     (cfg,) = parser.parse_args_into_dataclasses(
@@ -48,7 +49,7 @@ def test_hf_argument_parser() -> None:
     )
     assert cfg.max_length == 128 and cfg.cosine is True and cfg.damping == 0.01
     assert cfg.target_modules == r".*\.mlp\..*" and cfg.torch_dtype == torch.bfloat16
-    assert cfg.preconditioner == "fim"
+    assert cfg.resolved().preconditioner == "fim"
 
     # validation runs on parsed values too
     with pytest.raises(ValueError, match="perfect square"):
@@ -115,7 +116,7 @@ def test_valid_optional_values() -> None:
 def test_default_preconditioner(compressor: str) -> None:
     # proj_dim 1024 = 32^2 and 4 * 1024 = 64^2 is valid for every compressor
     cfg = GraSSConfig(compressor=compressor, proj_dim=1024)
-    assert cfg.preconditioner == ("ekfac" if compressor in FACTORISED else "fim")
+    assert cfg.resolved().preconditioner == ("ekfac" if compressor in FACTORISED else "fim")
 
 
 @pytest.mark.parametrize("preconditioner", ["kfac", "ekfac"])
@@ -128,7 +129,8 @@ def test_kronecker_preconditioner_needs_factorised(compressor: str, precondition
 @pytest.mark.parametrize("preconditioner", ["fim", "kfac", "ekfac", "identity"])
 @pytest.mark.parametrize("compressor", FACTORISED)
 def test_factorised_accept_every_preconditioner(compressor: str, preconditioner: str) -> None:
-    assert GraSSConfig(compressor=compressor, preconditioner=preconditioner).preconditioner == preconditioner
+    cfg = GraSSConfig(compressor=compressor, preconditioner=preconditioner)
+    assert cfg.preconditioner == cfg.resolved().preconditioner == preconditioner
 
 
 # Base: the default config (factgrass, proj_dim 1024, sparsify_factor 4). Each alternative is valid
@@ -200,3 +202,18 @@ def test_dict_round_trip() -> None:
     assert GraSSConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"Unknown GraSSConfig fields \['proj_dims'\]"):
         GraSSConfig.from_dict({**cfg.to_dict(), "proj_dims": 4})
+
+
+def test_config_keeps_what_was_given() -> None:
+    """Defaults that depend on other fields are filled in by ``resolved()`` alone, so ``replace``
+    needs no guessing: a field left at None keeps following the others (issue 16 item 4)."""
+    cfg = GraSSConfig()
+    assert (cfg.preconditioner, cfg.proj_dim, cfg.total_dim, cfg.mask_basis) == (None, None, None, None)
+    resolved = cfg.resolved()
+    assert (resolved.preconditioner, resolved.total_dim, resolved.mask_basis) == ("ekfac", 31744, "eigen")
+    assert resolved.resolved() is resolved and cfg.layout == "global"
+    other = cfg.replace(compressor="sjlt").resolved()  # the preconditioner and layout follow
+    assert (other.preconditioner, other.proj_dim, other.total_dim, other.mask_basis) == ("fim", 1024, None, "input")
+    assert GraSSConfig(preconditioner="fim").layout == "module"
+    # a resolved config is the same cache as the config it came from
+    assert resolved.cache_hash() == cfg.cache_hash() and GraSSConfig.from_dict(resolved.to_dict()) == resolved

@@ -67,10 +67,10 @@ def test_documents_that_begin_with_eos_give_queries_that_do(tmp_path: Path) -> N
     # end to end: find_influential scores the query bench-dev encodes, not the tokenizer's encoding
     attributor = Attributor(model, tok, cache)
     expected = {"input_ids": [EOS] + words(tok, "w0 w1 w2"), "labels": [IGNORE_INDEX] * 3 + words(tok, "w2")}
-    want = dense_scores(cache, attributor.query_vectors([collate([expected])]))[0]
+    want = dense_scores(cache, attributor.query_vectors([collate([expected])]).rows)[0]
     got = attributor.find_influential("w0 w1", k=2, completion="w2", all_scores=True).scores
     torch.testing.assert_close(got, want[cache.indices])
-    without = dense_scores(cache, attributor.query_vectors([collate([{**expected, "input_ids": expected["input_ids"][1:], "labels": expected["labels"][1:]}])]))[0]  # fmt: skip
+    without = dense_scores(cache, attributor.query_vectors([collate([{**expected, "input_ids": expected["input_ids"][1:], "labels": expected["labels"][1:]}])]).rows)[0]  # fmt: skip
     assert not torch.allclose(without, want, rtol=1e-3)  # the prefix matters
     # text query rows of `attribute` begin the same way
     by_text = attributor.attribute([{"text": "w0 w1 w2"}])

@@ -88,9 +88,10 @@ def test_another_dataset_and_examples_without_loss(tmp_path: Path) -> None:
     got = attributor.score_dataset(other, queries, k=K, bottom=False)
     assert got.bottom is None and got.skipped == [15] and got.num_examples == 23
     cache = run_attribution_pass(model, other, attributor.config, cache_dir=tmp_path / "other", disable_progress=True)
-    basis, same = attributor.basis or {}, cache.eigenbasis() or {}
+    basis = attributor.basis.to_tensors() if attributor.basis is not None else {}
+    same = cache.eigenbasis() or {}
     assert basis.keys() == same.keys() and all(torch.equal(basis[key], same[key]) for key in basis)
-    vectors = attributor.query_vectors([collate(queries)])
+    vectors = attributor.query_vectors([collate(queries)]).rows
     want = scan(cache, vectors, K, top=True)
     assert got.top is not None and want.top is not None
     assert got.top.indices.tolist() == want.top.indices.tolist()

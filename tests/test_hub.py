@@ -28,7 +28,7 @@ from hf_grass import GradientCache, GraSSConfig, find_influential
 from hf_grass.attribution import run_attribution_pass
 from hf_grass.cache import CacheError, open_cache
 from hf_grass.cache.hub import is_repo_id
-from hf_grass.precondition import Preconditioner
+from hf_grass.scoring import fitted_preconditioner
 
 # raised inside huggingface_hub's own LFS upload (``data=fileobj``), not by this code
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -101,7 +101,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 def test_round_trip_gives_an_identical_cache(built: Built, hub: MockHub) -> None:
     cache = built.cache
-    Preconditioner.fit(cache)  # writes preconditioner/, which must not travel
+    fitted_preconditioner(cache)  # writes preconditioner/, which must not travel
     (cache.path / ".stray.tmp-123").write_bytes(b"partial")  # nor a temp file (nor the lock, nor parts/)
     before = tree(cache.path)
 

@@ -19,12 +19,14 @@ STAGES = [
     ["hf_grass._version", "hf_grass.seeding"],
     ["hf_grass.kernels"],
     ["hf_grass.compressors"],
+    # preconditioners declare what they need, and GraSSConfig validates against them: they come
+    # before the config, and import nothing of the capture, the cache or the configuration
+    ["hf_grass.precondition"],
     ["hf_grass.config"],
     ["hf_grass.distributed"],
     ["hf_grass.data"],
     ["hf_grass.capture"],
     ["hf_grass.cache"],
-    ["hf_grass.precondition"],
     ["hf_grass.attribution"],
     ["hf_grass.scoring"],
     ["hf_grass.results"],

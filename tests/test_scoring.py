@@ -14,8 +14,8 @@ from hf_grass.cache import GradientCache
 from hf_grass.capture import GradientComputer
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource, collate
-from hf_grass.precondition import Preconditioner
-from hf_grass.scoring import dense_scores, query_gradients, query_vectors, topk_scores
+from hf_grass.precondition import Statistics, preconditioner_class
+from hf_grass.scoring import cache_eigenbasis, dense_scores, fitted_preconditioner, query_vectors, topk_scores
 
 VOCAB = 40
 RTOL = 1e-4
@@ -50,10 +50,10 @@ def test_fim_scores_equal_explicit_inverse(tmp_path: Path) -> None:
     train = random_token_examples(14, VOCAB, seed=0)
     computer, cache = build(tmp_path, model, config, train)
     queries = random_token_examples(3, VOCAB, seed=9)
-    raw = query_gradients(computer, [collate(queries)], Preconditioner("identity", {}))
+    raw = query_vectors(computer, [collate(queries)], preconditioner_class("identity")()).rows
     for damping in (0.1, 0.5):  # damping changes without refitting
-        pre = Preconditioner.fit(cache, damping=damping)
-        got = dense_scores(cache, query_gradients(computer, [collate(queries)], pre))
+        pre = fitted_preconditioner(cache, damping=damping)
+        got = dense_scores(cache, query_vectors(computer, [collate(queries)], pre).rows)
         want = explicit_fim_scores(cache, raw, damping)
         torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=RTOL * want.abs().max().item())
     # the fitted eigendecomposition is saved once and reused
@@ -85,12 +85,13 @@ def test_kronecker_scores_equal_explicit_inverse(tmp_path: Path, kind: str, comp
     train = random_token_examples(11, VOCAB, seed=1)
     computer, cache = build(tmp_path, model, config, train)
     queries = random_token_examples(2, VOCAB, seed=7)
-    pre = Preconditioner.fit(cache)
-    basis = cache.eigenbasis()
-    got = dense_scores(cache, query_gradients(computer, [collate(queries)], pre, basis)).double()
+    pre = fitted_preconditioner(cache)
+    basis = cache_eigenbasis(cache)
+    assert basis is not None
+    got = dense_scores(cache, query_vectors(computer, [collate(queries)], pre, basis).rows).double()
 
-    stats = cache.statistics()
-    n = float(stats["examples"])
+    stats = Statistics.from_tensors(cache.statistics())
+    n = stats.examples
     query_factor = brute_force_factor_grads(model, computer, queries)
     train_factor = brute_force_factor_grads(model, computer, train)
     rows = cache.load(torch.float64)
@@ -99,20 +100,20 @@ def test_kronecker_scores_equal_explicit_inverse(tmp_path: Path, kind: str, comp
     for name in cache.module_names:
         sjlt = computer.compressors[name].project_factor_matrix()
         # the rotation into the warm-up eigenbasis and the whitening of the train rows
-        rot = torch.kron(basis[f"{name}::q_out"], basis[f"{name}::q_in"]).double()
-        whiten = basis[f"{name}::whiten"].reshape(-1).double()
+        rot = torch.kron(basis.modules[name].q_out, basis.modules[name].q_in).double()
+        whiten = basis.modules[name].whiten.reshape(-1).double()
         g_train = train_factor[name].reshape(len(train), -1)
         torch.testing.assert_close(
             rows[:, cache.module_slice(name)], ((g_train @ rot) * whiten) @ sjlt.T, rtol=1e-5, atol=1e-5
         )
         if kind == "kfac":
-            a = stats[f"{name}::cov_in"] / stats[f"{name}::tokens"]
-            s = stats[f"{name}::cov_out"] / n
+            a = stats.modules[name].cov_in / stats.modules[name].tokens
+            s = stats.modules[name].cov_out / n
             curvature = torch.kron(s, a)  # vec index o * m_in + i
         else:
             # EK-FAC eigenvalues recomputed by brute force from the per-example factor gradients
             eig = (g_train @ rot).square().mean(0)
-            torch.testing.assert_close(stats[f"{name}::lambda"].reshape(-1) / n, eig, rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(stats.modules[name].ekfac.reshape(-1) / n, eig, rtol=1e-6, atol=1e-12)
             curvature = rot @ torch.diag(eig) @ rot.T
         lam = 0.1 * torch.linalg.eigvalsh(curvature).clamp(min=0).mean()
         inverse = torch.linalg.inv(curvature + lam * torch.eye(curvature.shape[0], dtype=torch.float64))
@@ -139,11 +140,12 @@ def test_factgrass_scores_equal_the_exact_factor_space_score(tmp_path: Path, kin
     computer, cache = build(tmp_path, model, config, train)
     assert computer.embedded and cache.manifest["layout"] == "module"  # stored without projection
     queries = random_token_examples(2, VOCAB, seed=7)
-    pre = Preconditioner.fit(cache)
-    basis = cache.eigenbasis()
-    got = dense_scores(cache, query_gradients(computer, [collate(queries)], pre, basis)).double()
-    stats = cache.statistics()
-    n = float(stats["examples"])
+    pre = fitted_preconditioner(cache)
+    basis = cache_eigenbasis(cache)
+    assert basis is not None
+    got = dense_scores(cache, query_vectors(computer, [collate(queries)], pre, basis).rows).double()
+    stats = Statistics.from_tensors(cache.statistics())
+    n = stats.examples
     query_factor = brute_force_factor_grads(model, computer, queries)  # through the fitted masks
     train_factor = brute_force_factor_grads(model, computer, train)
     exact = torch.zeros_like(got)
@@ -156,37 +158,40 @@ def test_factgrass_scores_equal_the_exact_factor_space_score(tmp_path: Path, kin
         g_train = train_factor[name].reshape(len(train), -1)
         g_query = query_factor[name].reshape(len(queries), -1)
         if mask_basis == "input":  # the factor space is masked coordinates: K-FAC / EK-FAC in it
-            rot = torch.kron(basis[f"{name}::q_out"], basis[f"{name}::q_in"]).double()
-            if kind == "kfac":
-                a = stats[f"{name}::cov_in"] / stats[f"{name}::tokens"]
-                curvature = torch.kron(stats[f"{name}::cov_out"] / n, a)
-            else:
-                curvature = rot @ torch.diag((g_train @ rot).square().mean(0)) @ rot.T
+            rot = torch.kron(basis.modules[name].q_out, basis.modules[name].q_in).double()
+            a = stats.modules[name].cov_in / stats.modules[name].tokens
+            kfac = torch.kron(stats.modules[name].cov_out / n, a)
+            ekfac = rot @ torch.diag((g_train @ rot).square().mean(0)) @ rot.T
         else:  # masks in the eigenbasis: the coordinates are eigen-directions, scaled by sqrt(d/m)
-            scale = float(basis[f"{name}::scale"].prod())
-            if kind == "kfac":
-                eig = torch.outer(basis[f"{name}::eig_out"], basis[f"{name}::eig_in"]).reshape(-1)
-            else:  # EK-FAC's eigenvalues of the unscaled coordinates, by brute force
-                eig = (g_train / scale).square().mean(0)
-            curvature = torch.diag(eig.double())
-        lam = 0.1 * torch.linalg.eigvalsh(curvature).clamp(min=0).mean()
-        inverse = torch.linalg.inv(curvature + lam * torch.eye(curvature.shape[0], dtype=torch.float64))
+            scale = basis.modules[name].scale
+            kfac = torch.diag(torch.outer(basis.modules[name].eig_out, basis.modules[name].eig_in).reshape(-1))
+            # EK-FAC's eigenvalues of the unscaled coordinates, by brute force
+            ekfac = torch.diag((g_train / scale).square().mean(0).double())
+        inverse = damped_inverse(kfac if kind == "kfac" else ekfac, 0.1)
         exact += (g_query @ inverse) @ g_train.T
         grad_sq += g_train.square().sum(1)
         query_grad_sq += g_query.square().sum(1)
-        query_pre_sq += ((g_query @ inverse) * g_query).sum(1)
-        train_pre_sq += ((g_train @ inverse) * g_train).sum(1)
+        # both sides' preconditioned norms are in ONE geometry, the build-time K-FAC whitening at the
+        # build damping (issue 17 item 7), whatever the query's preconditioner
+        whitening = damped_inverse(kfac, 0.1)
+        query_pre_sq += ((g_query @ whitening) * g_query).sum(1)
+        train_pre_sq += ((g_train @ whitening) * g_train).sum(1)
     torch.testing.assert_close(got, exact, rtol=RTOL, atol=RTOL * exact.abs().max().item())
     # the norms stored with the rows: the gradient norm always; the preconditioned one is that of the
     # build-time K-FAC whitening, so exact against the K-FAC inverse at the build damping (0.1 here)
     stored = torch.cat([shard.norms for shard in cache.iter_stored()]).double()
     torch.testing.assert_close(stored[:, 0], grad_sq.sqrt(), rtol=RTOL, atol=0)
-    if kind == "kfac":
-        torch.testing.assert_close(stored[:, 1], train_pre_sq.sqrt(), rtol=RTOL, atol=0)
-    # the queries' norms, in the query's own preconditioner (kfac or ekfac)
+    torch.testing.assert_close(stored[:, 1], train_pre_sq.sqrt(), rtol=RTOL, atol=0)
+    # the queries' norms, in the same two geometries
     _, query_norms = query_vectors(computer, [collate(queries)], pre, basis)
     torch.testing.assert_close(query_norms[:, 0].double(), query_grad_sq.sqrt(), rtol=RTOL, atol=0)
     torch.testing.assert_close(query_norms[:, 1].double(), query_pre_sq.sqrt(), rtol=RTOL, atol=0)
+
+
+def damped_inverse(curvature: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(C + damping * mean eigenvalue * I)^-1`` by an explicit inverse."""
+    lam = damping * torch.linalg.eigvalsh(curvature).clamp(min=0).mean()
+    return torch.linalg.inv(curvature + lam * torch.eye(curvature.shape[0], dtype=torch.float64))
 
 
 def test_streaming_topk_equals_argsort_and_cosine(tmp_path: Path) -> None:
@@ -194,9 +199,9 @@ def test_streaming_topk_equals_argsort_and_cosine(tmp_path: Path) -> None:
     config = GraSSConfig(compressor="factgrass", proj_dim=16, shard_size=6, dtype="float16")
     train = random_token_examples(23, VOCAB, seed=2)
     computer, cache = build(tmp_path, model, config, train)
-    pre = Preconditioner.fit(cache)
+    pre = fitted_preconditioner(cache)
     batch = collate(random_token_examples(4, VOCAB, seed=3))
-    queries = query_gradients(computer, [batch], pre, cache.eigenbasis())
+    queries = query_vectors(computer, [batch], pre, cache_eigenbasis(cache)).rows
     dense = dense_scores(cache, queries)
     for largest in (True, False):
         top = topk_scores(cache, queries, k=7, largest=largest)
@@ -220,9 +225,9 @@ def test_preconditioner_mismatch_is_explained(tmp_path: Path) -> None:
         tmp_path, model, GraSSConfig(compressor="factgrass", proj_dim=16), random_token_examples(5, VOCAB)
     )
     with pytest.raises(ValueError, match="Rebuild the cache with"):
-        Preconditioner.fit(cache, "fim")
-    assert Preconditioner.fit(cache, "kfac").kind == "kfac"  # ekfac caches hold the K-FAC factors too
-    assert Preconditioner.fit(cache, "identity").kind == "identity"
+        fitted_preconditioner(cache, "fim")
+    assert fitted_preconditioner(cache, "kfac").name == "kfac"  # ekfac caches hold the K-FAC factors too
+    assert fitted_preconditioner(cache, "identity").name == "identity"
 
 
 def test_harmful_lists_hold_negative_scores_only(tmp_path: Path) -> None:

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from hf_grass.attribution.plan import Batch, Step
 from hf_grass.cache.writer import encode_rows
 from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteError, context_length, is_zero3
+from hf_grass.compressors.base import FactorisedCompressor
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import supervised_tokens
 from hf_grass.data import ExampleSource, collate, is_lm_example
 from hf_grass.distributed import Distributed
-from hf_grass.precondition.eigenbasis import is_whitened, rotate, whiten_train
+from hf_grass.precondition.eigenbasis import Eigenbasis
 from hf_grass.precondition.statistics import StatsAccumulator
 
 logger = logging.getLogger("transformers.hf_grass")
@@ -106,28 +107,36 @@ class BatchRunner:
 
     # ---- rows -------------------------------------------------------------------------------------
 
-    def row_request(self, basis: dict[str, torch.Tensor] | None, stats: StatsAccumulator | None) -> CaptureRequest:
+    def row_request(self, basis: Eigenbasis | None, stats: StatsAccumulator | None) -> CaptureRequest:
         """What the hooks capture for the rows (and the statistics, when given)."""
-        if is_whitened(basis):  # rows are built from the factor gradients: S (whiten * R G')
-            covariances = stats.covariances_needed if stats is not None else False
-            return CaptureRequest(rows=False, factor_grads=True, covariances=covariances)
-        kwargs = dict(stats.request_kwargs) if stats else {}
+        if basis is not None:  # whitened rows are built from the factor gradients: S (whiten * R G')
+            return CaptureRequest(
+                rows=False,
+                factor_grads=True,
+                covariances=stats is not None and stats.needs_covariances,
+                # a hashed side's exact norms (and EK-FAC moments) are per coordinate of the side
+                curvature_grads=basis.has_hashed_sides,
+            )
+        factor_grads = stats is not None and stats.needs_factor_grads
         # the factor-space gradients give each row's exact gradient norm (stored for cosine)
-        norms_only = self.factorised and not kwargs.get("factor_grads", False)
-        kwargs["factor_grads"] = kwargs.get("factor_grads", False) or self.factorised
-        return CaptureRequest(rows=True, rows_from_factors=not norms_only, **kwargs)
+        norms_only = self.factorised and not factor_grads
+        return CaptureRequest(
+            rows=True,
+            rows_from_factors=not norms_only,
+            factor_grads=factor_grads or self.factorised,
+            covariances=stats is not None and stats.needs_covariances,
+        )
 
     def encoded(
         self,
         plan: list[Step],
-        basis: dict[str, torch.Tensor] | None,
+        basis: Eigenbasis | None,
         stats: StatsAccumulator | None = None,
         desc: str = "hf-grass: caching gradients",
     ) -> Iterator[tuple[Step, EncodedRows | None, list[int]]]:
         """``(step, rows, skipped)`` for every step of ``plan`` (``rows`` is None when no example of
         the step has supervised tokens). ``stats`` (if given) is updated with every batch that is
         not a repair. Under lockstep, the dummy steps that keep ranks in step run here."""
-        whitened = is_whitened(basis)
         request = self.row_request(basis, stats)
         total = sum(len(step.indices) for step in plan)
         with self.computer.session(), self.progress(total, desc) as bar:
@@ -145,9 +154,8 @@ class BatchRunner:
                     yield step, None, batch.skipped
                     continue
                 grads, rotated = batch.grads, None
-                if whitened:
-                    assert basis is not None
-                    rotated = {name: rotate(basis, name, g) for name, g in grads.factor_grads.items()}
+                if basis is not None:
+                    rotated = {name: basis.rotate(name, g) for name, g in grads.factor_grads.items()}
                     grads.rows = self.whitened_rows(basis, rotated)  # checked in stored_rows
                 if stats is not None and not step.repair:
                     stats.update(grads, rotated)
@@ -160,33 +168,27 @@ class BatchRunner:
         return all(c.factorised for c in self.computer.compressors.values())
 
     def row_norms(
-        self,
-        grads: BatchGradients,
-        rotated: dict[str, torch.Tensor] | None,
-        basis: dict[str, torch.Tensor] | None,
+        self, grads: BatchGradients, rotated: dict[str, torch.Tensor] | None, basis: Eigenbasis | None
     ) -> torch.Tensor:
-        """``[B, 2]`` float32: each row's gradient norm and preconditioned norm, exact in the factor
+        """``[B, 2]`` float32: each row's gradient norm and preconditioned norm, taken in the factor
         space (before any random projection), for unit-normalised scores.
 
-        The gradient norm is ``||G'||`` over all modules; the preconditioned norm is ``||K^-1/2 G'||``
-        with ``K`` the build-time K-FAC whitening (so exact for kfac at the build damping), and
-        equals the gradient norm for caches without whitening. Compressors without a factor space
-        give the norm of their compressed row (an estimate)."""
+        The gradient norm is ``||G'||`` over all modules (a hashed side in its own coordinates), an
+        unbiased estimate over the masks of ``||g||^2``; the preconditioned norm is ``||K^-1/2 G'||``
+        with ``K`` the build-time K-FAC whitening (``Eigenbasis.whitened_norm_sq``), and equals the
+        gradient norm for caches without whitening. Compressors without a factor space give the norm
+        of their compressed row."""
         assert grads.rows is not None
         if not grads.factor_grads:
             norm = grads.rows.double().norm(dim=1)
             return torch.stack([norm, norm], dim=1).float().cpu()
-        batch = grads.rows.shape[0]
-        raw = torch.zeros(batch, dtype=torch.float64, device=grads.rows.device)
-        pre = torch.zeros_like(raw)
-        for name, gp in grads.factor_grads.items():
-            raw += gp.double().square().flatten(1).sum(1)
-            if rotated is not None and basis is not None:
-                pre += (rotated[name] * basis[f"{name}::whiten"].to(gp.device)).square().flatten(1).sum(1)
+        raw = gradient_norm_sq(grads)
         if rotated is None or basis is None:
             pre = raw
-        else:  # whiten = (L / c)^-1/2 with one constant c: undo it to get K^-1/2 = L^-1/2
-            pre = pre / float(basis.get("whiten::mean", torch.ones(())).item())
+        else:
+            pre = torch.zeros_like(raw)
+            for name, turned in rotated.items():
+                pre += basis.whitened_norm_sq(name, turned)
         return torch.stack([raw.sqrt(), pre.sqrt()], dim=1).float().cpu()
 
     def stored_rows(self, rows: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -218,16 +220,17 @@ class BatchRunner:
         if problem is not None:
             raise ValueError(problem)
 
-    def whitened_rows(self, basis: dict[str, torch.Tensor], rotated: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Train rows of a K-FAC cache: per module ``S (whiten * Q_out^T G' Q_in)`` -> ``[B, dim]`` fp32."""
+    def whitened_rows(self, basis: Eigenbasis, rotated: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Train rows of a K-FAC cache: per module ``S (whiten * R G')`` -> ``[B, dim]`` fp32."""
         computer = self.computer
         batch = next(iter(rotated.values())).shape[0]
-        rows = torch.zeros(batch, computer.total_dim, dtype=torch.float32, device=computer.device)
+        rows = torch.zeros(batch, computer.row_dim, dtype=torch.float32, device=computer.device)
         for name, (start, stop) in computer.offsets.items():
             if name not in rotated:  # never reached by the forward: zero gradient
                 continue
-            scaled = whiten_train(basis, name, rotated[name])
-            rows[:, start:stop] += computer.compressors[name].project_factor(scaled)  # type: ignore[attr-defined]
+            comp = computer.compressors[name]
+            assert isinstance(comp, FactorisedCompressor)
+            rows[:, start:stop] += comp.project_factor(basis.whiten_train(name, rotated[name]))
         return rows
 
     # ---- batches ----------------------------------------------------------------------------------
@@ -288,3 +291,13 @@ class BatchRunner:
 
     def progress(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit="ex", disable=self.disable_progress or total == 0)
+
+
+def gradient_norm_sq(grads: BatchGradients) -> torch.Tensor:
+    """``[B]`` float64: ``||G'||^2`` summed over the modules, each hashed side in its own coordinates
+    (``curvature_grads``): an unbiased estimate over the masks of the squared gradient norm."""
+    first = next(iter(grads.factor_grads.values()))
+    out = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
+    for name, gp in grads.factor_grads.items():
+        out += grads.curvature_grads.get(name, gp).double().square().flatten(1).sum(1)
+    return out

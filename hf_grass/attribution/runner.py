@@ -2,8 +2,9 @@
 
 The pass, in order:
 
-1. **warm-up** (kfac/ekfac only): rank 0 accumulates the factor covariances of the first
-   ``ekfac_sample_size`` examples and fits the K-FAC eigenbasis that whitens the stored rows;
+1. **warm-up** (preconditioners that whiten rows: kfac/ekfac): rank 0 alone accumulates the factor
+   covariances of the first examples (``ekfac_sample_size``, ``warmup_tokens``), fits the K-FAC
+   eigenbasis that whitens the stored rows and writes it; every rank then reads that one file;
 2. **statistics**: the running float64 sums the preconditioner is fitted from, checkpointed with
    every shard (resumed from the last checkpoint);
 3. **sharding**: shard ``s`` covers examples ``[s * shard_size, (s + 1) * shard_size)``; in a
@@ -31,12 +32,14 @@ from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_
 from hf_grass.cache.writer import CacheWriter, num_shards
 from hf_grass.capture.engine import GradientComputer
 from hf_grass.capture.fingerprint import model_fingerprint
-from hf_grass.capture.hooks import FULL_COVARIANCE_MAX_WIDTH, CaptureRequest
+from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import loss_name
 from hf_grass.data import ExampleSource, common_prefix, document_encoding
 from hf_grass.distributed import Distributed
-from hf_grass.precondition.eigenbasis import attach_basis, fit_eigenbasis, fit_rotated_masks
-from hf_grass.precondition.statistics import FullCovariances, StatsAccumulator
+from hf_grass.precondition import preconditioner_class
+from hf_grass.precondition.eigenbasis import Eigenbasis
+from hf_grass.precondition.statistics import StatsAccumulator
+from hf_grass.precondition.warmup import WarmupCovariances, fit_eigen_masks, fit_masked_basis, module_widths
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -80,6 +83,7 @@ class AttributionPass(BatchRunner):
         self.cache_dir = Path(cache_dir)
         self.model_info = model_info or model_fingerprint(computer.model, computer.targets)
         self.specs = module_specs(computer)
+        self.preconditioner = preconditioner_class(self.config.preconditioner)
 
     # ---- the pass -------------------------------------------------------------------------------
 
@@ -90,7 +94,7 @@ class AttributionPass(BatchRunner):
         header = {
             "model": self.model_info,
             "modules": module_entries(self.computer),
-            "dim": self.computer.total_dim,
+            "dim": self.computer.row_dim,
             "layout": self.computer.layout,
             "num_examples": n,
             "dataset": self.source.fingerprint(),
@@ -103,8 +107,9 @@ class AttributionPass(BatchRunner):
         writer = CacheWriter(self.cache_dir, self.config, header, self.dist.rank, self.dist.world_size)
         try:
             writer.cleanup_orphans()
-            basis = self.warmup(writer) if self.config.preconditioner in ("kfac", "ekfac") else None
-            attach_basis(self.computer.compressors, basis)  # masks in the eigenbasis: their maps
+            basis = self.warmup(writer) if self.preconditioner.whitens_rows else None
+            if basis is not None:
+                basis.attach(self.computer.compressors)  # masks in the eigenbasis: their maps
             stats = self._statistics(writer, basis)
             mine = self.my_shards(num_shards(n, self.config.shard_size))
             todo = [s for s in mine if s not in writer.completed]
@@ -134,7 +139,7 @@ class AttributionPass(BatchRunner):
         self,
         writer: CacheWriter,
         plan: list[Step],
-        basis: dict[str, torch.Tensor] | None,
+        basis: Eigenbasis | None,
         stats: StatsAccumulator | None,
     ) -> None:
         buffer, truncated_before = ShardBuffer(), self.source.truncated
@@ -154,7 +159,7 @@ class AttributionPass(BatchRunner):
                 buffer.leads += [self.source.leading_special(ex) for ex in batch.examples]
             if not step.last:
                 continue
-            empty = torch.empty(0, self.computer.total_dim, dtype=self.config.torch_dtype)
+            empty = torch.empty(0, self.computer.row_dim, dtype=self.config.torch_dtype)
             writer.commit_shard(
                 step.shard,
                 buffer.indices,
@@ -176,7 +181,7 @@ class AttributionPass(BatchRunner):
 
     # ---- warm-up and statistics -----------------------------------------------------------------
 
-    def warmup(self, writer: CacheWriter) -> dict[str, torch.Tensor]:
+    def warmup(self, writer: CacheWriter) -> Eigenbasis:
         """The K-FAC eigenbasis (and row whitening) from the covariances of the first
         ``ekfac_sample_size`` examples; reused from the cache folder on resume."""
         entry, path = writer.eigenbasis_entry(), writer.eigenbasis_path
@@ -185,48 +190,46 @@ class AttributionPass(BatchRunner):
                 raise CacheError(
                     f"{path} does not match its checksum; delete the cache directory and rebuild"
                 )
-            return {k: v.clone() for k, v in mmap_tensors(path).items()}
-        # rank 0 alone runs the warm-up sample, in the same batches as a single process would: the
-        # basis (which rotates the stored rows) is then bit-identical for any number of processes,
-        # where summing per-rank parts in another order could turn eigenvectors of (near-)degenerate
-        # eigenvalues arbitrarily. The sample is small; other ranks wait (or, under ZeRO-3, step along).
+            return Eigenbasis.from_tensors({k: v.clone() for k, v in mmap_tensors(path).items()})
+        # rank 0 alone runs the warm-up sample and fits the basis, in the same batches as a single
+        # process would: the basis (which rotates the stored rows) is then bit-identical for any
+        # number of processes, and no rank holds (or all-reduces) covariances but rank 0. The sample
+        # is small; other ranks wait at the barrier (or, under ZeRO-3, step along).
         n = self._warmup_size() if self.dist.rank == 0 else 0
         sample = list(range(n))
-        rotated = self.config.mask_basis == "eigen"
-        sums: StatsAccumulator | FullCovariances
-        if rotated:  # covariances of the full factor spaces, whose eigen-directions the masks keep
-            sums = FullCovariances(self.computer.compressors, FULL_COVARIANCE_MAX_WIDTH)
-            request = CaptureRequest(rows=False, full_covariances=True)
+        sums: WarmupCovariances | StatsAccumulator
+        if self.config.mask_basis == "eigen":  # covariances of the full factor spaces
+            sums = WarmupCovariances(module_widths(self.computer.compressors), self.computer.device)
+            request = CaptureRequest(rows=False, full_covariances=sums)
         else:  # covariances of the masked factors
-            sums = StatsAccumulator(self.specs, "kfac")
+            sums = StatsAccumulator(self.specs, frozenset({"covariances"}), device=self.computer.device)
             request = CaptureRequest(rows=False, covariances=True)
         batches = [sample[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
         with self.computer.session(), self.progress(n, "hf-grass: fitting K-FAC eigenbasis") as bar:
             for idx in self.lockstep_steps(batches):
-                grads = self.compute(idx, request).grads if idx is not None else None
+                batch = self.compute(idx, request) if idx is not None else None
                 if idx is not None:
                     bar.update(len(idx))
-                if grads is None:
-                    if self.lockstep:
-                        self.dummy_step(request)
+                if batch is None or batch.grads is None:
+                    if self.lockstep:  # no forward here, but the other ranks run one: step along
+                        self.dummy_step(CaptureRequest(rows=False))
                     continue
-                sums.update(grads)
-        # every rank reduces the same keys (modules without gradient in the sample hold zeros)
-        damping = self.config.whitening_damping
-        if isinstance(sums, FullCovariances):
-            sums.sums = self.dist.all_reduce_sum(sums.sums)
-            full_in, full_out, tokens, examples = sums.parts()
-            basis = fit_rotated_masks(self.computer.compressors, full_in, full_out, tokens, examples, damping)
-        else:
-            sums.load_state_dict(self.dist.all_reduce_sum(sums.state_dict()))
-            cov_in, cov_out, tokens, examples = sums.covariances()
-            basis = fit_eigenbasis(self.specs, cov_in, cov_out, tokens=tokens, examples=examples, damping=damping)
+                if isinstance(sums, WarmupCovariances):
+                    sums.new_batch(len(batch.indices))  # the hooks added the batch's covariances
+                else:
+                    sums.update(batch.grads)
         if self.dist.rank == 0:
-            save_tensors(path, basis)
+            damping = self.config.whitening_damping
+            if isinstance(sums, WarmupCovariances):
+                basis = fit_eigen_masks(self.computer.compressors, sums, damping)  # type: ignore[arg-type]
+            else:
+                basis = fit_masked_basis(self.specs, sums.sums, damping)
+            del sums  # the covariances are not needed past the fit
+            save_tensors(path, basis.to_tensors())
         self.dist.barrier()
         writer.record_eigenbasis(sha256_file(path))
         # every rank uses rank 0's file, so the basis is bit-identical across processes
-        return {k: v.clone() for k, v in mmap_tensors(path).items()}
+        return Eigenbasis.from_tensors({k: v.clone() for k, v in mmap_tensors(path).items()})
 
     def _warmup_size(self) -> int:
         """The first examples, up to ``ekfac_sample_size`` of them and ``warmup_tokens`` tokens
@@ -240,13 +243,12 @@ class AttributionPass(BatchRunner):
                 return min(limit, -(-(i + 1) // self.batch_size) * self.batch_size)
         return limit
 
-    def _statistics(
-        self, writer: CacheWriter, basis: dict[str, torch.Tensor] | None
-    ) -> StatsAccumulator | None:
+    def _statistics(self, writer: CacheWriter, basis: Eigenbasis | None) -> StatsAccumulator | None:
         """The preconditioner's running sums, resumed from this rank's last checkpoint."""
-        if self.config.preconditioner == "identity":
+        needs = self.preconditioner.statistics(self.config.mask_basis == "eigen")
+        if not needs:
             return None
-        stats = StatsAccumulator(self.specs, self.config.preconditioner, basis, device=self.computer.device)
+        stats = StatsAccumulator(self.specs, needs, basis, device=self.computer.device)
         if writer.stats_file is not None:
             if not writer.stats_file.exists():
                 raise CacheError(

@@ -36,13 +36,13 @@ class NonFiniteError(ValueError):
 @dataclass
 class BatchGradients:
     losses: torch.Tensor  # [B] float32
-    rows: torch.Tensor | None = None  # [B, total_dim] float32 (float64 models: float64), modules in order
+    rows: torch.Tensor | None = None  # [B, row_dim] float32 (float64 models: float64), modules in order
     factor_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, m_out, m_in]
+    # name -> [B, c_out, c_in]: hashed (wide) sides in their own coordinates (modules that hash only)
+    curvature_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     cov_in: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_in, m_in] float64 sums
     cov_out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_out, m_out] float64 sums
     tokens: dict[str, int] = field(default_factory=dict)
-    full_in: dict[str, torch.Tensor] = field(default_factory=dict)  # full-space covariance sums
-    full_out: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -105,7 +105,7 @@ class GradientComputer:
     Args:
         model: the model (wrappers are unwrapped for naming; forward runs on the unwrapped model,
             which under DeepSpeed ZeRO-3 still gathers parameters through its module hooks).
-        config: compressor and target configuration.
+        config: compressor and target configuration (used resolved: ``config.resolved()``).
         targets: explicit targets (default: ``find_target_modules`` from the config).
         device: where compressors live (default: the model's first parameter's device).
         per_example_loss: the loss for models whose output the built-in losses do not cover:
@@ -133,7 +133,7 @@ class GradientComputer:
             )
         self.loss_fn = per_example_loss
         self.model = unwrap_model(model)
-        self.config = config
+        self.config = config = config.resolved()
         self.targets = targets or find_target_modules(
             self.model, config.target_modules, config.exclude_modules
         )
@@ -161,7 +161,8 @@ class GradientComputer:
             stop = start + self.compressors[t.name].output_dim
             self.offsets[t.name] = (start, stop)
             start = stop
-        self.total_dim = config.total_dim if self.layout == "global" else start
+        # the width of a row, whatever the layout
+        self.row_dim: int = config.total_dim if self.layout == "global" else start
         self.capture = GradientCapture(self.targets, self.compressors)
         sig = _forward_signature(self.model)
         self._accepts_position_ids = "position_ids" in sig.parameters
@@ -172,7 +173,8 @@ class GradientComputer:
 
     @property
     def layout(self) -> str:
-        """'global': every module projected into one shared row; 'module': a slice per module."""
+        """How rows are laid out: ``"global"``, every module projected into one shared row, or
+        ``"module"``, a block per module (also the embedded factor spaces of a global config)."""
         return "global" if self.config.total_dim is not None and not self.embedded else "module"
 
     @property
@@ -268,18 +270,17 @@ class GradientComputer:
         result = BatchGradients(
             losses=losses.detach().float(),
             factor_grads=state.factor_grads,
+            curvature_grads=state.curvature_grads,
             cov_in=state.cov_in,
             cov_out=state.cov_out,
             tokens=state.tokens,
-            full_in=state.full_in,
-            full_out=state.full_out,
         )
         batch_size = losses.shape[0]
         if request.rows:
             dtype = (
                 torch.float64 if any(r.dtype == torch.float64 for r in state.rows.values()) else torch.float32
             )
-            rows = torch.zeros(batch_size, self.total_dim, dtype=dtype, device=self.device)
+            rows = torch.zeros(batch_size, self.row_dim, dtype=dtype, device=self.device)
             for name, (start, stop) in self.offsets.items():
                 if name in state.rows:  # a module the forward never reached has zero gradient
                     rows[:, start:stop] += state.rows[name]

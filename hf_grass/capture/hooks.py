@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hf_grass.capture.targets import TargetModule
 from hf_grass.compressors.base import Compressor, FactorisedCompressor
+from hf_grass.precondition.warmup import WarmupCovariances
 
 
 def as_3d(t: torch.Tensor) -> torch.Tensor:
@@ -39,31 +40,27 @@ class CaptureRequest:
 
     rows: bool = True  # compressed per-example gradients [B, k] per module
     factor_grads: bool = False  # factor-space per-example gradients [B, m_out, m_in] (factorised only)
+    # per-example gradients with each hashed (wide) side in its own coordinates [B, c_out, c_in], for
+    # the modules whose compressor hashes a side (EK-FAC's per-coordinate moments, exact norms, queries)
+    curvature_grads: bool = False
     covariances: bool = False  # token sums of x' x'^T and delta' delta'^T in factor space (float64)
-    # token sums of x x^T (bias column included) and delta delta^T in each module's full input and
-    # output space (the batch's sums in the model's precision), for the warm-up fit of an eigen-basis cache; a side wider than
-    # FULL_COVARIANCE_MAX_WIDTH gets the sums of squares (its diagonal) instead
-    full_covariances: bool = False
+    # the warm-up's full-space covariance sums (``precondition.warmup.WarmupCovariances``): the hooks
+    # add each batch into them as the backward runs
+    full_covariances: WarmupCovariances | None = None
     # with factor_grads too: project the rows from G' (cheaper) rather than compress() them; False
     # keeps the rows exactly what compress() gives (e.g. the fused kernel) when G' is only needed
     # for the rows' norms
     rows_from_factors: bool = True
 
 
-# Above this width a factor's full covariance (width^2 float64 numbers, and an eigendecomposition of
-# width^3) costs more than it is worth: e.g. a 49k-word lm_head output. Its diagonal is kept instead.
-FULL_COVARIANCE_MAX_WIDTH = 8192
-
-
 @dataclass
 class CaptureState:
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     factor_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    curvature_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     cov_in: dict[str, torch.Tensor] = field(default_factory=dict)
     cov_out: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
-    full_in: dict[str, torch.Tensor] = field(default_factory=dict)  # [d_in, d_in] or [d_in] float64
-    full_out: dict[str, torch.Tensor] = field(default_factory=dict)  # [d_out, d_out] or [d_out]
 
 
 class GradientCapture:
@@ -79,7 +76,6 @@ class GradientCapture:
         self.request = CaptureRequest()
         self.token_mask: torch.Tensor | None = None
         self.state = CaptureState()
-        self._shared_inputs: dict[tuple, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -105,7 +101,6 @@ class GradientCapture:
 
     def reset(self) -> None:
         self.state = CaptureState()
-        self._shared_inputs: dict[tuple, torch.Tensor] = {}
 
     # ---- hooks ----------------------------------------------------------------------------------
 
@@ -128,51 +123,31 @@ class GradientCapture:
         x3, d3 = as_3d(x), as_3d(delta)
         compressor = self.compressors[target.name]
         request, state = self.request, self.state
-        if request.full_covariances:
-            self._add_full_covariances(target, x3, d3)
+        if request.full_covariances is not None:
+            request.full_covariances.add(target.name, x3, d3, self.token_mask)
         factor_grad = None
-        if request.factor_grads or request.covariances:
+        if request.factor_grads or request.covariances or request.curvature_grads:
             if not isinstance(compressor, FactorisedCompressor):
                 raise TypeError(f"{compressor.name} has no factor space (needed for kfac/ekfac)")
-            xs, ds = compressor.factors(x3, d3)
-            if request.covariances:
-                self._add_covariances(target.name, xs, ds)
-            if request.factor_grads:
-                factor_grad = torch.bmm(ds.transpose(1, 2), xs)
-                _accumulate(state.factor_grads, target.name, factor_grad)
+            if request.curvature_grads and getattr(compressor, "hashed", False):
+                curvature = compressor.curvature_gradient(x3, d3)  # type: ignore[attr-defined]
+                _accumulate(state.curvature_grads, target.name, curvature)
+                if request.factor_grads:  # the factor space from it: no second pass over the tokens
+                    factor_grad = compressor.to_factor_space(curvature)  # type: ignore[attr-defined]
+                    _accumulate(state.factor_grads, target.name, factor_grad)
+            if (request.factor_grads and factor_grad is None) or request.covariances:
+                xs, ds = compressor.factors(x3, d3)
+                if request.covariances:
+                    self._add_covariances(target.name, xs, ds)
+                if request.factor_grads and factor_grad is None:
+                    factor_grad = torch.bmm(ds.transpose(1, 2), xs)
+                    _accumulate(state.factor_grads, target.name, factor_grad)
         if request.rows:
             if factor_grad is not None and request.rows_from_factors:
                 rows = compressor.project_factor(factor_grad)  # reuse G' instead of recomputing it
             else:
                 rows = compressor.compress(x3, d3)
             _accumulate(state.rows, target.name, rows)
-
-    def _add_full_covariances(self, target: TargetModule, x: torch.Tensor, delta: torch.Tensor) -> None:
-        # modules reading the same input (q/k/v, gate/up projections) share its covariance: it is
-        # computed once per batch (the inputs share storage), which saves a third of the warm-up
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), target.bias)
-        shared = self._shared_inputs.get(key)
-        x_real = self._real_tokens(x)
-        if shared is None:
-            shared = self._covariance(x_real, bias=target.bias)
-            self._shared_inputs[key] = shared
-        _accumulate(self.state.full_in, target.name, shared)
-        _accumulate(self.state.full_out, target.name, self._covariance(self._real_tokens(delta), bias=False))
-        if not self.request.covariances:  # otherwise _add_covariances counts them
-            self.state.tokens[target.name] = self.state.tokens.get(target.name, 0) + x_real.shape[0]
-
-    @staticmethod
-    def _covariance(t: torch.Tensor, bias: bool) -> torch.Tensor:
-        """``t^T t`` (with a trailing column of ones when ``bias``), or its diagonal for a side wider
-        than FULL_COVARIANCE_MAX_WIDTH, in the input's precision (float32 for a float32 model: twice
-        as fast as float64, and a batch's sum loses nothing that matters to an eigenbasis).
-        ``FullCovariances`` adds it into float64 sums in place: converting every batch's matrices
-        to new float64 tensors here cost as much as the products (SmolLM2-135M's warm-up)."""
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        t = t.to(acc)
-        if bias:  # the gradient's input has a trailing 1 (DESIGN.md §2)
-            t = torch.cat([t, torch.ones(t.shape[0], 1, dtype=acc, device=t.device)], dim=1)
-        return gram(t) if t.shape[1] <= FULL_COVARIANCE_MAX_WIDTH else t.square().sum(0)
 
     def _real_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, T, d]`` -> ``[tokens, d]``: padding positions carry inputs but are not data."""
@@ -186,27 +161,6 @@ class GradientCapture:
         _accumulate(self.state.cov_in, name, (xs.T @ xs).to(torch.float64))
         _accumulate(self.state.cov_out, name, (ds.T @ ds).to(torch.float64))
         self.state.tokens[name] = self.state.tokens.get(name, 0) + xs.shape[0]
-
-
-# Column blocks of ``gram``: the products of the blocks on and above the diagonal, 10 of 16, ran in
-# 0.55x (width 1536) and 0.65x (576) of one full ``t^T t`` on 2 CPU threads; the warm-up of
-# SmolLM2-135M spends most of its time in these products.
-GRAM_BLOCKS, GRAM_MIN_WIDTH = 4, 256
-
-
-def gram(t: torch.Tensor) -> torch.Tensor:
-    """``t^T t`` for ``t [n, d]``: only the column blocks on and above the diagonal are multiplied
-    (``GRAM_BLOCKS`` of them per side); each block below the diagonal is its mirror's transpose."""
-    d = t.shape[1]
-    if d < GRAM_MIN_WIDTH:
-        return t.T @ t
-    edges = [round(i * d / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
-    out = torch.empty(d, d, dtype=t.dtype, device=t.device)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        row = t[:, lo:hi].T @ t[:, lo:]  # [hi - lo, d - lo]: the diagonal block and those right of it
-        out[lo:hi, lo:] = row
-        out[hi:, lo:hi] = row[:, hi - lo :].T
-    return out
 
 
 def _accumulate(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:

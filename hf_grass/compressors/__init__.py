@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from hf_grass.compressors.base import Compressor, CompressorSettings
 
 # modules of this package that are not compressors
-_SUPPORT = frozenset({"base"})
+_SUPPORT = frozenset({"base", "factor_maps"})
 _LAZY = {"Compressor", "CompressorSettings", "FactorisedCompressor", "register_compressor"}
 
 __all__ = [

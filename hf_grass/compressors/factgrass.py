@@ -11,9 +11,9 @@ index (:mod:`hf_grass.kernels.triton_kernels`).
 Two layouts: per module (``proj_dim``: k' = sparsify_factor * k as above) or global (``total_dim``:
 ``factor_dim`` coordinates per side, and the SJLT maps into the row shared by every module).
 
-Masks in a fitted basis (``mask_basis="eigen"``): after the warm-up K-FAC fit, ``set_basis`` gives
-each side a ``[d, m]`` map whose columns are the eigen-directions the mask drew (or, for factors too
-wide to eigendecompose, a signed hashing of the coordinates); the factors are then ``x @ B`` instead
+Masks in a fitted basis (``mask_basis="eigen"``): after the warm-up K-FAC fit, ``set_maps`` gives
+each side a map (``factor_maps``): the eigen-directions the mask drew, or, for factors too wide to
+eigendecompose, a whitened signed hashing of the coordinates; the factors are then ``x @ B`` instead
 of a gather, so the mask keeps whole eigen-directions of the full factor space. That costs
 ``m (d_in + d_out)`` per token, like LoGra, and measured far better rankings than masks in the
 module's own coordinates (docs/benchmarks.md, "Attribution quality").
@@ -32,6 +32,7 @@ from hf_grass.compressors.base import (
     nearest_square,
     register_compressor,
 )
+from hf_grass.compressors.factor_maps import FactorMap, HashMap
 from hf_grass.compressors.sjlt import check_sjlt_settings, make_sjlt
 from hf_grass.kernels import SJLTMap
 from hf_grass.kernels.reference import accumulation_dtype, gather_columns, take_columns
@@ -87,42 +88,81 @@ class FactGraSSCompressor(FactorisedCompressor):
             self.sjlt = SJLTMap(torch.arange(n)[None], torch.ones(1, n), n)
         else:
             self.sjlt = make_sjlt(self.generator("sjlt"), n, self.output_dim, self.config.sjlt_nnz)
-        self.basis_in: torch.Tensor | None = None  # [d_in, m_in] once set_basis is called
-        self.basis_out: torch.Tensor | None = None  # [d_out, m_out]
+        self.map_in: FactorMap | None = None  # masks in a fitted basis: set_maps
+        self.map_out: FactorMap | None = None
 
     @property
-    def rotated(self) -> bool:
-        """Whether the masks are taken in a fitted basis (``set_basis``)."""
-        return self.basis_in is not None
+    def has_maps(self) -> bool:
+        """Whether the masks are taken in a fitted basis (``set_maps``)."""
+        return self.map_in is not None
 
-    def set_basis(
-        self, basis_in: torch.Tensor, basis_out: torch.Tensor, scale_in: float, scale_out: float
-    ) -> None:
-        """Take the masks in a fitted basis: ``basis_in [d_in, m_in]`` (bias row last) and
-        ``basis_out [d_out, m_out]`` map the factors, scaled by ``scale_in`` / ``scale_out`` (so that
-        ``E ||C g||^2 = ||g||^2`` over the mask's draw)."""
-        if tuple(basis_in.shape) != (self.d_in, self.m_in) or tuple(basis_out.shape) != (self.d_out, self.m_out):
-            raise ValueError(
-                f"{self.module_name}: a basis of shapes {tuple(basis_in.shape)} and {tuple(basis_out.shape)} "
-                f"does not fit masks of [{self.d_in}, {self.m_in}] and [{self.d_out}, {self.m_out}]"
-            )
-        self.basis_in = basis_in.to(self.device, torch.float32)
-        self.basis_out = basis_out.to(self.device, torch.float32)
-        self.scale_in, self.scale_out = float(scale_in), float(scale_out)
+    @property
+    def hashed(self) -> bool:
+        """Whether a side is hashed: its curvature is then known per coordinate, not per bucket."""
+        return any(m is not None and m.hashed for m in (self.map_in, self.map_out))
+
+    def set_maps(self, map_in: FactorMap, map_out: FactorMap) -> None:
+        """Take the masks in a fitted basis: ``map_in`` / ``map_out`` (``factor_maps``) map each side
+        to its ``m_in`` / ``m_out`` factor coordinates (the input map's last row is the bias's)."""
+        for label, fmap, d, m in (("input", map_in, self.d_in, self.m_in), ("output", map_out, self.d_out, self.m_out)):
+            rows = fmap.d if isinstance(fmap, HashMap) else fmap.vectors.shape[0]
+            if (rows, fmap.width) != (d, m):
+                raise ValueError(
+                    f"{self.module_name}: an {label} map of [{rows}, {fmap.width}] does not fit masks of [{d}, {m}]"
+                )
+        self.map_in, self.map_out = map_in.to(self.device), map_out.to(self.device)
+
+    def to(self, device: torch.device | str) -> FactGraSSCompressor:
+        super().to(device)
+        if self.map_in is not None and self.map_out is not None:
+            self.map_in, self.map_out = self.map_in.to(device), self.map_out.to(device)
+        return self
 
     def factors(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         acc = accumulation_dtype(x, delta)
-        if self.basis_in is not None and self.basis_out is not None:
-            b_in = self.basis_in.to(acc)
-            xs = x.to(acc) @ b_in[: x.shape[-1]]
-            if self.bias:  # the implicit column of ones maps to the basis's last row
-                xs = xs + b_in[-1]
-            return xs * self.scale_in, (delta.to(acc) @ self.basis_out.to(acc)) * self.scale_out
+        if self.map_in is not None and self.map_out is not None:
+            return self.map_in.apply(x.to(acc), bias=self.bias), self.map_out.apply(delta.to(acc))
         xs = gather_columns(x, self.in_idx, self.mask_bias_index).to(acc) * self.scale_in
         return xs, take_columns(delta, self.out_idx).to(acc) * self.scale_out
 
+    def curvature_factors(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors with each hashed side in its own coordinates (``d`` wide, unweighted; the
+        input's bias column appended): where that side's curvature is known per coordinate."""
+        self._check_factors(x, delta)
+        acc = accumulation_dtype(x, delta)
+        xs, ds = self.factors(x, delta)
+        if isinstance(self.map_in, HashMap):
+            xs = self.with_bias_column(x).to(acc)
+        if isinstance(self.map_out, HashMap):
+            ds = delta.to(acc)
+        return xs, ds
+
+    def curvature_gradient(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``sum_t delta^c_t x^c_t^T`` of ``curvature_factors`` -> ``[B, c_out, c_in]``."""
+        xs, ds = self.curvature_factors(x, delta)
+        return torch.bmm(ds.transpose(1, 2), xs)
+
+    def to_factor_space(self, gp: torch.Tensor, query: bool = False) -> torch.Tensor:
+        """Curvature-space gradients ``[B, c_out, c_in]`` -> factor space ``[B, m_out, m_in]``: each
+        hashed side is hashed, with the train weights, or with the query weights (``query``)."""
+        if isinstance(self.map_out, HashMap):
+            gp = self.map_out.to_buckets(gp, dim=1, query=query)
+        if isinstance(self.map_in, HashMap):
+            gp = self.map_in.to_buckets(gp, dim=2, query=query)
+        return gp
+
+    def _dense_maps(self, query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M_in [d_in, m_in], M_out [d_out, m_out])`` float64, scales included."""
+        if self.map_in is not None and self.map_out is not None:
+            return tuple(m.dense(query) if isinstance(m, HashMap) else m.dense() for m in (self.map_in, self.map_out))  # type: ignore[return-value]
+        m_in = torch.zeros(self.d_in, self.m_in, dtype=torch.float64)
+        m_in[self.in_idx.cpu(), torch.arange(self.m_in)] = self.scale_in
+        m_out = torch.zeros(self.d_out, self.m_out, dtype=torch.float64)
+        m_out[self.out_idx.cpu(), torch.arange(self.m_out)] = self.scale_out
+        return m_in, m_out
+
     def compress(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        if self.rotated:  # projections instead of gathers: no fused kernel
+        if self.has_maps:  # projections instead of gathers: no fused kernel
             return self.project_factor(self.factor_gradient(x, delta))
         # factor path: gather + outer-product sum + SJLT (Triton on CUDA), scale applied once at the end
         self._check_factors(x, delta)
@@ -131,11 +171,21 @@ class FactGraSSCompressor(FactorisedCompressor):
 
     def factor_gradient_from_full(self, g: torch.Tensor) -> torch.Tensor:
         acc = accumulation_dtype(g)
-        if self.basis_in is not None and self.basis_out is not None:
-            sub = self.basis_out.to(acc).T @ g.to(acc) @ self.basis_in.to(acc)
+        if not self.has_maps:  # masks in the module's own coordinates: a gather
+            sub = g.to(acc)[:, self.out_idx][:, :, self.in_idx]
             return sub * (self.scale_in * self.scale_out)
-        sub = g.to(acc)[:, self.out_idx][:, :, self.in_idx]
-        return sub * (self.scale_in * self.scale_out)
+        m_in, m_out = self._dense_maps()
+        return m_out.to(g.device, acc).T @ g.to(acc) @ m_in.to(g.device, acc)
+
+    def curvature_gradient_from_full(self, g: torch.Tensor) -> torch.Tensor:
+        """The curvature-space gradient of explicit gradients ``[B, d_out, d_in]`` (for oracles)."""
+        acc = accumulation_dtype(g)
+        m_in, m_out = self._dense_maps()
+        if isinstance(self.map_in, HashMap):
+            m_in = torch.eye(self.d_in, dtype=torch.float64)
+        if isinstance(self.map_out, HashMap):
+            m_out = torch.eye(self.d_out, dtype=torch.float64)
+        return m_out.to(g.device, acc).T @ g.to(acc) @ m_in.to(g.device, acc)
 
     def project_factor(self, gp: torch.Tensor) -> torch.Tensor:
         return kernels.sjlt_project(gp.reshape(gp.shape[0], -1), self.sjlt)
@@ -144,15 +194,9 @@ class FactGraSSCompressor(FactorisedCompressor):
         return self.sjlt.dense()
 
     def mask_matrix(self) -> torch.Tensor:
-        """The explicit ``[m_out*m_in, p]`` float64 matrix of the scaled two-sided mask."""
-        if self.basis_in is not None and self.basis_out is not None:
-            kron = torch.kron(self.basis_out.cpu().double().T, self.basis_in.cpu().double().T)
-            return kron * (self.scale_in * self.scale_out)
-        rows = torch.arange(self.m_out * self.m_in)
-        cols = (self.out_idx.cpu()[:, None] * self.d_in + self.in_idx.cpu()[None, :]).reshape(-1)
-        mat = torch.zeros(self.m_out * self.m_in, self.p, dtype=torch.float64)
-        mat[rows, cols] = self.scale_in * self.scale_out
-        return mat
+        """The explicit ``[m_out*m_in, p]`` float64 matrix of the scaled two-sided mask (train side)."""
+        m_in, m_out = self._dense_maps()
+        return torch.kron(m_out.T, m_in.T)
 
     def dense_matrix(self) -> torch.Tensor:
         return self.project_factor_matrix() @ self.mask_matrix()

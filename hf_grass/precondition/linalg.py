@@ -12,10 +12,15 @@ def symmetrise(mat: torch.Tensor) -> torch.Tensor:
     return (mat + mat.T) / 2
 
 
-def eigh_psd(mat: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh_psd(
+    mat: torch.Tensor, dtype: torch.dtype = torch.float64, keep_device: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (clamped at 0: a covariance has none below) and eigenvectors of a symmetrised
-    matrix, float64; ``dtype=torch.float32`` decomposes in single precision (half the time)."""
-    mat = mat.cpu().to(dtype)
+    matrix, float64; ``dtype=torch.float32`` decomposes in single precision (half the time on a CPU;
+    the warm-up's masks keep eigen-directions drawn at random, which float32 gives orthonormal to
+    ~1e-6, and its eigenvalues only scale the whitening). ``keep_device``: decompose where the matrix
+    lives (a GPU decomposes a 4096-wide covariance in a fraction of a second) instead of on the CPU."""
+    mat = mat.to(dtype) if keep_device else mat.cpu().to(dtype)
     eig, vecs = torch.linalg.eigh((mat + mat.T) / 2)
     return eig.clamp(min=0).double(), vecs.double()
 

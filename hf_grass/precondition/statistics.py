@@ -1,69 +1,132 @@
-"""Running float64 statistics gathered during the pass, from which the preconditioners are fitted.
+"""The running float64 statistics gathered during the pass, from which preconditioners are fitted.
 
-- ``fim``: per module ``sum_i g_i g_i^T`` of the compressed rows ``[k, k]``.
-- ``kfac``/``ekfac``: per module the token sums of ``x' x'^T`` and ``delta' delta'^T`` in the
-  factor space (masked inputs / output gradients for factgrass, projected ones for logra), and the
-  token count. ``ekfac`` also sums ``(Q_out^T G'_i Q_in)^2`` per example: the corrected eigenvalues
-  in the eigenbasis of a warm-up fit (``eigenbasis``). With masks taken in the eigenbasis
-  (``mask_basis="eigen"``) the K-FAC eigenvalues come from the warm-up fit itself, so only the
-  EK-FAC sums are kept.
-- ``FullCovariances``: the warm-up's sums of ``x x^T`` and ``delta delta^T`` in each module's full
-  input and output space, which ``fit_rotated_masks`` eigendecomposes.
+Per module (``ModuleStatistics``), what a preconditioner class asks for (``Preconditioner.statistics``):
 
-All sums are plain tensors in a ``state_dict`` so they are checkpointed with every shard.
+- ``fisher``: ``sum_i g_i g_i^T`` of the compressed rows ``[k, k]`` (the block Fisher);
+- ``covariances``: the token sums of ``x' x'^T`` and ``delta' delta'^T`` in the factor space (masked
+  inputs / output gradients for factgrass, projected ones for logra), and the token count (K-FAC);
+- ``ekfac``: ``sum_i (Q_out^T G_i Q_in)^2`` per example, the second moments in the warm-up
+  eigenbasis that replace K-FAC's eigenvalues (EK-FAC). With masks taken in the eigenbasis the
+  factor space already is that basis; a hashed (wide) side is kept in its own coordinates here
+  (``curvature_grads``), so the moments are per coordinate, not per bucket.
+
+All sums are plain tensors (``to_tensors``: ``examples``, ``name::fisher``, ``name::cov_in``,
+``name::cov_out``, ``name::tokens``, ``name::lambda``), checkpointed with every shard and added over
+the writer processes when read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from hf_grass.capture.engine import BatchGradients
-from hf_grass.compressors.base import Compressor
-from hf_grass.precondition.eigenbasis import is_rotated, rotate
+from hf_grass.precondition.eigenbasis import Eigenbasis
+
+_KEYS = {"fisher": "fisher", "cov_in": "cov_in", "cov_out": "cov_out", "tokens": "tokens", "ekfac": "lambda"}
 
 
 @dataclass(frozen=True)
 class ModuleSpec:
+    """A module's name, its compressed width and its factor-space widths (0: not factorised)."""
+
     name: str
-    dim: int  # compressed dimension k
-    m_in: int = 0  # factor-space widths (0: not factorised)
+    dim: int
+    m_in: int = 0
     m_out: int = 0
 
 
-def covariance_keys(name: str) -> tuple[str, str, str]:
-    return f"{name}::cov_in", f"{name}::cov_out", f"{name}::tokens"
+@dataclass
+class ModuleStatistics:
+    """The sums of one module (each ``None`` unless its preconditioner asked for it)."""
+
+    fisher: torch.Tensor | None = None  # [k, k]
+    cov_in: torch.Tensor | None = None  # [m_in, m_in]
+    cov_out: torch.Tensor | None = None  # [m_out, m_out]
+    tokens: torch.Tensor | None = None  # [] token count of the covariances
+    ekfac: torch.Tensor | None = None  # [c_out, c_in] squared per-example gradients in the eigenbasis
+
+
+@dataclass
+class Statistics:
+    """Every module's sums and the number of examples they are over."""
+
+    examples: float = 0.0
+    modules: dict[str, ModuleStatistics] = field(default_factory=dict)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"examples": torch.tensor(float(self.examples), dtype=torch.float64)}
+        for name, mod in self.modules.items():
+            for attr, key in _KEYS.items():
+                value = getattr(mod, attr)
+                if value is not None:
+                    out[f"{name}::{key}"] = value.detach().cpu()
+        return out
+
+    @classmethod
+    def from_tensors(cls, flat: Mapping[str, torch.Tensor]) -> Statistics:
+        attrs = {key: attr for attr, key in _KEYS.items()}
+        modules: dict[str, ModuleStatistics] = {}
+        for key, value in flat.items():
+            if key == "examples":
+                continue
+            name, _, part = key.rpartition("::")
+            if part not in attrs:
+                raise ValueError(f"unknown statistic {key!r}")
+            setattr(modules.setdefault(name, ModuleStatistics()), attrs[part], value.to(torch.float64))
+        return cls(float(flat.get("examples", 0.0)), modules)
+
+
+class BatchStatistics(Protocol):
+    """What one batch gives the accumulator (``hf_grass.capture.BatchGradients`` provides it)."""
+
+    losses: torch.Tensor
+    rows: torch.Tensor | None
+    factor_grads: dict[str, torch.Tensor]
+    curvature_grads: dict[str, torch.Tensor]
+    cov_in: dict[str, torch.Tensor]
+    cov_out: dict[str, torch.Tensor]
+    tokens: dict[str, int]
 
 
 class StatsAccumulator:
+    """The running sums of ``needs`` (``Preconditioner.statistics``) over the batches of a pass.
+
+    Args:
+        modules: the modules, in row order (``dim``: each one's block of a per-module row).
+        needs: which sums to keep: ``"fisher"``, ``"covariances"``, ``"ekfac"``.
+        eigenbasis: the warm-up fit, in which EK-FAC's moments are taken (needed for ``"ekfac"``).
+        device: where the sums live (the model's device: no transfer per batch).
+    """
+
     def __init__(
         self,
         modules: list[ModuleSpec],
-        preconditioner: str,
-        eigenbasis: dict[str, torch.Tensor] | None = None,
+        needs: frozenset[str],
+        eigenbasis: Eigenbasis | None = None,
         device: torch.device | str = "cpu",
     ):
-        self.modules = modules
-        self.preconditioner = preconditioner
-        self.eigenbasis = eigenbasis
-        if preconditioner == "ekfac" and eigenbasis is None:
-            raise ValueError("ekfac statistics need the warm-up eigenbasis")
+        unknown = set(needs) - {"fisher", "covariances", "ekfac"}
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}")
+        if "ekfac" in needs and eigenbasis is None:
+            raise ValueError("EK-FAC statistics need the warm-up eigenbasis")
+        self.modules, self.needs, self.eigenbasis = modules, needs, eigenbasis
         self.device = torch.device(device)
-        # masks in the eigenbasis: K-FAC's eigenvalues come with the basis, no covariance to sum
-        self.covariances_needed = preconditioner in ("kfac", "ekfac") and not is_rotated(eigenbasis)
-        self.sums: dict[str, torch.Tensor] = {"examples": torch.zeros((), dtype=torch.float64)}
         f64 = {"dtype": torch.float64, "device": self.device}
+        self.sums = Statistics()
         for m in modules:
-            if preconditioner == "fim":
-                self.sums[f"{m.name}::fisher"] = torch.zeros(m.dim, m.dim, **f64)
-            if self.covariances_needed:
-                k_in, k_out, k_tok = covariance_keys(m.name)
-                self.sums[k_in] = torch.zeros(m.m_in, m.m_in, **f64)
-                self.sums[k_out] = torch.zeros(m.m_out, m.m_out, **f64)
-                self.sums[k_tok] = torch.zeros((), **f64)
-            if preconditioner == "ekfac":
-                self.sums[f"{m.name}::lambda"] = torch.zeros(m.m_out, m.m_in, **f64)
+            mod = self.sums.modules[m.name] = ModuleStatistics()
+            if "fisher" in needs:
+                mod.fisher = torch.zeros(m.dim, m.dim, **f64)
+            if "covariances" in needs:
+                mod.cov_in, mod.cov_out = torch.zeros(m.m_in, m.m_in, **f64), torch.zeros(m.m_out, m.m_out, **f64)
+                mod.tokens = torch.zeros((), **f64)
+            if "ekfac" in needs:
+                assert eigenbasis is not None
+                mod.ekfac = torch.zeros(eigenbasis.curvature_shape(m.name, (m.m_out, m.m_in)), **f64)
         self.offsets: dict[str, tuple[int, int]] = {}
         start = 0
         for m in modules:
@@ -71,92 +134,61 @@ class StatsAccumulator:
             start += m.dim
 
     @property
-    def request_kwargs(self) -> dict[str, bool]:
-        """What the capture must compute for these statistics."""
-        return {
-            "factor_grads": self.preconditioner == "ekfac",
-            "covariances": self.covariances_needed,
-        }
+    def needs_factor_grads(self) -> bool:
+        return "ekfac" in self.needs
 
-    def update(self, grads: BatchGradients, rotated: dict[str, torch.Tensor] | None = None) -> None:
+    @property
+    def needs_covariances(self) -> bool:
+        return "covariances" in self.needs
+
+    @property
+    def needs_curvature_grads(self) -> bool:
+        """Per-coordinate EK-FAC moments of hashed (wide) sides need their unhashed gradients."""
+        return "ekfac" in self.needs and self.eigenbasis is not None and self.eigenbasis.has_hashed_sides
+
+    def update(self, grads: BatchStatistics, rotated: dict[str, torch.Tensor] | None = None) -> None:
         """Add one batch (all of its examples count). ``rotated``: the factor gradients already
         rotated into the eigenbasis (float64), when the caller computed them anyway."""
-        rows, factor_grads = grads.rows, grads.factor_grads
-        cov_in, cov_out, tokens = grads.cov_in, grads.cov_out, grads.tokens
-        self.sums["examples"] += grads.losses.shape[0]
+        self.sums.examples += grads.losses.shape[0]
         for m in self.modules:
-            if self.preconditioner == "fim":
-                assert rows is not None, "fim statistics need the compressed rows"
+            mod = self.sums.modules[m.name]
+            if mod.fisher is not None:
+                assert grads.rows is not None, "fisher statistics need the compressed rows"
                 start, stop = self.offsets[m.name]
-                block = rows[:, start:stop].to(self.device, torch.float64)
-                self.sums[f"{m.name}::fisher"] += block.T @ block
-            if self.covariances_needed and m.name in cov_in:
-                k_in, k_out, k_tok = covariance_keys(m.name)
-                self.sums[k_in] += cov_in[m.name].to(self.device)
-                self.sums[k_out] += cov_out[m.name].to(self.device)
-                self.sums[k_tok] += tokens[m.name]
-            if self.preconditioner == "ekfac" and m.name in factor_grads:
+                block = grads.rows[:, start:stop].to(self.device, torch.float64)
+                mod.fisher += block.T @ block
+            if mod.cov_in is not None and m.name in grads.cov_in:
+                assert mod.cov_out is not None and mod.tokens is not None
+                mod.cov_in += grads.cov_in[m.name].to(self.device)
+                mod.cov_out += grads.cov_out[m.name].to(self.device)
+                mod.tokens += grads.tokens[m.name]
+            if mod.ekfac is not None:
                 assert self.eigenbasis is not None
-                if rotated is not None and m.name in rotated:
+                if m.name in grads.curvature_grads:  # a hashed side: moments per coordinate
+                    turned = self.eigenbasis.rotate(m.name, grads.curvature_grads[m.name].to(self.device))
+                elif rotated is not None and m.name in rotated:
                     turned = rotated[m.name].to(self.device)
-                else:
-                    turned = rotate(self.eigenbasis, m.name, factor_grads[m.name].to(self.device))
-                self.sums[f"{m.name}::lambda"] += turned.square().sum(dim=0)
-
-    def covariances(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float], float]:
-        """``(cov_in, cov_out, tokens, examples)`` per module name: what ``fit_eigenbasis`` reads."""
-        cov_in, cov_out, tokens = {}, {}, {}
-        for m in self.modules:
-            k_in, k_out, k_tok = covariance_keys(m.name)
-            cov_in[m.name], cov_out[m.name] = self.sums[k_in], self.sums[k_out]
-            tokens[m.name] = float(self.sums[k_tok])
-        return cov_in, cov_out, tokens, float(self.sums["examples"])
+                elif m.name in grads.factor_grads:
+                    turned = self.eigenbasis.rotate(m.name, grads.factor_grads[m.name].to(self.device))
+                else:  # not reached by this batch: zero gradient
+                    continue
+                mod.ekfac += turned.square().sum(dim=0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.sums.items()}
+        return self.sums.to_tensors()
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.sums) - set(state)
-        extra = set(state) - set(self.sums)
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        mine = self.state_dict()
+        missing, extra = set(mine) - set(state), set(state) - set(mine)
         if missing or extra:
             raise ValueError(
                 f"statistics do not match this cache: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
             )
-        for k in self.sums:
-            if state[k].shape != self.sums[k].shape:
+        for key, value in mine.items():
+            if state[key].shape != value.shape:
                 raise ValueError(
-                    f"statistic {k} has shape {tuple(state[k].shape)}, expected {tuple(self.sums[k].shape)}"
+                    f"statistic {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}"
                 )
-            self.sums[k] = state[k].to(self.device, torch.float64).clone()
-
-
-class FullCovariances:
-    """The warm-up sums of an eigen-basis cache: per module ``x x^T`` (bias column included) and
-    ``delta delta^T`` over tokens in the full input and output spaces (a side stored as its diagonal
-    when the capture kept only that), the token count, and the example count. Every rank holds the
-    same keys and shapes, so the sums can be all-reduced."""
-
-    def __init__(self, compressors: dict[str, Compressor], max_width: int):
-        f64 = {"dtype": torch.float64}
-        self.sums: dict[str, torch.Tensor] = {"examples": torch.zeros((), **f64)}
-        for name, comp in compressors.items():
-            for side, d in (("full_in", comp.d_in), ("full_out", comp.d_out)):
-                shape = (d, d) if d <= max_width else (d,)
-                self.sums[f"{name}::{side}"] = torch.zeros(shape, **f64)
-            self.sums[f"{name}::tokens"] = torch.zeros((), **f64)
-        self.names = list(compressors)
-
-    def update(self, grads: BatchGradients) -> None:
-        self.sums["examples"] += grads.losses.shape[0]
-        for name in self.names:
-            if name in grads.full_in:  # in place: no float64 copy of each batch's matrices
-                self.sums[f"{name}::full_in"].add_(grads.full_in[name].to("cpu"))
-                self.sums[f"{name}::full_out"].add_(grads.full_out[name].to("cpu"))
-                self.sums[f"{name}::tokens"] += grads.tokens.get(name, 0)
-
-    def parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float], float]:
-        """``(full_in, full_out, tokens, examples)`` per module: what ``fit_rotated_masks`` reads."""
-        full_in = {n: self.sums[f"{n}::full_in"] for n in self.names}
-        full_out = {n: self.sums[f"{n}::full_out"] for n in self.names}
-        tokens = {n: float(self.sums[f"{n}::tokens"]) for n in self.names}
-        return full_in, full_out, tokens, float(self.sums["examples"])
+        loaded = Statistics.from_tensors({k: v.to(self.device).clone() for k, v in state.items()})
+        loaded.modules = {m.name: loaded.modules.get(m.name, ModuleStatistics()) for m in self.modules}
+        self.sums = loaded

@@ -75,7 +75,7 @@ def score_during_pass(
         computer: the capture of the reference cache (``Attributor.computer``: its compressors,
             with the eigenbasis masks attached).
         source: the examples to score (indices ``0 .. len - 1``).
-        queries: ``[n_query, dim]`` query vectors (``Attributor.encode``).
+        queries: ``[n_query, dim]`` query vectors (``Attributor.query_vectors``).
         k: list length per query (at most the number of examples).
         basis: the reference cache's warm-up fit (K-FAC caches whiten their rows with it).
         norms: exact unit normalisation (the queries' norms); ``cosine`` alone divides by the

@@ -1,88 +1,98 @@
-"""Query vectors: each query's preconditioned, compressed gradient and its exact norms."""
+"""Query vectors: each query's preconditioned, compressed gradient and its norms (``query_vectors``,
+the one way a query becomes something to score)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 
-from hf_grass.capture.engine import GradientComputer, NonFiniteError
+from hf_grass.attribution.batches import gradient_norm_sq
+from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteError
 from hf_grass.capture.hooks import CaptureRequest
-from hf_grass.precondition.eigenbasis import is_whitened, whiten_query
-from hf_grass.precondition.preconditioner import Preconditioner
+from hf_grass.compressors.base import FactorisedCompressor
+from hf_grass.precondition import Eigenbasis, Preconditioner
 
 
-def query_gradients(
-    computer: GradientComputer,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    preconditioner: Preconditioner,
-    basis: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``[n_query, dim]`` float32: the preconditioned, compressed gradient of each query's loss
-    (``query_vectors`` without the norms)."""
-    return query_vectors(computer, batches, preconditioner, basis)[0]
+class QueryVectors(NamedTuple):
+    """``rows [n_query, dim]`` float32, scored against the cache's rows by a dot product, and
+    ``norms [n_query, 2]`` float32: the gradient norm and the preconditioned norm (the geometry of
+    the cache's whitening; see ``query_vectors``), for unit-normalised scores."""
+
+    rows: torch.Tensor
+    norms: torch.Tensor
 
 
 def query_vectors(
     computer: GradientComputer,
     batches: Iterable[Mapping[str, torch.Tensor]],
     preconditioner: Preconditioner,
-    basis: dict[str, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows [n_query, dim] float32, norms [n_query, 2] float32)``: each query's preconditioned,
-    compressed gradient, and its exact gradient norm ``||g'||`` and preconditioned norm
-    ``sqrt(g'^T H^-1 g')`` in the factor space (for unit-normalised scores).
+    basis: Eigenbasis | None = None,
+) -> QueryVectors:
+    """Each query's preconditioned, compressed gradient, and its norms.
 
-    ``basis``: the warm-up fit of a K-FAC cache, whose train rows are whitened
-    (``S (whiten * R g'_i)``); the query then goes through ``S (R H^-1 g'_q / whiten)`` so that the
-    whitening cancels and ``<q, row_i>`` estimates ``g'_q^T H^-1 g'_i`` with balanced noise.
+    ``basis``: the warm-up fit of a K-FAC cache, whose train rows are whitened (``S (whiten * R g'_i)``);
+    the query then goes through ``S (R H^-1 g'_q / whiten)`` so that the whitening cancels and
+    ``<q, row_i>`` estimates ``g'_q^T H^-1 g'_i`` with balanced noise. A module with a hashed (wide)
+    side is preconditioned in that side's own coordinates and hashed afterwards, with the query's
+    weights (``HashMap``): unbiased over the hash for any per-coordinate curvature.
+
+    The norms are those the cache stores with its rows, in the same geometries: the gradient norm
+    ``||g'||`` (factor space, hashed sides in their own coordinates) and the norm in the cache's
+    whitened factor space ``||K^-1/2 g'||`` (``K``: the build-time K-FAC at the build damping; the
+    gradient norm for caches without whitening), whatever the query's preconditioner and damping.
     """
-    whitened = is_whitened(basis)
-    factor = preconditioner.needs_factor_grads or whitened
+    in_factors = preconditioner.acts_on == "factors" or basis is not None
     factorised = all(c.factorised for c in computer.compressors.values())
+    request = CaptureRequest(
+        rows=not in_factors,
+        factor_grads=in_factors or factorised,
+        curvature_grads=basis is not None and basis.has_hashed_sides,
+    )
     out, norms = [], []
     with computer.session():
         for batch in batches:
-            request = CaptureRequest(rows=not factor, factor_grads=factor or factorised)
             try:
                 grads = computer.compute(batch, request)
             except NonFiniteError as err:
                 raise ValueError(f"non-finite {err.what} for query rows {err.rows} of this batch") from None
-            n = grads.losses.shape[0]
-            rows = torch.zeros(n, computer.total_dim, device=computer.device)
-            raw = torch.zeros(n, dtype=torch.float64, device=computer.device)
-            pre_sq = torch.zeros_like(raw)
-            for gp in grads.factor_grads.values():
-                raw += gp.double().square().flatten(1).sum(1)
-            if not factor and preconditioner.kind == "identity":  # also the global layout's shared row
+            if in_factors:
+                rows, pre_sq = _from_factors(computer, grads, preconditioner, basis)
+                raw_sq = gradient_norm_sq(grads)
+            else:
                 assert grads.rows is not None
-                rows = grads.rows.float()
-                if not grads.factor_grads:
-                    raw = rows.double().square().sum(1)
-                pre_sq = raw
-            for name, (start, stop) in computer.offsets.items():
-                if not factor and preconditioner.kind == "identity":
-                    break
-                if not factor:  # fim: one block per module (the per-module layout)
-                    assert grads.rows is not None
-                    block = grads.rows[:, start:stop]
-                    pre = preconditioner.apply_rows(name, block).float()
-                    rows[:, start:stop] = pre
-                    pre_sq += (pre.double() * block.double()).sum(1)
-                    if not grads.factor_grads:
-                        raw += block.double().square().sum(1)
-                    continue
-                gp = grads.factor_grads[name]
-                pre = preconditioner.apply_factor(name, gp) if preconditioner.needs_factor_grads else gp
-                pre_sq += (pre.double() * gp.double()).flatten(1).sum(1)
-                if whitened:
-                    assert basis is not None
-                    pre = whiten_query(basis, name, pre)
-                rows[:, start:stop] += computer.compressors[name].project_factor(pre.float()).float()  # type: ignore[attr-defined]
-            out.append(rows.cpu())
-            norms.append(torch.stack([raw.sqrt(), pre_sq.clamp(min=0).sqrt()], dim=1).float().cpu())
+                rows = preconditioner.precondition_rows(grads.rows, computer.offsets)
+                raw_sq = gradient_norm_sq(grads) if grads.factor_grads else grads.rows.double().square().sum(1)
+                pre_sq = raw_sq  # rows stored raw: no whitening to measure them in
+            out.append(rows.float().cpu())
+            norms.append(torch.stack([raw_sq.sqrt(), pre_sq.clamp(min=0).sqrt()], dim=1).float().cpu())
     if not out:
-        return torch.empty(0, computer.total_dim), torch.empty(0, 2)
-    return torch.cat(out), torch.cat(norms)
+        return QueryVectors(torch.empty(0, computer.row_dim), torch.empty(0, 2))
+    return QueryVectors(torch.cat(out), torch.cat(norms))
 
 
+def _from_factors(
+    computer: GradientComputer, grads: BatchGradients, preconditioner: Preconditioner, basis: Eigenbasis | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [n, dim] float64, squared whitened norms [n])`` of queries preconditioned in the factor
+    space (see ``query_vectors``)."""
+    factor_grads, curvature = grads.factor_grads, grads.curvature_grads
+    n = next(iter(factor_grads.values())).shape[0]
+    device = computer.device
+    rows = torch.zeros(n, computer.row_dim, dtype=torch.float64, device=device)
+    pre_sq = torch.zeros(n, dtype=torch.float64, device=device)
+    for name, (start, stop) in computer.offsets.items():
+        comp = computer.compressors[name]
+        assert isinstance(comp, FactorisedCompressor)
+        gp = factor_grads[name]
+        pre = preconditioner.apply(name, curvature.get(name, gp))
+        if name in curvature:  # a hashed side: hash after preconditioning, with the query's weights
+            pre = comp.to_factor_space(pre, query=True)  # type: ignore[attr-defined]
+        if basis is not None:
+            pre = basis.whiten_query(name, basis.rotate(name, pre))
+            pre_sq += basis.whitened_norm_sq(name, basis.rotate(name, gp))
+        else:
+            pre_sq += gp.double().square().flatten(1).sum(1)
+        rows[:, start:stop] += comp.project_factor(pre.to(torch.float32)).double()
+    return rows, pre_sq

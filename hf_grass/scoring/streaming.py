@@ -3,7 +3,6 @@ and bottom-k lists (memory independent of the cache size) and, when asked, the d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,36 +23,6 @@ def chunk_rows(n_query: int, dim: int) -> int:
 
 
 NORM_COLUMNS = {"gradient": 0, "preconditioned": 1}
-
-
-def shard_scores(
-    cache: GradientCache,
-    queries: torch.Tensor,
-    cosine: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-    norms: Normalisation | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(indices [rows], scores [n_query, rows])`` per shard (this rank's shards only).
-
-    Memory: one shard's scores plus a small conversion buffer, whatever the cache size. Rows come
-    from ``GradientCache.iter_row_blocks`` (the one float32 conversion, ``hf_grass.cache.rows``).
-    ``norms``: exact unit normalisation (see ``Normalisation``); ``cosine`` alone divides by the
-    norms of the compressed vectors themselves.
-    """
-    queries = queries.to(torch.float32)
-    step = chunk_rows(queries.shape[0], cache.dim)
-    qn = _norms(queries) if cosine and norms is None else None
-    mine = [pos for pos in range(len(cache.shards)) if pos % world_size == rank]
-    for pos in mine:  # another rank scores the other shards
-        first, rows = int(cache.row_offsets[pos]), cache.shards[pos]["rows"]
-        block = torch.empty(queries.shape[0], rows, dtype=torch.float32)
-        indices = torch.empty(rows, dtype=torch.int64)
-        for part in cache.iter_row_blocks(step, shards=[pos]):
-            lo, hi = part.start - first, part.start - first + part.rows.shape[0]
-            block[:, lo:hi] = block_scores(queries, part.rows, qn, norms, part.norms)
-            indices[lo:hi] = part.indices
-        yield indices, block
 
 
 @dataclass
