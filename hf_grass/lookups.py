@@ -68,22 +68,23 @@ class MultiCheckpointAttributor:
             with checkpoint_weights(self.model, cache):
                 yield weight, Attributor(self.model, self.tokenizer, cache, **self.kwargs)
 
-    def attribute(self, query_dataset: Any, k: int | None = None) -> torch.Tensor | ScanResult:
-        if k is not None and len(self.caches) == 1:  # streaming (or two-stage) top-k
-            for _, attributor in self._each():  # the query gradients at the cache's own weights
-                return attributor.attribute(query_dataset, k=k)
+    def attribute(self, query_dataset: Any) -> torch.Tensor:
+        """Scores ``[n_query, n_train]`` summed over the checkpoints, each weighted."""
         total: torch.Tensor | None = None
         for weight, attributor in self._each():
-            scores = attributor.attribute(query_dataset)
-            assert isinstance(scores, torch.Tensor)
-            scores = weight * scores
+            scores = weight * attributor.attribute(query_dataset)
             total = scores if total is None else total + scores
         assert total is not None
-        if k is None:
-            return total
+        return total
+
+    def attribute_top_k(self, query_dataset: Any, k: int = 10) -> ScanResult:
+        """Each query's ``k`` highest and lowest summed scores (not filtered by sign)."""
+        if len(self.caches) == 1:  # streaming (or two-stage) lists
+            for _, attributor in self._each():  # the query gradients at the cache's own weights
+                return attributor.attribute_top_k(query_dataset, k)
         # summed over checkpoints: the lists need every summed score, so they come from the dense sum
         check_k(k, self.caches[-1].num_rows)
-        return self._dense_lists(total, k)
+        return self._dense_lists(self.attribute(query_dataset), k)
 
     def score_dataset(self, dataset: Any, query_dataset: Any, k: int = 10, **kwargs: Any) -> PassScores:
         """``Attributor.score_dataset`` with the one cache as the reference, at the weights it was
@@ -120,14 +121,12 @@ class MultiCheckpointAttributor:
         )
         if len(self.caches) == 1:  # one read of the cache, streaming lists
             for weight, attributor in self._each():  # the query gradient at the cache's own weights
-                found = attributor.scan(attributor.query_vectors([batch]), k, weight, top=True, bottom=True)
+                found = attributor.lookup(attributor.query_vectors([batch]), k, weight=weight)
             assert found.top is not None and found.bottom is not None
             return make_result(self.caches[0], prompt_text, text, found.top, found.bottom)
         total: torch.Tensor | None = None
         for weight, attributor in self._each():
-            dense = attributor.scan(attributor.query_vectors([batch]), None, weight, top=False, dense=True).dense
-            assert dense is not None
-            scores = dense
+            scores = attributor.scores(attributor.query_vectors([batch]), weight)
             total = scores if total is None else total + scores
         assert total is not None
         found = self._dense_lists(total, k)
@@ -148,14 +147,18 @@ class AttributionLookups:
     def _attributor(self, **kwargs: Any) -> Attributor | MultiCheckpointAttributor:
         raise NotImplementedError
 
-    def attribute(self, query_dataset: Any, k: int | None = None, **kwargs: Any) -> torch.Tensor | ScanResult:
-        """Influence scores ``[n_query, n_train]`` of every query on every training example, or with
-        ``k`` each query's top-k helpful and harmful documents (``ScanResult``), without the dense matrix.
+    def attribute(self, query_dataset: Any, **kwargs: Any) -> torch.Tensor:
+        """Influence scores ``[n_query, n_train]`` of every query on every training example.
 
-        ``kwargs``: ``preconditioner``, ``damping``, ``cosine``, ``check_model``, ``search`` overrides.
+        ``kwargs``: ``ScoringOptions`` overrides (``preconditioner``, ``damping``, ``cosine``, ...) and
+        ``check_model``.
         """
-        attributor = self._attributor(**kwargs)
-        return attributor.attribute(query_dataset) if k is None else attributor.attribute(query_dataset, k=k)
+        return self._attributor(**kwargs).attribute(query_dataset)
+
+    def attribute_top_k(self, query_dataset: Any, k: int = 10, **kwargs: Any) -> ScanResult:
+        """Each query's ``k`` highest-scoring (``top``) and lowest-scoring (``bottom``) training
+        documents, without the dense matrix (not filtered by sign); ``kwargs`` as in ``attribute``."""
+        return self._attributor(**kwargs).attribute_top_k(query_dataset, k)
 
     def score_dataset(
         self, dataset: Any, query_dataset: Any, k: int = 10, select: int | None = None, **kwargs: Any

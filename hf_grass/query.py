@@ -7,14 +7,15 @@ harmful.
 
 Path of a query: ``find_influential`` -> ``Attributor.find_influential`` -> ``encode_query`` (prompt
 and completion tokens, loss on the completion) -> ``Attributor.query_vectors``
-(``scoring.query_gradients``: hooks, factor-space gradient, preconditioner, final projection) ->
-``scoring.lookup`` (the cache's index when it has one: candidates, then their exact scores; else
+(``scoring.query_vectors``: hooks, factor-space gradient, preconditioner, final projection) ->
+``Attributor.lookup`` -> ``scoring.lookup`` (the cache's index when it has one: candidates, then their exact scores; else
 ``scoring.scan``, one pass over the memory-mapped shards: top-k and bottom-k) -> ``make_result``
 (the documents' text from the shards' JSON lines).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -22,23 +23,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_grass.attribution import example_source
+from hf_grass.attribution import Batching, BatchRunner, example_source
 from hf_grass.cache.reader import GradientCache, open_cache
 from hf_grass.capture.engine import GradientComputer
 from hf_grass.capture.fingerprint import weights_fingerprint
 from hf_grass.capture.loss import PerExampleLoss, loss_name
-from hf_grass.config import GraSSConfig
-from hf_grass.data import ExampleSource, pad_token_id, padded_batches, padding_side
+from hf_grass.data import ExampleSource, padded_batches
 from hf_grass.distributed import Distributed, current_distributed
 from hf_grass.precondition import preconditioner_class
 from hf_grass.prompts import encode_query, generate, render_prompt  # noqa: F401 - public names
 from hf_grass.results import InfluenceResult, ranked_result
 from hf_grass.scoring import (
-    NORM_COLUMNS,
-    SEARCHES,
     Normalisation,
     QueryVectors,
     ScanResult,
+    ScoringOptions,
     TopK,
     cache_eigenbasis,
     check_k,
@@ -59,15 +58,13 @@ class Attributor:
         model: the model whose gradients the cache holds (checked against its fingerprint).
         tokenizer: tokenizes prompts and decodes completions.
         cache: a ``GradientCache``, a local path or a Hub repo id.
-        preconditioner, damping, cosine: override the cache's config for scoring.
+        options: ``ScoringOptions`` (preconditioner, damping, cosine, cosine_norms, search, candidates,
+            batch_size, disable_progress); ``option_fields`` change single fields of it, e.g.
+            ``Attributor(model, tok, cache, damping=0.1, search="exact")``. ``None`` fields follow
+            the cache's configuration.
         check_model: refuse a model whose weights differ from the one that built the cache.
         per_example_loss: the ``fn(model, batch) -> [B]`` loss the cache was built with, if it was
             built with one (see ``GradientComputer``); queries take their gradient of the same loss.
-        search: how lists are found: ``"auto"`` (the cache's FAISS index if it has one, else the
-            exact scan), ``"exact"`` (force the scan), ``"index"``, ``"bm25"``, ``"index+bm25"``;
-            scores are exact in every case (``hf_grass.scoring.lookup``).
-        candidates: rows re-scored per list in a two-stage lookup (default
-            ``scoring.default_candidates(k)``).
     """
 
     def __init__(
@@ -75,54 +72,33 @@ class Attributor:
         model: nn.Module,
         tokenizer: Any,
         cache: GradientCache | str | os.PathLike,
+        options: ScoringOptions | None = None,
         *,
-        preconditioner: str | None = None,
-        damping: float | None = None,
-        cosine: bool | None = None,
-        cosine_norms: str | None = None,
         check_model: bool = True,
-        batch_size: int | None = None,
-        disable_progress: bool = True,
         per_example_loss: PerExampleLoss | None = None,
-        search: str = "auto",
-        candidates: int | None = None,
+        **option_fields: Any,
     ):
-        if search not in SEARCHES:
-            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
-        self.search, self.candidates = search, candidates
+        self.options = (options or ScoringOptions()).replace(**option_fields)
         self.cache = open_cache(cache)
         self.per_example_loss = per_example_loss
         _check_loss(self.cache, per_example_loss)
         self.model = model
         self.tokenizer = tokenizer
-        cfg = self.cache.config
-        self.config: GraSSConfig = cfg
-        self.cosine = cfg.cosine if cosine is None else cosine
-        # unit normalisation by the exact norms the pass stored with every row (in the geometry
-        # cosine_norms names); caches written before they were stored fall back to the cosine of
-        # the compressed rows
-        self.normalize: str | None = None
-        if self.cosine:
-            self.normalize = cosine_norms or cfg.cosine_norms
-            if self.normalize not in NORM_COLUMNS:
-                raise ValueError(f"cosine_norms must be one of {sorted(NORM_COLUMNS)}, got {self.normalize!r}")
-            if not self.cache.has_norms:
-                logger.warning(
-                    "%s stores no row norms (written before hf-grass 0.2): cosine falls back to the cosine "
-                    "of the compressed rows; rebuild the cache for exact norms.",
-                    self.cache.path,
-                )
-                self.normalize = None
-        self.batch_size = batch_size or cfg.batch_size or 8
-        self.disable_progress = disable_progress
-        names = self.cache.module_names
+        cfg = self.config = self.cache.config
+        opts = self.options
+        self.cosine = cfg.cosine if opts.cosine is None else opts.cosine
+        # unit normalisation by the norms the pass stored with every row, in one geometry
+        self.normalize: str | None = (opts.cosine_norms or cfg.cosine_norms) if self.cosine else None
+        self.batch_size = opts.batch_size or cfg.batch_size or 8
+        self.disable_progress = opts.disable_progress
         # rebuild the exact compressors of the cache (same config, same module names -> same seeds)
         self.computer = GradientComputer(
-            model, cfg.replace(target_modules=names, exclude_modules=None), per_example_loss=per_example_loss
-        )
+            model, cfg.replace(target_modules=self.cache.module_names, exclude_modules=None),
+            per_example_loss=per_example_loss,
+        )  # fmt: skip
         self._check_model(check_model)
         self.basis = cache_eigenbasis(self.cache)  # K-FAC caches: the whitening of their train rows
-        chosen = preconditioner_class(preconditioner or cfg.preconditioner)
+        chosen = preconditioner_class(opts.preconditioner or cfg.preconditioner)
         if self.basis is not None and chosen.acts_on == "rows":
             # unbiased, but the query side then carries the whitening's inverse: measured far noisier
             # than gradient similarity on raw rows (docs/howto/choosing.md), so refuse, saying how
@@ -131,7 +107,7 @@ class Attributor:
                 f"for {cfg.preconditioner!r}: build a cache with GraSSConfig(preconditioner={chosen.name!r}) "
                 f"for it, or query this one with {cfg.preconditioner!r} / 'kfac'."
             )
-        self.preconditioner = fitted_preconditioner(self.cache, preconditioner, damping, self.basis)
+        self.preconditioner = fitted_preconditioner(self.cache, opts.preconditioner, opts.damping, self.basis)
         if self.basis is not None:
             self.basis.attach(self.computer.compressors)  # masks in the eigenbasis: their maps
 
@@ -159,42 +135,44 @@ class Attributor:
         """The queries' preconditioned, compressed gradients and their norms (``scoring.query_vectors``)."""
         return query_vectors(self.computer, batches, self.preconditioner, self.basis)
 
-    def scan(
-        self, encoded: tuple[torch.Tensor, torch.Tensor], k: int | None = None, weight: float = 1.0, **what: Any
+    def normalisation(self, queries: QueryVectors) -> Normalisation | None:
+        """The unit normalisation of these queries' scores, when ``cosine`` asks for it."""
+        return Normalisation(self.normalize, queries.norms) if self.normalize else None
+
+    def lookup(
+        self, queries: QueryVectors, k: int, *, weight: float = 1.0, texts: list[str] | None = None
     ) -> ScanResult:
-        """The lists (and with ``dense=True`` every score) of encoded queries, with this attributor's
-        search and normalisation (``scoring.lookup``; ``k=None``: the dense scan); ``what``: top,
-        bottom, dense, query_texts, disable_progress."""
-        rows, norms = encoded
-        normalisation = self._normalisation(norms)
-        if k is None:
-            what.pop("query_texts", None)
-            return scan(self.cache, weight * rows, None, cosine=self.cosine, norms=normalisation, **what)
-        return lookup(
-            self.cache, weight * rows, k, search=self.search, cosine=self.cosine, norms=normalisation,
-            candidates=self.candidates, **what,
-        )  # fmt: skip
+        """Each query's ``k`` highest and ``k`` lowest scores with this attributor's search and
+        normalisation (``scoring.lookup``: the exact scan, or an index's candidates re-scored exactly);
+        ``weight`` scales the scores (checkpoint weights), ``texts`` are the queries' text (BM25)."""
+        return lookup(self.cache, weight * queries.rows, k, top=True, bottom=True, search=self.options.lookup,
+                      norms=self.normalisation(queries), texts=texts)  # fmt: skip
 
-    def _normalisation(self, query_norms: torch.Tensor) -> Normalisation | None:
-        """The exact unit normalisation of these queries' scores, when ``cosine`` asks for it."""
-        return Normalisation(query_norms, self.normalize) if self.normalize else None
+    def scores(self, queries: QueryVectors, weight: float = 1.0) -> torch.Tensor:
+        """Every score ``[n_query, num_examples]`` (columns = dataset indices; skipped examples score
+        0), from one read of the cache."""
+        found = scan(self.cache, weight * queries.rows, top=False, dense=True, norms=self.normalisation(queries),
+                     progress=not self.disable_progress)  # fmt: skip
+        assert found.dense is not None
+        return found.dense
 
-    def attribute(self, query_dataset: Any, k: int | None = None) -> torch.Tensor | ScanResult:
-        """Scores ``[n_query, n_train]`` (columns = training dataset indices), or with ``k`` only each
-        query's ``k`` most helpful and most harmful documents (a ``ScanResult`` with ``top`` and
-        ``bottom``), without the dense matrix: streamed over blocks of rows with matrix-matrix
-        products (memory independent of the cache size), or two-stage with an index."""
-        source, encoded = self._encode_dataset(query_dataset)
-        if k is None:
-            found = self.scan(encoded, top=False, dense=True, disable_progress=self.disable_progress)
-            assert found.dense is not None
-            return found.dense
+    def attribute(self, query_dataset: Any) -> torch.Tensor:
+        """Scores ``[n_query, n_train]`` of every query on every training example (columns = training
+        dataset indices), from one read of the cache."""
+        return self.scores(self._encode_dataset(query_dataset)[1])
+
+    def attribute_top_k(self, query_dataset: Any, k: int = 10) -> ScanResult:
+        """Each query's ``k`` highest-scoring (``top``) and ``k`` lowest-scoring (``bottom``)
+        documents, without the dense matrix: streamed over blocks of rows with matrix-matrix products
+        (memory independent of the cache size), or two-stage with an index. The lists are not
+        filtered by sign (``results.ranked_result`` keeps helpful > 0 and harmful < 0)."""
+        source, queries = self._encode_dataset(query_dataset)
         texts = None
-        if "bm25" in self.search:
+        if "bm25" in self.options.search:
             texts = [source.example(i).get("text") or "" for i in range(len(source))]
-        return self.scan(encoded, k, top=True, bottom=True, query_texts=texts, disable_progress=self.disable_progress)
+        return self.lookup(queries, k, texts=texts)
 
-    def _encode_dataset(self, query_dataset: Any) -> tuple[ExampleSource, tuple[torch.Tensor, torch.Tensor]]:
+    def _encode_dataset(self, query_dataset: Any) -> tuple[ExampleSource, QueryVectors]:
         """The queries of a dataset as examples, and their query vectors."""
         source = example_source(
             query_dataset,
@@ -217,7 +195,7 @@ class Attributor:
         text_column: str = "text",
         dist: Distributed | None = None,
     ) -> PassScores:
-        """Each query's ``k`` most helpful and most harmful examples of ``dataset``, scored while an
+        """Each query's ``k`` highest- and lowest-scoring examples of ``dataset``, scored while an
         attribution pass streams through it: nothing is stored, so ``dataset`` may be far larger
         than any cache (``hf_grass.scoring.during_pass``).
 
@@ -227,27 +205,15 @@ class Attributor:
         over the queries (data selection). Indices are positions in ``dataset``. Under torchrun /
         Accelerate each process scores its share and every process returns the merged lists.
         """
-        _, (rows, norms) = self._encode_dataset(query_dataset)
+        _, queries = self._encode_dataset(query_dataset)
         source = example_source(
             dataset, self.tokenizer, self.config, self.model, text_column,
             all_columns=self.per_example_loss is not None,
         )  # fmt: skip
-        return score_during_pass(
-            self.computer,
-            source,
-            rows,
-            k,
-            basis=self.basis,
-            norms=self._normalisation(norms),
-            cosine=self.cosine,
-            select=select,
-            bottom=bottom,
-            batch_size=self.batch_size,
-            pad_token_id=pad_token_id(self.tokenizer),
-            padding_side=padding_side(self.tokenizer),
-            dist=dist or current_distributed(),
-            disable_progress=self.disable_progress,
-        )
+        batching = Batching.for_tokenizer(self.tokenizer, self.batch_size, self.disable_progress)
+        runner = BatchRunner(self.computer, source, batching, dist or current_distributed())
+        return score_during_pass(runner, queries.rows, k, basis=self.basis, norms=self.normalisation(queries),
+                                 select=select, bottom=bottom)  # fmt: skip
 
     def find_influential(
         self,
@@ -257,23 +223,30 @@ class Attributor:
         all_scores: bool = False,
         **generate_kwargs: Any,
     ) -> InfluenceResult:
-        """Top-k helpful and harmful training documents for the model's completion of ``prompt``.
+        """The ``k`` most helpful (score > 0) and most harmful (score < 0) training documents for the
+        model's completion of ``prompt``.
 
         ``prompt`` may be a chat ``messages`` list, rendered with the tokenizer's chat template.
-        Without ``completion`` the model generates one (greedy, 32 new tokens unless overridden).
-        With ``all_scores`` the result also holds every cached row's score (e.g. to plot them),
-        from the same query gradient.
+        Without ``completion`` the model generates one (greedy, 32 new tokens unless
+        ``generate_kwargs`` say otherwise: they go to ``model.generate``, which refuses the ones it
+        does not know). With ``all_scores`` the result also holds every cached row's score (e.g. to
+        plot them), from the same query gradient.
         """
         check_k(k, self.cache.num_rows)
+        if completion is not None and generate_kwargs:
+            raise ValueError(
+                f"{sorted(generate_kwargs)} would go to model.generate, but a completion was given, so "
+                "nothing is generated: leave them out, or leave out the completion"
+            )
         prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, documents=self.cache, **generate_kwargs
         )
-        found = self.scan(self.query_vectors([batch]), k, top=True, bottom=True, dense=all_scores,
-                          query_texts=[prompt_text + text])  # fmt: skip
+        queries = self.query_vectors([batch])
+        found = self.lookup(queries, k, texts=[prompt_text + text])
         assert found.top is not None and found.bottom is not None
         result = make_result(self.cache, prompt_text, text, found.top, found.bottom)
-        if found.dense is not None:  # columns are dataset indices; skipped examples have no row
-            result.scores = found.dense[0, self.cache.indices]
+        if all_scores:  # columns are dataset indices; skipped examples have no row
+            result.scores = self.scores(queries)[0, self.cache.indices]
         return result
 
 
@@ -316,27 +289,15 @@ def find_influential(
     cache: GradientCache | str | os.PathLike,
     k: int = 10,
     completion: str | None = None,
-    preconditioner: str | None = None,
-    damping: float | None = None,
-    check_model: bool = True,
-    per_example_loss: PerExampleLoss | None = None,
-    search: str = "auto",
-    **generate_kwargs: Any,
+    **kwargs: Any,
 ) -> InfluenceResult:
     """One call from a prompt to its influential training documents (cache: object, path or Hub id).
 
-    ``per_example_loss``: the loss the cache was built with, if it was built with one.
-    ``search``: ``"auto"`` uses the cache's index when it has one (``"exact"`` forces the scan;
-    ``"bm25"``, ``"index+bm25"`` add lexical candidates); see ``Attributor``.
+    ``kwargs``: the ``Attributor``'s (``check_model``, ``per_example_loss``, and the ``ScoringOptions``
+    fields: ``preconditioner``, ``damping``, ``cosine``, ``search``, ...); the others go to
+    ``model.generate`` when the completion is generated (``max_new_tokens=``, ...).
     """
-    attributor = Attributor(
-        model,
-        tokenizer,
-        cache,
-        preconditioner=preconditioner,
-        damping=damping,
-        check_model=check_model,
-        per_example_loss=per_example_loss,
-        search=search,
-    )
-    return attributor.find_influential(prompt, k=k, completion=completion, **generate_kwargs)
+    attributor_keys = {"check_model", "per_example_loss"} | {f.name for f in dataclasses.fields(ScoringOptions)}
+    mine = {key: kwargs.pop(key) for key in list(kwargs) if key in attributor_keys}
+    attributor = Attributor(model, tokenizer, cache, **mine)
+    return attributor.find_influential(prompt, k=k, completion=completion, **kwargs)

@@ -33,7 +33,7 @@ class InfluentialDocument:
 class InfluenceResult:
     prompt: str
     completion: str
-    documents: list[InfluentialDocument]  # most helpful first
+    documents: list[InfluentialDocument]  # most helpful first; only documents with score > 0
     # most harmful first; only documents with score < 0, so it may be shorter than k, or empty
     harmful: list[InfluentialDocument] = field(default_factory=list)
     scores: torch.Tensor | None = None  # every cached row's score (row order), when asked for
@@ -57,22 +57,31 @@ def ranked_result(
     worst: tuple[Sequence[float], Sequence[int]],
     documents: Mapping[int, Mapping[str, Any]],
 ) -> InfluenceResult:
-    """An ``InfluenceResult`` from one query's lists, ``(scores, indices)`` most helpful first and
-    most harmful first, with each document's ``text`` and ``id`` looked up in ``documents``.
+    """An ``InfluenceResult`` from one query's lists, ``(scores, indices)`` highest first and lowest
+    first, with each document's ``text`` and ``id`` looked up in ``documents``.
 
-    "Harmful" means score < 0 (DESIGN.md §2): the bottom of a ranking is not harmful when its scores
-    are positive, so the harmful list keeps only the negative ones (maybe none)."""
+    "Helpful" means score > 0 and "harmful" score < 0 (DESIGN.md §2): the top of a ranking is not
+    helpful when its scores are negative, nor its bottom harmful when they are positive, so each list
+    keeps only the scores of its sign (maybe none)."""
+    return InfluenceResult(
+        prompt,
+        completion,
+        listed_documents(*best, documents, sign=1),
+        listed_documents(*worst, documents, sign=-1),
+    )
 
-    def make(scores: Sequence[float], indices: Sequence[int], negative_only: bool) -> list[InfluentialDocument]:
-        out = []
-        for score, index in zip(scores, indices):
-            if negative_only and not score < 0:
-                continue
-            doc = documents.get(index, {})
-            out.append(InfluentialDocument(index=index, score=score, text=doc.get("text"), id=doc.get("id")))
-        return out
 
-    return InfluenceResult(prompt, completion, make(*best, False), make(*worst, True))
+def listed_documents(
+    scores: Sequence[float], indices: Sequence[int], documents: Mapping[int, Mapping[str, Any]], sign: int = 0
+) -> list[InfluentialDocument]:
+    """The documents of a list, in its order; ``sign``: keep only scores > 0 (1) or < 0 (-1)."""
+    out = []
+    for score, index in zip(scores, indices):
+        if sign and not score * sign > 0:
+            continue
+        doc = documents.get(index, {})
+        out.append(InfluentialDocument(index=index, score=score, text=doc.get("text"), id=doc.get("id")))
+    return out
 
 
 def format_score(score: float) -> str:
@@ -114,7 +123,10 @@ def format_documents(docs: Sequence[InfluentialDocument], width: int | None = No
 
 def format_result(result: InfluenceResult, width: int | None = None) -> str:
     lines = [f"Prompt:     {result.prompt!r}", f"Completion: {result.completion!r}", ""]
-    lines += ["Most helpful training documents:"] + format_documents(result.documents, width)
+    if result.documents:
+        lines += ["Most helpful training documents:"] + format_documents(result.documents, width)
+    else:
+        lines += ["Most helpful training documents: none (no document scores above 0 for this completion)"]
     if result.harmful:
         lines += ["", "Most harmful training documents:"] + format_documents(result.harmful, width)
     else:

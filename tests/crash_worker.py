@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_grass.attribution import AttributionPass
+from hf_grass.attribution import AttributionPass, Batching
 from hf_grass.cache import GradientCache
 from hf_grass.cache.files import arm_fault, trace_durable_steps
 from hf_grass.capture import GradientComputer
@@ -67,7 +67,7 @@ def config() -> GraSSConfig:
 def build(path: str, verify_existing: bool = False, n_examples: int = N_EXAMPLES) -> None:
     computer = GradientComputer(TinyLM(), config())
     AttributionPass(
-        computer, ExampleSource(examples(n_examples)), path, batch_size=2, disable_progress=True
+        computer, ExampleSource(examples(n_examples)), path, Batching(2, disable_progress=True)
     ).run(verify_existing=verify_existing)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _models import random_token_examples, tiny_gpt2, tiny_llama
 
-from hf_grass.attribution import AttributionPass
+from hf_grass.attribution import AttributionPass, Batching
 from hf_grass.cache import CacheError, GradientCache
 from hf_grass.cache.files import FileLock
 from hf_grass.capture import GradientComputer
@@ -22,7 +22,7 @@ VOCAB = 40
 def build(path: Path, model, config: GraSSConfig, data, batch_size: int = 3) -> GradientCache:
     computer = GradientComputer(model, config)
     return GradientCache(
-        AttributionPass(computer, ExampleSource(data), path, batch_size=batch_size, disable_progress=True).run()
+        AttributionPass(computer, ExampleSource(data), path, Batching(batch_size, disable_progress=True)).run()
     )
 
 

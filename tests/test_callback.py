@@ -139,8 +139,8 @@ def test_one_checkpoint_before_the_end_scores_at_its_weights(tmp_path: Path) -> 
     )
     # the streaming lists of a dataset of queries, and a scoring pass, also at the checkpoint's weights
     queries = [{"text": f["prompt"] + " " + f["answer"]} for f in facts[:2]]
-    want = Attributor(fresh, tokenizer, cache).attribute(queries, k=3)
-    got = lookup.attribute(queries, k=3)
+    want = Attributor(fresh, tokenizer, cache).attribute_top_k(queries, 3)
+    got = lookup.attribute_top_k(queries, 3)
     assert got.top.indices.tolist() == want.top.indices.tolist()
     torch.testing.assert_close(got.top.scores, want.top.scores, rtol=1e-4, atol=1e-6)
     during = lookup.score_dataset(trainer.train_dataset, queries, k=3)

@@ -16,7 +16,7 @@ import torch
 from _models import random_token_examples, tiny_gpt2
 from dist_worker import N_TRAIN, VOCAB
 
-from hf_grass.attribution import AttributionPass
+from hf_grass.attribution import AttributionPass, Batching
 from hf_grass.cache import GradientCache
 from hf_grass.capture import GradientComputer
 from hf_grass.config import GraSSConfig
@@ -77,7 +77,7 @@ def single_process(tmp: Path, preconditioner: str) -> tuple[GradientCache, torch
     computer = GradientComputer(model, config)
     data = random_token_examples(N_TRAIN, VOCAB, seed=0)
     cache = GradientCache(
-        AttributionPass(computer, ExampleSource(data), tmp, batch_size=3, disable_progress=True).run()
+        AttributionPass(computer, ExampleSource(data), tmp, Batching(3, disable_progress=True)).run()
     )
     scores = Attributor(model, None, cache).attribute(random_token_examples(3, VOCAB, seed=5))
     return cache, scores

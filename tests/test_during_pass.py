@@ -55,7 +55,7 @@ def assert_lists_equal(got: ScanResult, want: ScanResult) -> None:
 def test_scores_during_the_pass_equal_cache_then_query(tmp_path: Path, config: dict) -> None:
     _, train, attributor = setup(tmp_path, **config)
     queries = random_token_examples(4, VOCAB, seed=5)
-    want = attributor.attribute(queries, k=K)
+    want = attributor.attribute_top_k(queries, K)
     assert isinstance(want, ScanResult)
     got = attributor.score_dataset(train, queries, k=K)
     assert got.method == "during-pass" and got.num_examples == N_TRAIN
@@ -69,7 +69,7 @@ def test_unit_normalised_scores_and_selection(tmp_path: Path) -> None:
     dense = attributor.attribute(queries)
     assert isinstance(dense, torch.Tensor)
     got = attributor.score_dataset(train, queries, k=K, select=5)
-    assert_lists_equal(got, attributor.attribute(queries, k=K))  # type: ignore[arg-type]
+    assert_lists_equal(got, attributor.attribute_top_k(queries, K))
     # selection: the highest mean (unit-normalised) score over the queries
     assert got.selected is not None
     assert got.selected.indices[0].tolist() == dense.mean(dim=0).argsort(descending=True)[:5].tolist()
@@ -107,7 +107,7 @@ def test_multi_checkpoint_lookups_take_one_reference(tmp_path: Path) -> None:
     queries = random_token_examples(2, VOCAB, seed=9)
     one = MultiCheckpointAttributor(model, None, [attributor.cache], batch_size=3, search="exact")
     got = one.score_dataset(train, queries, k=K)
-    assert_lists_equal(got, one.attribute(queries, k=K))  # type: ignore[arg-type]
+    assert_lists_equal(got, one.attribute_top_k(queries, K))
     two = MultiCheckpointAttributor(model, None, [attributor.cache, attributor.cache])
     with pytest.raises(ValueError, match="one reference cache, but there are 2"):
         two.score_dataset(train, queries, k=K)

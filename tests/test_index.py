@@ -18,7 +18,7 @@ from hf_grass.cache import CacheError, GradientCache
 from hf_grass.cache.manifest import MANIFEST
 from hf_grass.cache.writer import CacheWriter
 from hf_grass.config import GraSSConfig
-from hf_grass.scoring import TopKAccumulator, lookup, scan
+from hf_grass.scoring import Normalisation, Search, TopKAccumulator, lookup, scan
 
 DIM = 36
 WORDS = ["apple", "river", "mountain", "violin", "rocket", "garden", "castle", "ocean", "pepper", "tiger"]
@@ -92,12 +92,12 @@ def test_two_stage_equals_the_exact_scan(cache: GradientCache, kind: str) -> Non
     q = queries()
     exact = scan(cache, q, 7, top=True, bottom=True)
     # every row a candidate: the exact re-rank gives exactly the scan's lists
-    full = lookup(cache, q, 7, search="index", top=True, bottom=True, candidates=cache.num_rows,
-                  search_params={"nprobe": 64} if kind == "ivfpq" else None)  # fmt: skip
+    params = {"nprobe": 64} if kind == "ivfpq" else None
+    full = lookup(cache, q, 7, top=True, bottom=True, search=Search("index", cache.num_rows, params))
     assert full.method == "index"
     assert_same_lists(full, exact)
     # fewer candidates: whatever is found, its scores are the exact ones
-    few = lookup(cache, q, 7, top=True, bottom=True, candidates=40)  # auto: uses the index
+    few = lookup(cache, q, 7, top=True, bottom=True, search=Search(candidates=40))  # auto: uses the index
     dense = scan(cache, q, top=False, dense=True).dense
     assert dense is not None
     for lists in (few.top, few.bottom):
@@ -105,16 +105,17 @@ def test_two_stage_equals_the_exact_scan(cache: GradientCache, kind: str) -> Non
         torch.testing.assert_close(lists.scores, dense.gather(1, lists.indices), rtol=1e-5, atol=1e-5)
     assert (few.bottom.scores <= few.top.scores[:, -1:]).all()  # type: ignore[union-attr]
     if kind == "flat":  # the exact inner product: top candidates are the true top rows
-        assert_same_lists(lookup(cache, q, 7, top=True, bottom=True, candidates=7), exact)
+        assert_same_lists(lookup(cache, q, 7, top=True, bottom=True, search=Search(candidates=7)), exact)
 
 
 def test_cosine_index(cache: GradientCache) -> None:
     cache.build_index("flat", cosine=True)
     q = queries()
-    got = lookup(cache, q, 5, top=True, bottom=True, cosine=True, candidates=5)
-    assert_same_lists(got, scan(cache, q, 5, top=True, bottom=True, cosine=True))
+    unit = Normalisation("vectors")
+    got = lookup(cache, q, 5, top=True, bottom=True, norms=unit, search=Search(candidates=5))
+    assert_same_lists(got, scan(cache, q, 5, top=True, bottom=True, norms=unit))
     with pytest.raises(ValueError, match="built for cosine scores.*--no-cosine"):
-        lookup(cache, q, 5, cosine=False)
+        lookup(cache, q, 5)
     assert lookup(cache, q, 5, search="exact").method == "exact"
 
 
@@ -145,7 +146,7 @@ def test_stale_and_damaged_indexes_are_refused(cache: GradientCache) -> None:
     with pytest.raises(CacheError, match="stale"):
         changed.index()
     with pytest.raises(ValueError, match="no BM25 index"):
-        lookup(changed, q, 3, search="bm25", query_texts=["x"] * 5)
+        lookup(changed, q, 3, search="bm25", texts=["x"] * 5)
 
 
 def test_no_index_means_the_exact_scan(cache: GradientCache) -> None:
@@ -202,15 +203,15 @@ def test_bm25_candidates_and_the_join(cache: GradientCache) -> None:
     assert (hits[1] == -1).all()
     q = queries(2)
     dense = scan(cache, q, top=False, dense=True).dense
-    got = lookup(cache, q, 4, search="bm25", top=True, bottom=True, query_texts=["violin tiger", "ocean"])
+    got = lookup(cache, q, 4, search="bm25", top=True, bottom=True, texts=["violin tiger", "ocean"])
     assert got.method == "bm25"
     for lists in (got.top, got.bottom):
         torch.testing.assert_close(lists.scores, dense.gather(1, lists.indices), rtol=1e-5, atol=1e-5)
     # BM25 candidates only: every helpful document shares a word with its query
     assert all("violin" in texts[i] or "tiger" in texts[i] for i in got.top.indices[0].tolist())
     cache.build_index("flat")
-    joined = lookup(cache, q, 4, search="index+bm25", top=True, bottom=True,
-                    query_texts=["violin tiger", "ocean"], candidates=cache.num_rows)  # fmt: skip
+    joined = lookup(cache, q, 4, top=True, bottom=True, search=Search("index+bm25", cache.num_rows),
+                    texts=["violin tiger", "ocean"])  # fmt: skip
     assert_same_lists(joined, scan(cache, q, 4, top=True, bottom=True))
 
 

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from hf_grass import AttributionTrainer, GraSSCallback, find_influential
-from hf_grass.attribution import AttributionPass, example_source, run_attribution_pass
+from hf_grass.attribution import AttributionPass, Batching, example_source, run_attribution_pass
 from hf_grass.cache import GradientCache
 from hf_grass.cache.files import CacheError
 from hf_grass.capture import GradientComputer, per_example_loss
@@ -169,7 +169,7 @@ def test_sequence_classifier_matches_autograd(tmp_path: Path, kind: str, side: s
     computer = GradientComputer(model, config)
     source = example_source(train, None, config, model)
     AttributionPass(
-        computer, source, tmp_path / "c", batch_size=3, padding_side=side, disable_progress=True
+        computer, source, tmp_path / "c", Batching(3, padding_side=side, disable_progress=True)
     ).run()
     cache = GradientCache(tmp_path / "c", verify=True)
 

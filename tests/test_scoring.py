@@ -9,13 +9,20 @@ import torch
 from _models import random_token_examples, tiny_gpt2, tiny_llama
 from test_capture import autograd_gradient
 
-from hf_grass.attribution import AttributionPass
+from hf_grass.attribution import AttributionPass, Batching
 from hf_grass.cache import GradientCache
 from hf_grass.capture import GradientComputer
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource, collate
 from hf_grass.precondition import Statistics, preconditioner_class
-from hf_grass.scoring import cache_eigenbasis, dense_scores, fitted_preconditioner, query_vectors, topk_scores
+from hf_grass.scoring import (
+    Normalisation,
+    cache_eigenbasis,
+    dense_scores,
+    fitted_preconditioner,
+    query_vectors,
+    topk_scores,
+)
 
 VOCAB = 40
 RTOL = 1e-4
@@ -26,7 +33,7 @@ def build(
 ) -> tuple[GradientComputer, GradientCache]:
     computer = GradientComputer(model, config)
     path = AttributionPass(
-        computer, ExampleSource(examples), tmp_path / "cache", batch_size=3, disable_progress=True
+        computer, ExampleSource(examples), tmp_path / "cache", Batching(3, disable_progress=True)
     ).run()
     return computer, GradientCache(path, verify=True)
 
@@ -208,7 +215,7 @@ def test_streaming_topk_equals_argsort_and_cosine(tmp_path: Path) -> None:
         order = dense.argsort(dim=1, descending=largest)[:, :7]
         torch.testing.assert_close(top.indices, order)
         torch.testing.assert_close(top.scores, dense.gather(1, order))
-    cos = dense_scores(cache, queries, cosine=True)
+    cos = dense_scores(cache, queries, norms=Normalisation("vectors"))
     rows = cache.load()
     want = (queries / queries.norm(dim=1, keepdim=True)) @ (rows / rows.norm(dim=1, keepdim=True)).T
     torch.testing.assert_close(cos, want, rtol=1e-4, atol=1e-5)

@@ -122,7 +122,7 @@ def test_attribute_matrix(trained) -> None:
     assert cosine.abs().max() <= 1 + 1e-5
     assert cosine.argmax(1).tolist() == [f["doc"] for f in facts[:4]]
     # batched lists without the dense matrix: the same as the dense scores' top-k and bottom-k
-    lists = trainer.attribute(queries, k=3)
+    lists = trainer.attribute_top_k(queries, 3)
     best, worst = scores.topk(3, dim=1), scores.topk(3, dim=1, largest=False)
     torch.testing.assert_close(lists.top.scores, best.values, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lists.bottom.scores, worst.values, rtol=1e-5, atol=1e-6)

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from hf_grass.attribution.plan import Batch, Step
 from hf_grass.cache.writer import encode_rows
 from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteError, context_length, is_zero3
-from hf_grass.compressors.base import FactorisedCompressor
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import supervised_tokens
-from hf_grass.data import ExampleSource, collate, is_lm_example
+from hf_grass.compressors.base import FactorisedCompressor
+from hf_grass.data import ExampleSource, collate, is_lm_example, pad_token_id, padding_side
 from hf_grass.distributed import Distributed
 from hf_grass.precondition.eigenbasis import Eigenbasis
 from hf_grass.precondition.statistics import StatsAccumulator
@@ -50,39 +50,50 @@ class EncodedRows:
     norms: torch.Tensor  # [B, 2] float32 exact norms (gradient, preconditioned)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How examples become batches: examples per forward/backward, how they are padded (the
+    tokenizer's pad token and side), and whether progress bars show."""
+
+    batch_size: int = 8
+    pad_token_id: int | None = 0
+    padding_side: str = "right"
+    disable_progress: bool = False
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, batch_size: int = 8, disable_progress: bool = False) -> Batching:
+        return cls(batch_size, pad_token_id(tokenizer), padding_side(tokenizer), disable_progress)
+
+
 class BatchRunner:
     """Batches of ``source`` through ``computer``, as rows in the cache's storage format.
 
     Args:
         computer: the model's capture (targets, compressors, hooks).
         source: the examples, with stable indices.
-        batch_size: examples per forward/backward.
-        pad_token_id, padding_side: how batches are padded (the tokenizer's).
+        batching: batch size and padding (default ``Batching()``).
         dist: this process's rank in the job (default: one process).
-        disable_progress: no progress bars.
     """
 
     def __init__(
         self,
         computer: GradientComputer,
         source: ExampleSource,
-        *,
-        batch_size: int = 8,
-        pad_token_id: int | None = 0,
-        padding_side: str = "right",
+        batching: Batching | None = None,
         dist: Distributed | None = None,
-        disable_progress: bool = False,
     ):
         self.computer = computer
         self.config = computer.config
         self.source = source
         if source.max_length is None:  # never feed the model more positions than it has
             source.max_length = self.config.max_length or context_length(computer.model)
-        self.batch_size = batch_size
-        self.pad_token_id = pad_token_id
-        self.padding_side = padding_side
+        batching = batching or Batching()
+        self.batching = batching
+        self.batch_size = batching.batch_size
+        self.pad_token_id = batching.pad_token_id
+        self.padding_side = batching.padding_side
+        self.disable_progress = batching.disable_progress
         self.dist = dist or Distributed()
-        self.disable_progress = disable_progress
         # under ZeRO-3 forwards gather parameters collectively: every rank must run as many
         self.lockstep = self.dist.world_size > 1 and is_zero3(computer.model)
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from hf_grass._version import __version__
-from hf_grass.attribution.batches import BatchRunner
+from hf_grass.attribution.batches import Batching, BatchRunner
 from hf_grass.attribution.plan import ShardBuffer, Step, module_entries, module_specs
 from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
 from hf_grass.cache.writer import CacheWriter, num_shards
@@ -51,11 +51,9 @@ class AttributionPass(BatchRunner):
         computer: the model's capture (targets, compressors, hooks).
         source: the examples, with stable indices.
         cache_dir: the cache directory (created, or resumed when it holds this run's cache).
-        batch_size: examples per forward/backward.
-        pad_token_id, padding_side: how batches are padded (the tokenizer's).
+        batching: batch size and padding (default ``Batching()``).
         dist: this process's rank in the job (default: one process).
         model_info: the model's fingerprint for the manifest (default: computed from ``computer``).
-        disable_progress: no progress bars.
     """
 
     def __init__(
@@ -63,23 +61,11 @@ class AttributionPass(BatchRunner):
         computer: GradientComputer,
         source: ExampleSource,
         cache_dir: str | os.PathLike,
-        *,
-        batch_size: int = 8,
-        pad_token_id: int | None = 0,
-        padding_side: str = "right",
+        batching: Batching | None = None,
         dist: Distributed | None = None,
         model_info: dict[str, Any] | None = None,
-        disable_progress: bool = False,
     ):
-        super().__init__(
-            computer,
-            source,
-            batch_size=batch_size,
-            pad_token_id=pad_token_id,
-            padding_side=padding_side,
-            dist=dist,
-            disable_progress=disable_progress,
-        )
+        super().__init__(computer, source, batching, dist)
         self.cache_dir = Path(cache_dir)
         self.model_info = model_info or model_fingerprint(computer.model, computer.targets)
         self.specs = module_specs(computer)

@@ -86,12 +86,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     )
     results, panels = [], []
     for prompt, completion in pairs:
+        # generation options only where the completion is generated (given, they would do nothing)
+        generation = {"max_new_tokens": args.max_new_tokens} if completion is None else {}
         result = attributor.find_influential(
-            prompt,
-            k=args.k,
-            completion=completion,
-            all_scores=plot_path is not None,
-            max_new_tokens=args.max_new_tokens,
+            prompt, k=args.k, completion=completion, all_scores=plot_path is not None, **generation
         )
         results.append(result)
         if result.scores is not None:

@@ -17,7 +17,7 @@ from hf_grass.cli.loaders import (
     open_cache_arg,
 )
 from hf_grass.cli.query import add_prompt_arguments, read_prompts
-from hf_grass.results import SCORE_LEGEND, format_documents, format_result, ranked_result
+from hf_grass.results import SCORE_LEGEND, format_documents, format_result, listed_documents, ranked_result
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     selected = None
     if found.selected is not None:  # every score of the selection is listed, whatever its sign
         chosen = lists(found.selected, 0)
-        selected = ranked_result("", "", chosen, ([], []), documents(chosen)).documents
+        selected = listed_documents(*chosen, documents(chosen))
     if select_path is not None and selected is not None:
         select_path.write_text(json.dumps([{"index": d.index, "score": d.score, "id": d.id} for d in selected]) + "\n")
         status(f"{len(selected)} selected indices written to {select_path}")

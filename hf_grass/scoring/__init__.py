@@ -9,8 +9,10 @@ query loss), negative = harmful.
   bottom-k and, when asked, the dense scores), its lists (``TopKAccumulator``) and the
   normalisation of scores by exact norms (``Normalisation``).
 - ``two_stage``: candidates from an index or BM25, then the exact re-rank (``lookup``).
+- ``options``: how a lookup searches (``Search``) and what a user may set per cache (``ScoringOptions``).
 """
 
+from hf_grass.scoring.options import SEARCHES, ScoringOptions, Search
 from hf_grass.scoring.preconditioning import cache_eigenbasis, fitted_preconditioner
 from hf_grass.scoring.queries import QueryVectors, query_vectors
 from hf_grass.scoring.streaming import (
@@ -26,14 +28,17 @@ from hf_grass.scoring.streaming import (
     scan,
     topk_scores,
 )
-from hf_grass.scoring.two_stage import SEARCHES, default_candidates, lookup, two_stage
+from hf_grass.scoring.two_stage import Candidates, default_candidates, lookup, two_stage
 
 __all__ = [
     "NORM_COLUMNS",
+    "Candidates",
     "SEARCHES",
     "Normalisation",
     "QueryVectors",
     "ScanResult",
+    "ScoringOptions",
+    "Search",
     "TopK",
     "TopKAccumulator",
     "block_scores",

@@ -27,10 +27,8 @@ import torch
 from hf_grass.attribution.batches import BatchRunner
 from hf_grass.cache.rows import rows_to_float32
 from hf_grass.cache.writer import num_shards
-from hf_grass.capture.engine import GradientComputer
-from hf_grass.data import ExampleSource
-from hf_grass.distributed import Distributed
-from hf_grass.scoring.streaming import Normalisation, ScanResult, TopK, TopKAccumulator, check_k
+from hf_grass.precondition import Eigenbasis
+from hf_grass.scoring.streaming import NORM_COLUMNS, Normalisation, ScanResult, TopK, TopKAccumulator, check_k
 
 
 @dataclass
@@ -48,63 +46,51 @@ def selection_query(queries: torch.Tensor, norms: Normalisation | None) -> tuple
     with unit normalisation, the mean of the unit-normalised queries and a query norm of 1."""
     if norms is None:
         return queries.mean(dim=0, keepdim=True), None
-    unit = (queries / norms.query).mean(dim=0, keepdim=True)
-    return unit, Normalisation(torch.ones(1, 2), norms.geometry)
+    if norms.geometry == "vectors":
+        unit = queries / queries.norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        return unit.mean(dim=0, keepdim=True), norms
+    assert norms.query_norms is not None
+    column = NORM_COLUMNS[norms.geometry]
+    scale = norms.query_norms[:, column].to(torch.float32).clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+    return (queries / scale).mean(dim=0, keepdim=True), Normalisation(norms.geometry, torch.ones(1, 2))
 
 
 def score_during_pass(
-    computer: GradientComputer,
-    source: ExampleSource,
+    runner: BatchRunner,
     queries: torch.Tensor,
     k: int,
     *,
-    basis: dict[str, torch.Tensor] | None = None,
+    basis: Eigenbasis | None = None,
     norms: Normalisation | None = None,
-    cosine: bool = False,
     select: int | None = None,
     bottom: bool = True,
-    batch_size: int = 8,
-    pad_token_id: int | None = 0,
-    padding_side: str = "right",
-    dist: Distributed | None = None,
-    disable_progress: bool = True,
 ) -> PassScores:
-    """Each query's ``k`` most helpful (and, with ``bottom``, most harmful) examples of ``source``.
+    """Each query's ``k`` highest (and, with ``bottom``, lowest) scoring examples of the runner's source.
 
     Args:
-        computer: the capture of the reference cache (``Attributor.computer``: its compressors,
-            with the eigenbasis masks attached).
-        source: the examples to score (indices ``0 .. len - 1``).
+        runner: the examples to score (indices ``0 .. len - 1``) through the reference cache's capture
+            (``Attributor.computer``: its compressors, with the eigenbasis masks attached), with the
+            batching and the process group to use (each rank scores its shards; lists merged at the end).
         queries: ``[n_query, dim]`` query vectors (``Attributor.query_vectors``).
         k: list length per query (at most the number of examples).
         basis: the reference cache's warm-up fit (K-FAC caches whiten their rows with it).
-        norms: exact unit normalisation (the queries' norms); ``cosine`` alone divides by the
-            compressed vectors' norms.
+        norms: unit normalisation of the scores (``Normalisation``).
         select: also choose the ``select`` examples with the highest mean score over the queries.
-        dist: the process group (each rank scores its shards; lists merged at the end).
+        bottom: also keep the lowest scores.
     """
-    n = len(source)
+    n = len(runner.source)
     k = check_k(k, n)
     if select is not None:
         select = check_k(select, n)
-    dist = dist or Distributed()
-    runner = BatchRunner(
-        computer,
-        source,
-        batch_size=batch_size,
-        pad_token_id=pad_token_id,
-        padding_side=padding_side,
-        dist=dist,
-        disable_progress=disable_progress,
-    )
+    dist = runner.dist
     queries = queries.to(torch.float32)
-    lists = TopKAccumulator(queries, k, top=True, bottom=bottom, cosine=cosine, norms=norms)
+    lists = TopKAccumulator(queries, k, top=True, bottom=bottom, norms=norms)
     chosen = None
     if select is not None:
         mean_query, mean_norms = selection_query(queries, norms)
-        chosen = TopKAccumulator(mean_query, select, cosine=cosine, norms=mean_norms)
+        chosen = TopKAccumulator(mean_query, select, norms=mean_norms)
     skipped: list[int] = []
-    plan = runner.plan(runner.my_shards(num_shards(n, computer.config.shard_size)))
+    plan = runner.plan(runner.my_shards(num_shards(n, runner.config.shard_size)))
     for _, rows, step_skipped in runner.encoded(plan, basis, desc="hf-grass: scoring during the pass"):
         skipped += step_skipped
         if rows is None:

@@ -23,62 +23,63 @@ def chunk_rows(n_query: int, dim: int) -> int:
 
 
 NORM_COLUMNS = {"gradient": 0, "preconditioned": 1}
+GEOMETRIES = ("preconditioned", "gradient", "vectors")
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
 class Normalisation:
-    """Exact unit normalisation of scores: each is divided by the norms of both sides in one
-    geometry, ``"gradient"`` (``||g||``) or ``"preconditioned"`` (``||H^-1/2 g||``): the queries'
-    exact norms (``query_vectors``) and the ones the pass stored with every row."""
+    """Unit normalisation of scores (cosine): each score divided by the norms of both sides, in one
+    geometry. ``"preconditioned"`` and ``"gradient"``: the queries' norms (``query_vectors``) and the
+    norms the pass stored with every row, in the cache's whitened factor space or the gradient's own
+    (``query_norms [n_query, 2]`` needed); ``"vectors"``: the norms of the compressed vectors
+    themselves (an approximation, for rows from anywhere)."""
 
-    query_norms: torch.Tensor  # [n_query, 2] float32 (gradient, preconditioned)
     geometry: str = "preconditioned"
+    query_norms: torch.Tensor | None = None  # [n_query, 2] float32 (gradient, preconditioned)
 
     def __post_init__(self) -> None:
-        if self.geometry not in NORM_COLUMNS:
-            raise ValueError(f"normalisation geometry must be one of {sorted(NORM_COLUMNS)}, got {self.geometry!r}")
-        tiny = torch.finfo(torch.float32).tiny
-        self.column = NORM_COLUMNS[self.geometry]
-        self.query = self.query_norms[:, self.column].to(torch.float32).clamp(min=tiny)[:, None]
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"normalisation geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
+        if self.geometry != "vectors" and self.query_norms is None:
+            raise ValueError(f"the {self.geometry!r} normalisation needs the queries' norms (query_vectors)")
 
     def select(self, rows: slice | torch.Tensor) -> Normalisation:
         """The normalisation of a subset of the queries."""
-        return Normalisation(self.query_norms[rows], self.geometry)
+        norms = self.query_norms[rows] if self.query_norms is not None else None
+        return Normalisation(self.geometry, norms)
 
-    def apply(self, scores: torch.Tensor, row_norms: torch.Tensor | None) -> torch.Tensor:
+    def apply(
+        self, scores: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor, row_norms: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``scores [n_query, n]`` of ``queries`` against ``rows`` divided by both sides' norms."""
+        if self.geometry == "vectors":
+            return scores / (queries.norm(dim=1, keepdim=True).clamp(min=_TINY) * rows.norm(dim=1).clamp(min=_TINY))
+        assert self.query_norms is not None
         if row_norms is None:
-            raise ValueError(
-                "this cache stores no row norms (written before hf-grass 0.2): rebuild it for "
-                "unit-normalised scores"
-            )
-        tiny = torch.finfo(torch.float32).tiny
-        return scores / (self.query * row_norms[:, self.column].to(torch.float32).clamp(min=tiny))
+            raise ValueError("these rows have no stored norms; use Normalisation('vectors')")
+        column = NORM_COLUMNS[self.geometry]
+        query = self.query_norms[:, column].to(torch.float32).clamp(min=_TINY)[:, None]
+        return scores / (query * row_norms[:, column].to(torch.float32).clamp(min=_TINY))
 
 
 def block_scores(
     queries: torch.Tensor,
     rows: torch.Tensor,
-    qn: torch.Tensor | None = None,
     norms: Normalisation | None = None,
     row_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[n_query, n]`` scores of float32 ``rows``; with ``norms`` divided by the exact norms (the
-    rows' own in ``row_norms``), or with ``qn`` (the query vectors' norms) by the vectors' norms."""
+    """``[n_query, n]`` scores of float32 ``rows``, normalised by ``norms`` (with the rows' stored
+    norms ``row_norms``) when given."""
     out = queries @ rows.T
-    if norms is not None:
-        return norms.apply(out, row_norms)
-    if qn is not None:
-        out /= qn * rows.norm(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
-    return out
-
-
-def _norms(queries: torch.Tensor) -> torch.Tensor:
-    return queries.norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return norms.apply(out, queries, rows, row_norms) if norms is not None else out
 
 
 @dataclass
 class TopK:
-    """Best (``largest=True``: most helpful) or worst rows per query."""
+    """The rows of the highest (``largest=True``) or lowest scores per query. Not filtered by sign:
+    the highest scores may be negative and the lowest positive (``results.ranked_result`` keeps
+    helpful > 0 and harmful < 0)."""
 
     scores: torch.Tensor  # [n_query, k] float32, sorted
     indices: torch.Tensor  # [n_query, k] int64 dataset indices
@@ -88,8 +89,8 @@ class TopK:
 class ScanResult:
     """What one read of the cache gave (``None`` for what was not asked)."""
 
-    top: TopK | None = None  # most helpful first
-    bottom: TopK | None = None  # most harmful (lowest score) first
+    top: TopK | None = None  # the highest scores, highest first
+    bottom: TopK | None = None  # the lowest scores, lowest first
     dense: torch.Tensor | None = None  # [n_query, num_examples], columns = dataset indices
     method: str = "exact"  # how the lists were found: "exact" or the two-stage candidates used
 
@@ -107,7 +108,7 @@ def check_k(k: object, rows: int) -> int:
 
 
 class TopKAccumulator:
-    """The streaming top-k (most helpful) and bottom-k (most harmful) of each query over blocks of
+    """The streaming top-k (highest scores) and bottom-k (lowest) of each query over blocks of
     rows from any source: cache shards, rows computed during a pass, another rank's lists.
 
     ``add_rows`` scores float32 rows (matrix-matrix products, pending scores flushed into the running
@@ -123,14 +124,12 @@ class TopKAccumulator:
         *,
         top: bool = True,
         bottom: bool = False,
-        cosine: bool = False,
         flush_rows: int = 8192,
         norms: Normalisation | None = None,
     ):
         self.queries = queries.to(torch.float32)
         self.k = k
         self.norms = norms
-        self.qn = _norms(self.queries) if cosine and norms is None else None
         nq = self.queries.shape[0]
         self.lists = {largest: _Running(nq, largest) for largest, on in ((True, top), (False, bottom)) if on}
         self.flush_rows = flush_rows
@@ -143,7 +142,7 @@ class TopKAccumulator:
     ) -> torch.Tensor:
         """Score ``rows`` ``[n, dim]`` (dataset ``indices`` ``[n]``, exact ``row_norms [n, 2]`` when
         normalising); returns their scores."""
-        scores = block_scores(self.queries, rows, self.qn, self.norms, row_norms)
+        scores = block_scores(self.queries, rows, self.norms, row_norms)
         self._scores.append(scores)
         self._indices.append(indices.clone())
         self._pending += rows.shape[0]
@@ -185,41 +184,40 @@ def scan(
     top: bool = True,
     bottom: bool = False,
     dense: bool = False,
-    cosine: bool = False,
-    dist: Distributed | None = None,
-    disable_progress: bool = True,
     norms: Normalisation | None = None,
+    dist: Distributed | None = None,
+    progress: bool = False,
 ) -> ScanResult:
     """Score ``queries`` against every cached row in one read of the cache (the exact scan).
 
     Args:
         cache: the train rows.
-        queries: ``[n_query, dim]`` query vectors (``query_gradients``).
+        queries: ``[n_query, dim]`` query vectors (``query_vectors``).
         k: list length for ``top`` / ``bottom``.
         top, bottom: keep the ``k`` highest / lowest scores per query (streaming; memory
             ``O(n_query * (k + block))`` whatever the cache size; matrix-matrix products over blocks
             of rows, so many queries cost little more than one).
         dense: also return every score, ``[n_query, num_examples]`` (skipped examples score 0).
-        cosine: divide each score by both compressed vectors' norms.
-        norms: divide each score by both sides' exact norms instead (``Normalisation``).
+        norms: divide each score by both sides' norms (``Normalisation``).
         dist: several processes (``torch.distributed`` initialised): each rank scores every
             ``world_size``-th shard and the results are merged, so every rank returns the same.
+        progress: show a progress bar.
     """
     if top or bottom:
         k = check_k(k, cache.num_rows)
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     queries = queries.to(torch.float32)
     nq = queries.shape[0]
-    acc = TopKAccumulator(queries, k or 1, top=top, bottom=bottom, cosine=cosine, norms=norms)
+    acc = TopKAccumulator(queries, k or 1, top=top, bottom=bottom, norms=norms)
     scores = torch.zeros(nq, cache.manifest["num_examples"]) if dense else None
     mine = [pos for pos in range(len(cache.shards)) if pos % world == rank]
     step = chunk_rows(nq, cache.dim)
-    with tqdm(total=cache.num_rows, desc="hf-grass: scoring", unit="row", disable=disable_progress) as bar:
+    with tqdm(total=cache.num_rows, desc="hf-grass: scoring", unit="row", disable=not progress) as bar:
         for block in cache.iter_row_blocks(step, shards=mine):
             if top or bottom:
                 part = acc.add_rows(block.indices, block.rows, block.norms)
             else:
-                part = block_scores(queries, block.rows, acc.qn, norms, block.norms)
+                part = block_scores(queries, block.rows, norms, block.norms)
             if scores is not None:
                 scores[:, block.indices] = part
             bar.update(block.rows.shape[0])
@@ -265,11 +263,9 @@ class _Running:
         return TopK(self.scores, self.indices)
 
 
-def dense_scores(
-    cache: GradientCache, queries: torch.Tensor, cosine: bool = False, disable_progress: bool = True
-) -> torch.Tensor:
+def dense_scores(cache: GradientCache, queries: torch.Tensor, norms: Normalisation | None = None) -> torch.Tensor:
     """``[n_query, num_examples]`` scores, columns = dataset indices (skipped examples score 0)."""
-    result = scan(cache, queries, top=False, dense=True, cosine=cosine, disable_progress=disable_progress)
+    result = scan(cache, queries, top=False, dense=True, norms=norms)
     assert result.dense is not None
     return result.dense
 
@@ -279,17 +275,11 @@ def topk_scores(
     queries: torch.Tensor,
     k: int,
     largest: bool = True,
-    cosine: bool = False,
-    disable_progress: bool = True,
+    norms: Normalisation | None = None,
     dist: Distributed | None = None,
 ) -> TopK:
     """The streaming top-k (``largest``) or bottom-k of ``scan``."""
-    result = scan(
-        cache, queries, k, top=largest, bottom=not largest, cosine=cosine, dist=dist,
-        disable_progress=disable_progress,
-    )  # fmt: skip
+    result = scan(cache, queries, k, top=largest, bottom=not largest, norms=norms, dist=dist)
     out = result.top if largest else result.bottom
     assert out is not None
     return out
-
-

@@ -3,23 +3,14 @@ cache rows, so the reported scores stay exact."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hf_grass.cache.reader import GradientCache
-from hf_grass.distributed import Distributed
-from hf_grass.scoring.streaming import (
-    Normalisation,
-    ScanResult,
-    TopK,
-    _norms,
-    block_scores,
-    check_k,
-    scan,
-)
-
-SEARCHES = ("auto", "exact", "index", "bm25", "index+bm25")
+from hf_grass.scoring.options import Search
+from hf_grass.scoring.streaming import Normalisation, ScanResult, TopK, block_scores, check_k, scan
 
 
 def default_candidates(k: int) -> int:
@@ -28,121 +19,115 @@ def default_candidates(k: int) -> int:
     return max(300, 30 * k)
 
 
+@dataclass
+class Candidates:
+    """Where a two-stage lookup takes its candidates: the FAISS ``index``, the BM25 ``lexical`` index
+    (with the queries' ``texts``), or both; ``method`` names them in the result."""
+
+    index: Any = None
+    lexical: Any = None
+    texts: list[str] | None = None
+    method: str = "index"
+
+
 def lookup(
     cache: GradientCache,
     queries: torch.Tensor,
     k: int,
     *,
-    search: str = "auto",
     top: bool = True,
     bottom: bool = False,
-    dense: bool = False,
-    cosine: bool = False,
-    query_texts: list[str] | None = None,
-    candidates: int | None = None,
-    search_params: dict[str, int] | None = None,
-    dist: Distributed | None = None,
-    disable_progress: bool = True,
+    search: Search | str | None = None,
     norms: Normalisation | None = None,
+    texts: list[str] | None = None,
 ) -> ScanResult:
     """Top-k / bottom-k per query, from the index when there is one, else by the exact scan.
 
-    ``search``: ``"auto"`` (the FAISS index if the cache has one, else the exact scan), ``"exact"``
-    (always scan every row), ``"index"``, ``"bm25"`` (BM25 candidates from the documents' text,
-    needs ``query_texts``) or ``"index+bm25"`` (both candidate sets joined). Whatever finds the
-    candidates, the reported scores are exact: every candidate is re-scored from its cache row.
-    ``dense`` needs every score, so it always scans.
+    ``search`` (``Search``, or its method name): ``"auto"`` uses the FAISS index if the cache has one,
+    else the exact scan; ``"exact"`` always scans every row; ``"index"``, ``"bm25"`` (BM25 candidates
+    from the documents' text, needs the queries' ``texts``) or ``"index+bm25"`` (both candidate sets
+    joined). Whatever finds the candidates, the reported scores are exact: every candidate is
+    re-scored from its cache row.
     """
-    if search not in SEARCHES:
-        raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    search = Search.of(search)
     k = check_k(k, cache.num_rows)
-    if search == "auto":
-        search = "index" if cache.manifest.get("index") and not dense else "exact"
-    if search == "exact" or dense:
-        return scan(
-            cache, queries, k, top=top, bottom=bottom, dense=dense, cosine=cosine, dist=dist,
-            disable_progress=disable_progress, norms=norms,
-        )  # fmt: skip
-    index = lexical = None
-    if "index" in search:
-        index = cache.index()
-        if index is None:
+    method = search.method
+    if method == "auto":
+        method = "index" if cache.manifest.get("index") else "exact"
+    if method == "exact":
+        return scan(cache, queries, k, top=top, bottom=bottom, norms=norms)
+    sources = Candidates(method=method, texts=texts)
+    if "index" in method:
+        sources.index = cache.index()
+        if sources.index is None:
             raise ValueError(
-                f"search={search!r} but {cache.path} has no index: build it with `hf-grass index "
+                f"search={method!r} but {cache.path} has no index: build it with `hf-grass index "
                 f"{cache.path}` (or cache.build_index()), or use search='exact'"
             )
-        cosine = cosine or norms is not None  # unit-normalised scores: the index of unit rows
-        if index.cosine != cosine:
+        cosine = norms is not None  # unit-normalised scores: the index of unit rows
+        if sources.index.cosine != cosine:
             raise ValueError(
-                f"the index of {cache.path} was built for {'cosine' if index.cosine else 'inner-product'} "
+                f"the index of {cache.path} was built for {'cosine' if sources.index.cosine else 'inner-product'} "
                 f"scores but this query asks for {'cosine' if cosine else 'inner-product'} scores; rebuild "
                 f"it (hf-grass index {cache.path} --rebuild {'--cosine' if cosine else '--no-cosine'}) or "
                 "use search='exact'"
             )
-    if "bm25" in search:
-        lexical = cache.lexical_index()
-        if lexical is None:
+    if "bm25" in method:
+        sources.lexical = cache.lexical_index()
+        if sources.lexical is None:
             raise ValueError(
-                f"search={search!r} but {cache.path} has no BM25 index: build it with `hf-grass index "
+                f"search={method!r} but {cache.path} has no BM25 index: build it with `hf-grass index "
                 f"{cache.path} --bm25` (or cache.build_lexical_index())"
             )
-        if query_texts is None or len(query_texts) != queries.shape[0]:
-            raise ValueError("BM25 candidates need the text of every query (query_texts)")
-    return two_stage(
-        cache, queries, k, index=index, lexical=lexical, query_texts=query_texts, top=top, bottom=bottom,
-        cosine=cosine, candidates=candidates, search_params=search_params, method=search, norms=norms,
-    )  # fmt: skip
+        if texts is None or len(texts) != queries.shape[0]:
+            raise ValueError("BM25 candidates need the text of every query (texts)")
+    return two_stage(cache, queries, k, sources, top=top, bottom=bottom, search=search, norms=norms)
 
 
 def two_stage(
     cache: GradientCache,
     queries: torch.Tensor,
     k: int,
+    sources: Candidates,
     *,
-    index: Any = None,
-    lexical: Any = None,
-    query_texts: list[str] | None = None,
     top: bool = True,
     bottom: bool = False,
-    cosine: bool = False,
-    candidates: int | None = None,
-    search_params: dict[str, int] | None = None,
-    query_batch: int | None = None,
-    method: str = "index",
+    search: Search | None = None,
     norms: Normalisation | None = None,
 ) -> ScanResult:
     """Candidates per query, then the exact score of each from its cache row, then the top-k.
 
-    Helpful candidates are the index's maximum inner products with ``q``; harmful ones are its
-    maximum inner products with ``-q`` (the most negative scores), a second search of the same
+    Highest-score candidates are the index's maximum inner products with ``q``; lowest-score ones are
+    its maximum inner products with ``-q`` (the most negative scores), a second search of the same
     index. The index's shortlist (the rows of largest norm, ``hf_grass.cache.index``) is a
-    candidate of every query, scored from its float32 copy. BM25 candidates (``lexical``) join both
-    lists. Rows are read once per query batch for the
-    union of its candidates (``GradientCache.rows_at``: only those rows, only those shards); the
-    batch (default) holds at most ``2^15`` candidate rows, so memory is bounded by the candidates,
-    not by the cache or the number of queries.
+    candidate of every query, scored from its float32 copy. BM25 candidates join both lists. Rows
+    are read once per query batch for the union of its candidates (``GradientCache.rows_at``: only
+    those rows, only those shards); the batch (default) holds at most ``2^15`` candidate rows, so
+    memory is bounded by the candidates, not by the cache or the number of queries.
     """
+    search = search or Search()
+    index, lexical = sources.index, sources.lexical
     queries = queries.to(torch.float32)
-    n = candidates or default_candidates(k)
+    n = search.candidates or default_candidates(k)
     if n < k:
         raise ValueError(f"candidates={n} must be at least k={k}")
     wanted = [largest for largest, on in ((True, top), (False, bottom)) if on]
-    sources = (index is not None) + (lexical is not None)
+    count = (index is not None) + (lexical is not None)
     # the index's rows of the largest norms, candidates of every query
     shortlisted = getattr(index, "shortlist_mask", None)
-    query_batch = query_batch or max(1, min(256, (1 << 15) // (n * len(wanted) * sources)))
+    query_batch = search.query_batch or max(1, min(256, (1 << 15) // (n * len(wanted) * count)))
     parts: dict[bool, list[TopK]] = {largest: [] for largest in wanted}
     for lo in range(0, queries.shape[0], query_batch):
         q = queries[lo : lo + query_batch]
         found: dict[bool, list[torch.Tensor]] = {largest: [] for largest in wanted}
         if index is not None:
             signed = torch.cat([q if largest else -q for largest in wanted])
-            hits = index.search(signed, n, search_params)
+            hits = index.search(signed, n, search.params)
             for i, largest in enumerate(wanted):
                 found[largest].append(hits[i * q.shape[0] : (i + 1) * q.shape[0]])
         if lexical is not None:
-            assert query_texts is not None
-            hits = lexical.search(query_texts[lo : lo + query_batch], n)
+            assert sources.texts is not None
+            hits = lexical.search(sources.texts[lo : lo + query_batch], n)
             for largest in wanted:
                 found[largest].append(hits)
         cand = {largest: _dedupe(torch.cat(found[largest], dim=1)) for largest in wanted}
@@ -151,12 +136,12 @@ def two_stage(
         union = torch.unique(torch.cat([c[c >= 0] for c in cand.values()]))
         rows = cache.rows_at(union)
         sub = norms.select(slice(lo, lo + query_batch)) if norms is not None else None
-        qn = _norms(q) if cosine and sub is None else None
-        exact = block_scores(q, rows, qn, sub, cache.norms_at(union) if sub else None)  # [b, |union|]
+        stored = cache.norms_at(union) if sub is not None and sub.geometry != "vectors" else None
+        exact = block_scores(q, rows, sub, stored)  # [b, |union|]
         extra = None
         if shortlisted is not None:
-            extra_norms = cache.norms_at(index.shortlist_positions) if sub else None
-            extra = block_scores(q, index.shortlist_rows, qn, sub, extra_norms)
+            extra_norms = cache.norms_at(index.shortlist_positions) if stored is not None else None
+            extra = block_scores(q, index.shortlist_rows, sub, extra_norms)
         for largest in wanted:
             c = cand[largest]
             cols = torch.searchsorted(union, c.clamp(min=0))
@@ -170,10 +155,8 @@ def two_stage(
             positions = c.gather(1, pos)
             short = (positions < 0).any(dim=1)
             if bool(short.any()):  # fewer than k candidates: those queries get the exact scan
-                again = scan(
-                    cache, q[short], k, top=largest, bottom=not largest, cosine=cosine,
-                    norms=sub.select(short) if sub is not None else None,
-                )  # fmt: skip
+                again = scan(cache, q[short], k, top=largest, bottom=not largest,
+                             norms=sub.select(short) if sub is not None else None)  # fmt: skip
                 lists = again.top if largest else again.bottom
                 assert lists is not None
                 values[short] = lists.scores
@@ -181,7 +164,7 @@ def two_stage(
             parts[largest].append(TopK(values, cache.indices[positions]))
     lists = {largest: TopK(torch.cat([p.scores for p in v]), torch.cat([p.indices for p in v]))
              for largest, v in parts.items()}  # fmt: skip
-    return ScanResult(top=lists.get(True), bottom=lists.get(False), method=method)
+    return ScanResult(top=lists.get(True), bottom=lists.get(False), method=sources.method)
 
 
 def _dedupe(cand: torch.Tensor) -> torch.Tensor:
