@@ -71,30 +71,11 @@ def corpus(n: int, seed: int) -> list[str]:
 
 
 def make_model_and_tokenizer(n_embd: int, n_layer: int):  # noqa: ANN201 - transformers types
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    """The tiny GPT-2 (4 heads, 32 positions, seed 0) and a word-level tokenizer over ``WORDS``."""
+    from hf_grass.testing import tiny_gpt2, word_tokenizer
 
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=4,
-        vocab_size=len(vocab),
-        n_positions=32,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return GPT2LMHeadModel(cfg), tokenizer
+    tokenizer = word_tokenizer(WORDS)
+    return tiny_gpt2(len(tokenizer), n_layer, n_embd, n_head=4, n_positions=32), tokenizer
 
 
 def train(model: torch.nn.Module, tokenizer, texts: list[str], batch: int = 64) -> float:  # noqa: ANN001

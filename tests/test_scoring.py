@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import random_token_examples, tiny_gpt2, tiny_llama
 from test_capture import autograd_gradient
 
 from hf_grass.attribution import AttributionPass
@@ -16,6 +15,7 @@ from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource, collate
 from hf_grass.precondition import Preconditioner
 from hf_grass.scoring import dense_scores, query_gradients, query_vectors, topk_scores
+from hf_grass.testing import random_token_examples, tiny_gpt2, tiny_llama
 
 VOCAB = 40
 RTOL = 1e-4
