@@ -1,16 +1,19 @@
-"""Helpers shared by the benchmark scripts: the machine's description, the interleaved timer and the
-JSON report."""
+"""Helpers shared by the benchmark scripts: the machine's description, the git commit, the
+interleaved timer and the JSON report."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import platform
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str:
@@ -24,8 +27,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_state() -> dict[str, Any]:
+    """The commit the benchmark ran at and whether tracked files differed from it (``dirty``), so a
+    number can be traced to its code; both ``None`` without git or outside a checkout."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip())
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))  # reports written here don't count
+    except (OSError, subprocess.SubprocessError):  # no git executable, not a checkout, git too slow
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
 def emit_report(report: dict[str, Any], json_out: Path | None) -> dict[str, Any]:
-    """Print the JSON report and, with ``--json-out``, also write it to that file."""
+    """Print the JSON report and, with ``--json-out``, also write it to that file; the report gets
+    the git state (``git_state``) under ``"git"``."""
+    report["git"] = git_state()
     text = json.dumps(report, indent=2)
     print("\n" + text)
     if json_out is not None:

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from benchmarks._common import cpu_name, emit_report, time_interleaved
-from benchmarks.query import REPO_ROOT, child_env, prefix_cache
+from benchmarks._common import REPO_ROOT, cpu_name, emit_report, time_interleaved
+from benchmarks.query import child_env, prefix_cache
 from hf_grass.cache.reader import GradientCache
 from hf_grass.scoring import lookup, scan
 

@@ -57,13 +57,12 @@ import numpy as np
 import torch
 
 import hf_grass.scoring as scoring
-from benchmarks._common import cpu_name, emit_report, time_interleaved
+from benchmarks._common import REPO_ROOT, cpu_name, emit_report, time_interleaved
 from hf_grass.cache.manifest import MANIFEST, load_json
 from hf_grass.cache.reader import GradientCache
 from hf_grass.cache.writer import CacheWriter
 from hf_grass.config import GraSSConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 GOAL_RATIO = 0.7  # streaming / in-RAM numpy fp32
 MODULE_DIM = 1024  # the synthetic cache's "modules" (dim / MODULE_DIM of them, like proj_dim=1024)
 

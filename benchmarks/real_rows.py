@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from benchmarks._common import cpu_name
+from benchmarks._common import cpu_name, git_state
 
 PEOPLE = [f"person{i}" for i in range(400)]
 CITIES = [f"city{i}" for i in range(300)]
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "pass_tokens_per_s": tokens / pass_s,
         "query_vectors_s": query_s,
         "cache_bytes": sum(p.stat().st_size for p in (args.out / "cache").rglob("*") if p.is_file()),
+        "git": git_state(),
     }
     (args.out / "rows_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
