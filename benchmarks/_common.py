@@ -3,6 +3,7 @@ interleaved timer and the JSON report."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import platform
@@ -43,6 +44,18 @@ def git_state() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):  # no git executable, not a checkout, git too slow
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}
+
+
+def parse_with_smoke(
+    parser: argparse.ArgumentParser, argv: list[str] | None, sizes: dict[str, Any]
+) -> argparse.Namespace:
+    """Add ``--smoke`` to ``parser`` and parse ``argv``. With ``--smoke`` the defaults become
+    ``sizes`` (explicit flags still win): tiny sizes that run every step of the script in seconds,
+    for CI (tests/test_benchmarks_smoke.py); its numbers mean nothing."""
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes, to check that the script runs: {sizes}")
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(**sizes)
+    return parser.parse_args(argv)
 
 
 def emit_report(report: dict[str, Any], json_out: Path | None) -> dict[str, Any]:

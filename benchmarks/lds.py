@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from benchmarks._common import emit_report
+from benchmarks._common import emit_report, parse_with_smoke
 from hf_grass import AttributionTrainer, GraSSConfig
 from hf_grass.data import collate
 from hf_grass.evaluation import lds_per_query, spearman_rows
@@ -231,11 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="processes for the retraining runs")
     p.add_argument("--seed", type=int, default=0, help="corpus, initialisation, subsets and projections")
     p.add_argument("--workdir", default=None, help="where the caches go (default: a temporary directory)")
-    p.add_argument("--smoke", action="store_true", help=f"tiny sizes, to check the script runs: {SMOKE}")
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
-    if p.parse_known_args(argv)[0].smoke:
-        p.set_defaults(**SMOKE)  # --smoke only changes the defaults; explicit flags still win
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

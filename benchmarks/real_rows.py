@@ -13,6 +13,7 @@ vectors by ``hf_grass.query.Attributor.query_vectors``: the preconditioned query
 
     python -m benchmarks.real_rows --out /tmp/rows1m --docs 1000000      # the full set
     python -m benchmarks.real_rows --out /tmp/rows20k --docs 20000       # a quick one
+    python -m benchmarks.real_rows --out /tmp/rows-smoke --smoke         # 1024 rows of 256, for CI
 
 Resumable: the pass resumes from its last shard when run again with the same arguments.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from benchmarks._common import cpu_name, git_state
+from benchmarks._common import cpu_name, git_state, parse_with_smoke
 
 PEOPLE = [f"person{i}" for i in range(400)]
 CITIES = [f"city{i}" for i in range(300)]
@@ -50,6 +51,10 @@ WORDS = sorted(
     set(PEOPLE + CITIES + JOBS + THINGS + COLOURS + NUMBERS)
     | {w for t in TEMPLATES for w in t.split() if "{" not in w}
 )
+
+
+# --smoke: several shards (so prefixes of the cache exist) of 8 x 32 numbers; seconds
+SMOKE = {"docs": 1024, "queries": 16, "train_docs": 256, "proj_dim": 32, "shard_size": 256}
 
 
 def document(rng: random.Random) -> str:
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-embd", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
+    parser.add_argument("--shard-size", type=int, default=4096, help="rows per cache shard (default 4096)")
+    args = parse_with_smoke(parser, argv, SMOKE)
     torch.set_num_threads(1)
 
     from hf_grass.attribution import run_attribution_pass
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         sparsify_factor=2,
         exclude_modules=["lm_head"],
         dtype="float16",
-        shard_size=4096,
+        shard_size=args.shard_size,
         batch_size=args.batch_size,
     )
     docs = corpus(args.docs, seed=2)
