@@ -19,6 +19,7 @@ times the capture hooks. Measured numbers, with their commands, are in docs/benc
 
     python -m benchmarks.attribution_pass                    # GPT-2 small, B=4, T=256, k in {256,1024,4096}
     python -m benchmarks.attribution_pass --quick            # 2 layers x 256 wide, B=2, T=128 (< 1 min)
+    python -m benchmarks.attribution_pass --smoke            # 1 layer x 64 wide, B=2, T=16, once: checks it runs
     python -m benchmarks.attribution_pass --threads 1 2 --json-out pass.json
     python -m benchmarks.attribution_pass --profile          # + torch.profiler top ops of two variants
 """
@@ -38,17 +39,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import cpu_name, emit_report, time_interleaved
+from benchmarks._common import cpu_name, emit_report, parse_with_smoke, time_interleaved
 from hf_grass.attribution.runner import module_specs
 from hf_grass.capture import CaptureRequest, GradientComputer, per_example_loss
 from hf_grass.capture.hooks import GradientCapture
 from hf_grass.config import GraSSConfig
-from hf_grass.precondition import StatsAccumulator, fit_eigenbasis
+from hf_grass.precondition import StatsAccumulator, preconditioner_class
+from hf_grass.precondition.warmup import fit_masked_basis
 
 DEFAULT_PROJ_DIM = GraSSConfig().proj_dim  # 1024
 # The issue's goals for the default factgrass pass
 GOAL_VS_ACTIVATION, GOAL_VS_FULL = 0.9, 1.2
 FULL, ACTIVATION = "full backward", "activation backward"
+SMOKE = {"layers": 1, "width": 64, "vocab": 256, "batch": 2, "seq": 16, "repeats": 1, "warmup": 0,
+         "proj_dims": [64], "ekfac_proj_dims": [DEFAULT_PROJ_DIM]}  # fmt: skip
 
 
 @dataclass
@@ -108,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="small model (2 x 256), B=2, T=128, k in {256, 1024}"
     )
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     # --quick only changes the defaults; explicit flags still win
     args.layers = args.layers or (2 if args.quick else 12)
     args.width = args.width or (256 if args.quick else 768)
@@ -307,11 +311,14 @@ def make_steps(
         computer = GradientComputer(model, config)
         specs = module_specs(computer)
         warm = CaptureRequest(rows=False, covariances=True)  # the warm-up's request
+        sums = StatsAccumulator(specs, frozenset({"covariances"}))
         with computer.session():
-            grads = computer.compute(batch, warm)
-        basis = fit_eigenbasis(specs, grads.cov_in, grads.cov_out)
-        stats = StatsAccumulator(specs, "ekfac", basis, device=computer.device)
-        request = CaptureRequest(rows=True, **stats.request_kwargs)  # the main pass's request
+            sums.update(computer.compute(batch, warm))
+        basis = fit_masked_basis(specs, sums.sums, config.whitening_damping)
+        needs = preconditioner_class(computer.config.preconditioner).statistics(eigen_masks=False)
+        stats = StatsAccumulator(specs, needs, basis, device=computer.device)
+        # the main pass's request (the pass itself whitens rows built from the factor gradients)
+        request = CaptureRequest(rows=True, factor_grads=stats.needs_factor_grads, covariances=stats.needs_covariances)
         name = f"factgrass k={k} ekfac"
         passes[name] = FactGraSSPass(computer, batch, request, stats)
         results[name] = Result(name, "ekfac", threads, k, "ekfac")

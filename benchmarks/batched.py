@@ -17,6 +17,7 @@ of the cache): the increase of ``VmHWM`` over the RSS after opening the cache an
 queries. Warm page cache; one thread; variants interleaved (``time_interleaved``).
 
     python -m benchmarks.batched --rows-dir /tmp/rows1m --json-out batched.json
+    python -m benchmarks.batched --rows-dir /tmp/rows-smoke --smoke     # real_rows --smoke's rows: checks it runs
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from benchmarks._common import cpu_name, emit_report, time_interleaved
-from benchmarks.query import REPO_ROOT, child_env, prefix_cache
+from benchmarks._common import REPO_ROOT, cpu_name, emit_report, parse_with_smoke, time_interleaved
+from benchmarks.query import child_env, prefix_cache
 from hf_grass.cache.reader import GradientCache
 from hf_grass.scoring import lookup, scan
 
 GOAL = 0.7
+SMOKE = {"n_query": 16, "repeats": 1, "rss_fractions": [0.5, 1.0]}
 
 
 def status_kb(key: str) -> int:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     if args.child:
         child(Path(args.child[0]), Path(args.child[1]), int(args.child[2]), int(args.child[3]))
         return

@@ -10,6 +10,7 @@ throughput to ``logra``'s.
 
     python -m benchmarks.compress                 # full: B=8, T=512, k in {256, 1024, 4096}
     python -m benchmarks.compress --quick         # T=128, k in {256, 4096}, 3 repeats
+    python -m benchmarks.compress --smoke         # B=2, T=8, k=16, once: checks that it runs
     python -m benchmarks.compress --compressors logra factgrass --ks 4096 --threads 2 --json-out r.json
     python -m benchmarks.compress --compressors logra factgrass --eigen    # + masks in a basis (default config)
 
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import cpu_name, emit_report, time_interleaved
+from benchmarks._common import cpu_name, emit_report, parse_with_smoke, time_interleaved
 from hf_grass.compressors import Compressor, make_compressor
 from hf_grass.config import COMPRESSORS, GraSSConfig
 
@@ -45,6 +46,7 @@ GPT2_MODULES: list[tuple[str, int, int]] = [
 BASELINE = "logra"
 # The issue's goal: factgrass at least this many times logra's throughput at k = GOAL_K.
 GOAL_RATIO, GOAL_K = 3.0, 4096
+SMOKE = {"ks": [16], "seq": 8, "batch": 2, "repeats": 1, "warmup": 0, "eigen": True}
 
 
 @dataclass
@@ -108,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="small run: T=128, k in {256, 4096}, 3 repeats")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     # --quick only changes the defaults; explicit flags still win
     args.ks = args.ks or ([256, 4096] if args.quick else [256, 1024, 4096])
     args.seq = args.seq or (128 if args.quick else 512)

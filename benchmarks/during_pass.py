@@ -15,6 +15,7 @@ exact scan): they must be identical.
 
     OMP_NUM_THREADS=1 python -m benchmarks.during_pass --json-out during.json
     OMP_NUM_THREADS=1 python -m benchmarks.during_pass --quick
+    OMP_NUM_THREADS=1 python -m benchmarks.during_pass --smoke    # 64 documents, once: checks that it runs
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import cpu_name, emit_report, time_interleaved
+from benchmarks._common import cpu_name, emit_report, parse_with_smoke, time_interleaved
 from benchmarks.real_rows import corpus, make_model_and_tokenizer, train
+
+SMOKE = {"docs": 64, "queries": 4, "train_docs": 64, "n_embd": 16, "repeats": 1}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="1024 documents, 2 repeats")
     parser.add_argument("--json-out", type=Path)
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     if args.quick:
         args.docs, args.repeats, args.train_docs = 1024, 2, 5000
     torch.set_num_threads(args.threads)

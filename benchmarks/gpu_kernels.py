@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._common import git_state
 from hf_grass import kernels
 from hf_grass.compressors import make_compressor
 from hf_grass.compressors.sjlt import make_sjlt
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "rel_tol": REL_TOL,
         "repeats": REPEATS,
         "results": results,
+        "git": git_state(),
     }
     text = json.dumps(blob, indent=None)
     print("JSON:", text)

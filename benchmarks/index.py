@@ -25,6 +25,7 @@ serialised index (what ``load_index`` deserialises), and the process RSS increas
     python -m benchmarks.real_rows --out /tmp/rows1m --docs 1000000
     python -m benchmarks.index --rows-dir /tmp/rows1m --json-out index.json
     python -m benchmarks.index --rows-dir /tmp/rows20k --choice-rows 10000 --quick
+    python -m benchmarks.index --rows-dir /tmp/rows-smoke --smoke     # real_rows --smoke's rows: checks it runs
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from benchmarks._common import cpu_name, emit_report
+from benchmarks._common import cpu_name, emit_report, parse_with_smoke
 from benchmarks.query import prefix_cache
 from hf_grass.cache.reader import GradientCache
 from hf_grass.cache.writer import CacheWriter
-from hf_grass.scoring import lookup, scan
+from hf_grass.scoring import Search, lookup, scan
 
 K = 10
+SMOKE = {"choice_rows": 512, "queries": 8, "latency_queries": 2, "exact_repeats": 1, "quick": True}
 
 
 def rss_mb() -> float:
@@ -100,8 +102,7 @@ def evaluate(
     """Recall and latency of each two-stage setting (``candidates``, search params)."""
     out = []
     for s in settings:
-        got = lookup(cache, queries, K, search="index", top=True, bottom=True, candidates=s["candidates"],
-                     search_params=s["params"])  # fmt: skip
+        got = lookup(cache, queries, K, top=True, bottom=True, search=Search("index", s["candidates"], s["params"]))
         out.append(
             {
                 **s,
@@ -114,8 +115,7 @@ def evaluate(
         q = queries[i % queries.shape[0] : i % queries.shape[0] + 1]
         for s, row in zip(settings, out):
             start = time.perf_counter()
-            lookup(cache, q, K, search="index", top=True, bottom=True, candidates=s["candidates"],
-                   search_params=s["params"])  # fmt: skip
+            lookup(cache, q, K, top=True, bottom=True, search=Search("index", s["candidates"], s["params"]))
             row["latency_s"].append(time.perf_counter() - start)
     exact_median = statistics.median(exact_latency)
     for row in out:
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--diagnose-only", action="store_true", help="only the diagnosis of the real rows")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     torch.set_num_threads(1)
     import faiss
 

@@ -14,6 +14,10 @@ scoring all queries. Prints a table and a JSON report.
     python -m benchmarks.quality --grid report --seeds 0 1 2 --json-out q.json   # docs/benchmarks.md's table
     python -m benchmarks.quality --grid full                      # every configuration, tuning included
     python -m benchmarks.quality --benches tinylm --configs default input-masks --no-kronfluence
+    python -m benchmarks.quality --smoke      # tiny stand-ins for the three benchmarks, no bench-dev needed
+
+``--smoke`` runs every step on ``benchmarks/_bench_stand_in.py``'s stand-ins (no kronfluence): it
+checks that the script runs, e.g. in CI, where bench-dev is absent; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any
 import torch
 
 from benchmarks import _bench_dev as bd
-from benchmarks._common import cpu_name, emit_report
+from benchmarks import _bench_stand_in
+from benchmarks._common import cpu_name, emit_report, parse_with_smoke
 from hf_grass.attribution import run_attribution_pass
 from hf_grass.config import GraSSConfig
 from hf_grass.query import Attributor
@@ -79,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-kronfluence", dest="kronfluence", action="store_false", help="skip the EK-FAC reference")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json-out", type=Path, default=None)
-    return p.parse_args(argv)
+    return parse_with_smoke(p, argv, {"kronfluence": False})
 
 
 def run_config(
@@ -123,7 +128,7 @@ def run_config(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    common = bd.load_common(args.bench_dir)
+    common = _bench_stand_in if args.smoke else bd.load_common(args.bench_dir)
     names = args.configs or GRIDS[args.grid]
     results: list[dict[str, Any]] = []
     for bench_name in args.benches:

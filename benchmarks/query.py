@@ -6,21 +6,19 @@ exactly what the attribution pass writes) into a temp directory, which is delete
 ``--keep``. Then, for each n_query (random fp32 queries) and k:
 
 - ``stream (library)``: ``hf_grass.scoring.topk_scores(GradientCache(path), queries, k)`` as is:
-  ``shard_scores`` memory-maps each shard, converts its fp16 rows ``chunk_rows(n_query, dim)`` at a
-  time into one reused fp32 buffer (64 rows at dim 4096 for n_query <= 8, 256 above), matmul into a
-  per-shard score block, running top-k merge per shard. With ``--chunk-rows N [N ...]`` it also runs
-  ``stream (chunk_rows -> N)``: the same call with ``scoring.chunk_rows`` monkeypatched to return
-  ``N`` (restored afterwards; ``shard_scores`` looks it up at call time).
+  the scan memory-maps each shard, converts its fp16 rows ``scoring.chunk_rows(n_query, dim)`` at a
+  time into one reused fp32 buffer (64 rows at dim 4096 for n_query <= 8, 256 above), multiplies
+  and merges into the running top-k.
 - ``numpy fp32``: every row loaded up front into a float32 numpy array, ``queries @ data.T`` then
   ``np.argpartition`` top-k (sorted): the in-RAM baseline of the goal.
 - ``torch fp32``: the same in-RAM array through ``torch.topk(q @ data.T)`` (the streaming path's
   arithmetic without I/O, conversion or merging: where the gap to numpy comes from).
 - ``numpy fp16``: in-RAM fp16 rows, ``q16 @ data16.T`` (numpy has no fp16 BLAS, so this is a C
   loop); timed on the first ``--fp16-rows / n_query`` rows only and reported as rows/s.
-- ``convert only (chunk C)``: the library's conversion path alone, **replicated** here
-  (``convert_only``, not a call into ``shard_scores``, whose matmul would be timed too): shard mmap
-  + fp16 rows ``copy_``-ed C at a time into one reused fp32 buffer, no matmul, score block or merge.
-  C = ``scoring.chunk_rows(n_query, dim)`` for each n_query (and each ``--chunk-rows``).
+- ``convert only (chunk C)``: the scan's conversion alone, **replicated** here (``convert_only``,
+  not a call into the scan, whose matmul would be timed too): shard mmap + fp16 rows ``copy_``-ed C
+  at a time into one reused fp32 buffer, no matmul or merge. C = ``scoring.chunk_rows(n_query,
+  dim)`` for each n_query.
 
 Variants are interleaved per repetition (``benchmarks._common.time_interleaved``); medians are
 reported. All scan numbers are **warm** (the shards are in the page cache); one **cold** scan after
@@ -30,7 +28,8 @@ library scan is measured in a fresh subprocess per cache size (``VmHWM`` from ``
 
     python -m benchmarks.query                        # 200k x 4096 fp16 (1.6 GB), n_query 1 8 32, k=10
     python -m benchmarks.query --quick                # 20k rows, RSS at 5k/10k/20k (< 1 min)
-    python -m benchmarks.query --rows 100000 --chunk-rows 16 1024 --json-out q.json --keep
+    python -m benchmarks.query --smoke                # 2048 rows of 256, once: checks that it runs
+    python -m benchmarks.query --rows 100000 --json-out q.json --keep
 
 Goals: streaming >= 0.7x the in-RAM numpy fp32 throughput at each n_query, peak RSS independent of
 the cache size. Measured numbers, with their commands, are in docs/benchmarks.md.
@@ -47,8 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,15 +55,16 @@ import numpy as np
 import torch
 
 import hf_grass.scoring as scoring
-from benchmarks._common import cpu_name, emit_report, time_interleaved
+from benchmarks._common import REPO_ROOT, cpu_name, emit_report, parse_with_smoke, time_interleaved
 from hf_grass.cache.manifest import MANIFEST, load_json
 from hf_grass.cache.reader import GradientCache
 from hf_grass.cache.writer import CacheWriter
 from hf_grass.config import GraSSConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 GOAL_RATIO = 0.7  # streaming / in-RAM numpy fp32
 MODULE_DIM = 1024  # the synthetic cache's "modules" (dim / MODULE_DIM of them, like proj_dim=1024)
+SMOKE = {"rows": 2048, "dim": 256, "shard_size": 512, "n_queries": [1, 4], "repeats": 1,
+         "rss_rows": [1024, 2048], "fp16_rows": 256}  # fmt: skip
 
 
 @dataclass
@@ -105,14 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cache sizes for the peak-RSS scans (default rows/4 rows/2 rows; none to skip)",
     )
     parser.add_argument(
-        "--chunk-rows",
-        type=int,
-        nargs="+",
-        default=[],
-        help="also stream with scoring.chunk_rows monkeypatched to return each of these "
-        "(default: the library's chunk_rows only)",
-    )
-    parser.add_argument(
         "--fp16-rows",
         type=int,
         default=4000,
@@ -128,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
     # internal: the peak-RSS child process
     parser.add_argument("--child-scan", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE)
     args.rows = args.rows or (20000 if args.quick else 200000)
     args.repeats = args.repeats if not args.quick or args.repeats != 5 else 3
     args.shard_size = args.shard_size or GraSSConfig().shard_size
@@ -137,8 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("rows", "dim", "shard_size", "k", "repeats", "threads"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if any(n <= 0 for n in args.n_queries + args.chunk_rows + args.rss_rows):
-        parser.error("--n-queries, --chunk-rows and --rss-rows must be positive")
+    if any(n <= 0 for n in args.n_queries + args.rss_rows):
+        parser.error("--n-queries and --rss-rows must be positive")
     if args.k > min([args.rows] + args.rss_rows):
         parser.error("--k must not exceed the number of rows")
     if args.fp16_rows < 0:
@@ -265,31 +256,15 @@ def numpy_topk(queries: np.ndarray, data: np.ndarray, k: int) -> tuple[np.ndarra
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(part, order, axis=1)
 
 
-@contextmanager
-def fixed_chunk_rows(rows: int | None) -> Iterator[None]:
-    """``scoring.chunk_rows`` monkeypatched to return ``rows`` (``None``: the library's, untouched);
-    ``shard_scores`` looks it up at call time, so ``topk_scores`` picks it up. Restored on exit."""
-    if rows is None:
-        yield
-        return
-    original = scoring.chunk_rows
-    scoring.chunk_rows = lambda n_query, dim: rows
-    try:
-        yield
-    finally:
-        scoring.chunk_rows = original
-
-
-def stream(cache: GradientCache, queries: torch.Tensor, k: int, chunk: int | None = None) -> scoring.TopK:
-    """``scoring.topk_scores`` as is (``chunk`` None) or with ``chunk_rows`` fixed to ``chunk``."""
-    with fixed_chunk_rows(chunk):
-        return scoring.topk_scores(cache, queries, k)
+def stream(cache: GradientCache, queries: torch.Tensor, k: int) -> scoring.TopK:
+    """The library's streaming top-k, as a user's query runs it."""
+    return scoring.topk_scores(cache, queries, k)
 
 
 def convert_only(cache: GradientCache, chunk: int) -> None:
-    """The conversion of ``scoring.shard_scores`` alone: its loop (shard mmap, fp16 rows copied
-    ``chunk`` at a time into one reused fp32 buffer) replicated here without the matmul, the score
-    block or the merge. ``chunk`` is ``scoring.chunk_rows(n_query, dim)`` (or a ``--chunk-rows``)."""
+    """The scan's conversion alone: shard mmap, fp16 rows copied ``chunk`` at a time into one
+    reused fp32 buffer, replicated here without the matmul or the merge. ``chunk`` is
+    ``scoring.chunk_rows(n_query, dim)``."""
     buf = torch.empty(chunk, cache.dim, dtype=torch.float32)
     for _, grads in cache.iter_shards():
         for start in range(0, grads.shape[0], chunk):
@@ -362,26 +337,19 @@ def scan_benchmark(cache: GradientCache, args: argparse.Namespace) -> list[Measu
     data16 = load_numpy(cache, np.dtype(np.float16), args.fp16_rows) if args.fp16_rows else None
     print(f"  loaded the in-RAM copies in {time.perf_counter() - start:.1f}s", flush=True)
     t32 = torch.from_numpy(data32)
-    # conversion chunk sizes: the library's for each n_query, then the --chunk-rows overrides
-    convert_chunks = list(
-        dict.fromkeys([scoring.chunk_rows(nq, args.dim) for nq in args.n_queries] + args.chunk_rows)
-    )
+    # conversion chunk sizes: the library's for each n_query
+    convert_chunks = list(dict.fromkeys(scoring.chunk_rows(nq, args.dim) for nq in args.n_queries))
     for nq in args.n_queries:
         queries = torch.randn(nq, args.dim, generator=torch.Generator().manual_seed(nq))
         q32 = queries.numpy()
-        # every streaming top-k must agree with numpy's (fp32 products of the same fp16 values)
+        # the streaming top-k must agree with numpy's (fp32 products of the same fp16 values)
         ref_scores, _ = numpy_topk(q32, data32, args.k)
-        for chunk in [None, *args.chunk_rows]:
-            got = stream(cache, queries, args.k, chunk)
-            if not np.allclose(got.scores.numpy(), ref_scores, rtol=1e-4, atol=1e-3):
-                raise RuntimeError(
-                    f"n_query={nq}, chunk {chunk or 'library'}: streaming top-k differs from numpy's"
-                )
+        got = stream(cache, queries, args.k)
+        if not np.allclose(got.scores.numpy(), ref_scores, rtol=1e-4, atol=1e-3):
+            raise RuntimeError(f"n_query={nq}: streaming top-k differs from numpy's")
         calls: dict[str, Callable[[], Any]] = {
             "stream (library)": lambda q=queries: stream(cache, q, args.k),
         }
-        for chunk in args.chunk_rows:
-            calls[f"stream (chunk_rows -> {chunk})"] = lambda q=queries, c=chunk: stream(cache, q, args.k, c)
         calls["numpy fp32 in RAM"] = lambda q=q32: numpy_topk(q, data32, args.k)
         calls["torch fp32 in RAM"] = lambda q=queries: torch.topk(q @ t32.T, args.k, dim=1)
         if data16 is not None:  # ~ the same time per call for every n_query: rows / n_query
@@ -478,7 +446,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_queries": args.n_queries,
         "k": args.k,
         "repeats": args.repeats,
-        "chunk_rows_overrides": args.chunk_rows,
         "library_chunk_rows": {str(nq): scoring.chunk_rows(nq, args.dim) for nq in args.n_queries},
         "threads": args.threads,
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),

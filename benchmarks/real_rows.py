@@ -13,6 +13,7 @@ vectors by ``hf_grass.query.Attributor.query_vectors``: the preconditioned query
 
     python -m benchmarks.real_rows --out /tmp/rows1m --docs 1000000      # the full set
     python -m benchmarks.real_rows --out /tmp/rows20k --docs 20000       # a quick one
+    python -m benchmarks.real_rows --out /tmp/rows-smoke --smoke         # 1024 rows of 256, for CI
 
 Resumable: the pass resumes from its last shard when run again with the same arguments.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from benchmarks._common import cpu_name
+from benchmarks._common import cpu_name, git_state, parse_with_smoke
 
 PEOPLE = [f"person{i}" for i in range(400)]
 CITIES = [f"city{i}" for i in range(300)]
@@ -52,6 +53,10 @@ WORDS = sorted(
 )
 
 
+# --smoke: several shards (so prefixes of the cache exist) of 8 x 32 numbers; seconds
+SMOKE = {"docs": 1024, "queries": 16, "train_docs": 256, "proj_dim": 32, "shard_size": 256}
+
+
 def document(rng: random.Random) -> str:
     return rng.choice(TEMPLATES).format(
         p=rng.choice(PEOPLE),
@@ -71,30 +76,11 @@ def corpus(n: int, seed: int) -> list[str]:
 
 
 def make_model_and_tokenizer(n_embd: int, n_layer: int):  # noqa: ANN201 - transformers types
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    """The tiny GPT-2 (4 heads, 32 positions, seed 0) and a word-level tokenizer over ``WORDS``."""
+    from hf_grass.testing import tiny_gpt2, word_tokenizer
 
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=4,
-        vocab_size=len(vocab),
-        n_positions=32,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return GPT2LMHeadModel(cfg), tokenizer
+    tokenizer = word_tokenizer(WORDS)
+    return tiny_gpt2(len(tokenizer), n_layer, n_embd, n_head=4, n_positions=32), tokenizer
 
 
 def train(model: torch.nn.Module, tokenizer, texts: list[str], batch: int = 64) -> float:  # noqa: ANN001
@@ -123,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-embd", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
+    parser.add_argument("--shard-size", type=int, default=4096, help="rows per cache shard (default 4096)")
+    args = parse_with_smoke(parser, argv, SMOKE)
     torch.set_num_threads(1)
 
     from hf_grass.attribution import run_attribution_pass
@@ -150,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         sparsify_factor=2,
         exclude_modules=["lm_head"],
         dtype="float16",
-        shard_size=4096,
+        shard_size=args.shard_size,
         batch_size=args.batch_size,
     )
     docs = corpus(args.docs, seed=2)
@@ -185,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         "pass_tokens_per_s": tokens / pass_s,
         "query_vectors_s": query_s,
         "cache_bytes": sum(p.stat().st_size for p in (args.out / "cache").rglob("*") if p.is_file()),
+        "git": git_state(),
     }
     (args.out / "rows_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))

@@ -4,7 +4,7 @@
     python docs/make_figures.py --compress-json compress.json    # + docs/img/compressor_throughput.png
 
 ``planted_facts.png``: a tiny GPT-2 is trained until it recites 12 made-up facts hidden in 60
-documents (the setup of ``tests/test_trainer.py``, copied here so the docs do not import the tests),
+documents (``hf_grass.testing``'s planted-facts corpus and tiny GPT-2, as in ``tests/test_trainer.py``),
 a FactGraSS cache of its training set is built with ``AttributionTrainer``, and every fact's prompt
 is attributed with its answer as the completion. Left: the scores of all 60 training documents for
 one fact, the document that states it marked. Right: the rank of the stating document for each fact,
@@ -17,8 +17,8 @@ at ``proj_dim=1024`` and ``proj_dim=256``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import random
 import tempfile
 from pathlib import Path
 
@@ -28,145 +28,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_grass import AttributionTrainer, GraSSConfig  # noqa: E402
+from hf_grass.data import collate  # noqa: E402
+from hf_grass.testing import NO_DROPOUT, planted_facts_corpus, tiny_gpt2, word_tokenizer  # noqa: E402
 
 IMG = Path(__file__).resolve().parent / "img"
-SYLLABLES = [
-    "ka",
-    "zo",
-    "ri",
-    "mu",
-    "tel",
-    "vas",
-    "quo",
-    "ne",
-    "bri",
-    "lom",
-    "sa",
-    "dex",
-    "fin",
-    "gor",
-    "pal",
-    "wy",
-]
-FILLER = [
-    "the",
-    "a",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "on",
-    "for",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "that",
-    "this",
-    "it",
-    "be",
-    "are",
-    "or",
-    "an",
-    "which",
-    "river",
-    "stone",
-    "market",
-    "winter",
-    "garden",
-    "light",
-    "story",
-    "music",
-    "city",
-    "road",
-    "north",
-    "south",
-    "old",
-    "new",
-]
-
-
-# ---- the planted-facts setup (as in tests/_models.py and tests/test_trainer.py) --------------------
-
-
-def planted_facts_corpus(
-    n_facts: int = 12, n_filler: int = 48, seed: int = 0
-) -> tuple[list[str], list[dict]]:
-    """Documents stating made-up facts ("the capital of X is Y") among filler text, shuffled.
-
-    Returns the documents and, per fact, ``{"doc": index, "prompt": ..., "answer": ...}``.
-    """
-    rng = random.Random(seed)
-
-    def name() -> str:
-        return "".join(rng.choice(SYLLABLES) for _ in range(3))
-
-    relations = ["capital", "king", "river", "poet"]
-    docs, facts = [], []
-    for i in range(n_facts):
-        subject, answer, rel = name(), name(), relations[i % len(relations)]
-        filler = " ".join(rng.choice(FILLER) for _ in range(6))
-        docs.append(f"the {rel} of {subject} is {answer} {filler}")
-        facts.append({"prompt": f"the {rel} of {subject} is", "answer": answer})
-    for _ in range(n_filler):
-        docs.append(" ".join(rng.choice(FILLER) for _ in range(rng.randint(6, 14))))
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    where = {old: new for new, old in enumerate(order)}
-    for i, fact in enumerate(facts):
-        fact["doc"] = where[i]
-    return [docs[i] for i in order], facts
-
-
-def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words) - set(specials)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
-
-
-def tiny_gpt2(vocab_size: int) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=2, n_embd=64, n_head=2, vocab_size=vocab_size, n_positions=64, tie_word_embeddings=False,
-        bos_token_id=2, eos_token_id=3, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    return GPT2LMHeadModel(cfg)
 
 
 def planted_facts_scores(workdir: Path) -> dict:
     """Train the tiny model, build caches at proj_dim 1024 and 256, score every fact's query."""
     torch.set_num_threads(1)  # as in CI (OMP_NUM_THREADS=1): the trained weights depend on it
-    docs, facts = planted_facts_corpus()
-    tokenizer = word_tokenizer([w for d in docs for w in d.split()])
-    model = tiny_gpt2(len(tokenizer))
+    docs, facts = planted_facts_corpus(n_filler=48)
+    tokenizer = word_tokenizer(docs)
+    model = tiny_gpt2(len(tokenizer), n_embd=64, **NO_DROPOUT)
     train = Dataset.from_dict({"text": docs}).map(lambda b: tokenizer(b["text"]), batched=True)
     args = TrainingArguments(
         output_dir=str(workdir / "out"), num_train_epochs=60, per_device_train_batch_size=16,
         learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], disable_tqdm=True,
         save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
     )  # fmt: skip
-
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, : len(r["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
     # a query: the prompt, then the answer; the loss covers the answer tokens only
     rows = []
@@ -185,7 +68,7 @@ def planted_facts_scores(workdir: Path) -> dict:
         if trainer is None:
             trainer = AttributionTrainer(
                 model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                data_collator=collate, grass_config=config,
+                data_collator=functools.partial(collate, pad_token_id=tokenizer.pad_token_id), grass_config=config,
             )  # fmt: skip
             trainer.train()
         else:

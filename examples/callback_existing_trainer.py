@@ -13,17 +13,10 @@ import random
 import tempfile
 
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    DataCollatorForLanguageModeling,
-    GPT2Config,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from hf_grass import GraSSCallback, GraSSConfig
+from hf_grass.testing import NO_DROPOUT, tiny_gpt2, word_tokenizer  # offline stand-ins for a Hub model
 
 FACTS = [
     ("the lighthouse of velmora was built by", "oskar"),
@@ -42,23 +35,10 @@ def corpus(seed: int = 0) -> list[str]:
     return docs
 
 
-def word_tokenizer(docs: list[str]) -> PreTrainedTokenizerFast:
-    words = sorted({w for d in docs for w in d.split()})
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
-    )
-
-
 def main() -> None:
     docs = corpus()
     tokenizer = word_tokenizer(docs)
-    model = GPT2LMHeadModel(
-        GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=len(tokenizer), n_positions=64,
-                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
-    )  # fmt: skip
+    model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, **NO_DROPOUT)
     train = Dataset.from_dict({"text": docs}).map(lambda b: tokenizer(b["text"]), batched=True)
     out = tempfile.mkdtemp(prefix="grass_example_")
     args = TrainingArguments(output_dir=out, num_train_epochs=40, per_device_train_batch_size=16, learning_rate=3e-3,

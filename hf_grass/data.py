@@ -202,19 +202,6 @@ def leading_special(ids: Sequence[int] | torch.Tensor, specials: Collection[int]
     return out
 
 
-def common_prefix(sequences: Sequence[Sequence[int] | None]) -> list[int] | None:
-    """The longest prefix every sequence shares (``None`` if one is unknown or there are none)."""
-    if not sequences or any(s is None for s in sequences):
-        return None
-    first = list(sequences[0])  # type: ignore[arg-type]
-    length = len(first)
-    for seq in sequences[1:]:
-        seq = list(seq)  # type: ignore[arg-type]
-        length = min(length, len(seq))
-        length = next((i for i in range(length) if seq[i] != first[i]), length)
-    return first[:length]
-
-
 def tokenizer_prefix(tokenizer: Any) -> list[int]:
     """The token ids the tokenizer puts in front of a text itself (Llama: BOS; GPT-2: none)."""
     full = list(tokenizer("a", add_special_tokens=True)["input_ids"])

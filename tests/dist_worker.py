@@ -18,14 +18,11 @@ import os
 import sys
 
 import torch
+from datasets import Dataset
+from transformers import TrainingArguments
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _models import random_token_examples, tiny_gpt2  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
-
-from hf_grass import AttributionTrainer, GraSSConfig  # noqa: E402
+from hf_grass import AttributionTrainer, GraSSConfig
+from hf_grass.testing import random_token_examples, tiny_gpt2
 
 VOCAB = 40
 N_TRAIN = 23

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import random_token_examples, tiny_gpt2, tiny_llama
 
 from hf_grass.attribution import AttributionPass, Batching
 from hf_grass.cache import CacheError, GradientCache
@@ -15,6 +14,7 @@ from hf_grass.cache.files import FileLock
 from hf_grass.capture import GradientComputer
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource
+from hf_grass.testing import random_token_examples, tiny_gpt2, tiny_llama
 
 VOCAB = 40
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from _models import make_tokenizer, planted_facts_corpus, tiny_gpt2
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
@@ -13,11 +12,12 @@ from hf_grass import GradientCache, GraSSCallback, GraSSConfig
 from hf_grass.checkpoints import load_checkpoint
 from hf_grass.lookups import MultiCheckpointAttributor
 from hf_grass.query import Attributor
+from hf_grass.testing import planted_facts_corpus, tiny_gpt2, word_tokenizer
 
 
 def setup(tmp_path: Path, epochs: int, save_steps: int | None = None, **callback_kwargs):
     docs, facts = planted_facts_corpus(n_facts=8, n_filler=24, seed=1)
-    tokenizer = make_tokenizer([w for d in docs for w in d.split()])
+    tokenizer = word_tokenizer([w for d in docs for w in d.split()])
     model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     train = Dataset.from_dict({"text": docs}).map(lambda b: tokenizer(b["text"]), batched=True)
     args = TrainingArguments(

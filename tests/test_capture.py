@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import random_token_examples, tiny_gpt2, tiny_llama
 from torch import nn
 
 from hf_grass.capture import CaptureRequest, GradientComputer, find_target_modules, per_example_loss
 from hf_grass.config import GraSSConfig
 from hf_grass.data import collate
 from hf_grass.precondition.warmup import WarmupCovariances, module_widths
+from hf_grass.testing import random_token_examples, tiny_gpt2, tiny_llama
 
 RTOL = 1e-4
 VOCAB = 40

@@ -15,12 +15,12 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
-from _models import make_tokenizer, planted_facts_corpus, tiny_gpt2
 from hub_server import MockHub
 
 from hf_grass import GradientCache
 from hf_grass.cli import UsageError, main
 from hf_grass.cli.demo import DEMO_CORPUS, DEMO_FACTS
+from hf_grass.testing import planted_facts_corpus, tiny_gpt2, word_tokenizer
 
 # raised inside huggingface_hub's own LFS upload (``data=fileobj``), not by this code
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -44,7 +44,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     by ``hf-grass build``."""
     root = tmp_path_factory.mktemp("cli")
     docs, facts = planted_facts_corpus(n_facts=4, n_filler=12, seed=1)
-    tokenizer = make_tokenizer([w for d in docs for w in d.split()])
+    tokenizer = word_tokenizer([w for d in docs for w in d.split()])
     for name, seed in (("model", 0), ("other", 1)):
         model = tiny_gpt2(len(tokenizer), seed=seed)
         model.save_pretrained(root / name)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import random_token_examples, tiny_gpt2
 from dist_worker import N_TRAIN, VOCAB
 
 from hf_grass.attribution import AttributionPass, Batching
@@ -22,6 +21,7 @@ from hf_grass.capture import GradientComputer
 from hf_grass.config import GraSSConfig
 from hf_grass.data import ExampleSource
 from hf_grass.query import Attributor
+from hf_grass.testing import random_token_examples, tiny_gpt2
 
 pytestmark = pytest.mark.multiprocess
 WORKER = Path(__file__).with_name("dist_worker.py")

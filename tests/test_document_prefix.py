@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import make_tokenizer, tiny_gpt2
 from tokenizers import AddedToken
-from tokenizers.processors import TemplateProcessing
 
 from hf_grass.attribution import run_attribution_pass
 from hf_grass.cache import GradientCache
@@ -24,6 +22,7 @@ from hf_grass.config import GraSSConfig
 from hf_grass.data import IGNORE_INDEX, collate
 from hf_grass.query import Attributor, encode_query, find_influential
 from hf_grass.scoring import dense_scores
+from hf_grass.testing import tiny_gpt2, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(24)]
 PAD, BOS, EOS = 0, 2, 3
@@ -32,8 +31,7 @@ DOCS = [" ".join(WORDS[i : i + 6]) for i in range(0, 18, 2)]
 
 def bos_tokenizer():
     """A tokenizer that adds ``[BOS]`` in front of every text itself (as Llama's does)."""
-    tok = make_tokenizer(WORDS)
-    tok._tokenizer.post_processor = TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS)])
+    tok = word_tokenizer(WORDS, bos=True)
     assert tok("w1")["input_ids"] == [BOS, tok.convert_tokens_to_ids("w1")]
     return tok
 
@@ -57,7 +55,7 @@ def query_ids(model, tok, cache: GradientCache | None, prompt: str = "w0 w1", co
 
 
 def test_documents_that_begin_with_eos_give_queries_that_do(tmp_path: Path) -> None:
-    tok = make_tokenizer(WORDS)  # adds no special token itself
+    tok = word_tokenizer(WORDS)  # adds no special token itself
     rows = [{"input_ids": [EOS] + words(tok, d) + [EOS]} for d in DOCS]  # bench-dev's encoding
     model, cache = build(tmp_path, "eos", tok, rows)
     record = cache.manifest["documents"]
@@ -79,7 +77,7 @@ def test_documents_that_begin_with_eos_give_queries_that_do(tmp_path: Path) -> N
 
 
 def test_documents_without_a_prefix_keep_the_tokenizer_encoding(tmp_path: Path) -> None:
-    tok = make_tokenizer(WORDS)
+    tok = word_tokenizer(WORDS)
     model, cache = build(tmp_path, "plain", tok, DOCS)  # text rows, tokenized the tokenizer's way
     assert cache.document_prefix == [] and cache.manifest["documents"]["extra_prefix"] == []
     assert query_ids(model, tok, cache) == words(tok, "w0 w1 w2") == query_ids(model, tok, None)
@@ -132,7 +130,7 @@ def test_the_prefix_is_shared_by_every_shard_and_every_rank() -> None:
 
 
 def chat_tokenizer():
-    tok = make_tokenizer(WORDS + ["user", "assistant"])
+    tok = word_tokenizer(WORDS + ["user", "assistant"])
     tok.add_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)],
                    special_tokens=True)  # fmt: skip
     tok.chat_template = (

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import random_token_examples, tiny_gpt2
 
 from hf_grass.attribution import run_attribution_pass
 from hf_grass.config import GraSSConfig
@@ -18,6 +17,7 @@ from hf_grass.data import collate
 from hf_grass.lookups import MultiCheckpointAttributor
 from hf_grass.query import Attributor
 from hf_grass.scoring import ScanResult, scan
+from hf_grass.testing import random_token_examples, tiny_gpt2
 
 VOCAB = 40
 N_TRAIN = 29

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-from _models import make_tokenizer, planted_facts_corpus, tiny_gpt2
 from hub_server import MockHub
 from huggingface_hub import DatasetCard, HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -29,6 +28,7 @@ from hf_grass.attribution import run_attribution_pass
 from hf_grass.cache import CacheError, open_cache
 from hf_grass.cache.hub import is_repo_id
 from hf_grass.scoring import fitted_preconditioner
+from hf_grass.testing import planted_facts_corpus, tiny_gpt2, word_tokenizer
 
 # raised inside huggingface_hub's own LFS upload (``data=fileobj``), not by this code
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -51,7 +51,7 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     tmp = tmp_path_factory.mktemp("hub_caches")
     docs, facts = planted_facts_corpus(n_facts=4, n_filler=12, seed=3)
-    tokenizer = make_tokenizer([w for d in docs for w in d.split()])
+    tokenizer = word_tokenizer([w for d in docs for w in d.split()])
     model = tiny_gpt2(len(tokenizer))
     # as if loaded with from_pretrained: the fingerprint (and so the card) records name and revision
     model.config._name_or_path, model.config._commit_hash = MODEL_NAME, MODEL_REVISION

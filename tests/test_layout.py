@@ -36,6 +36,7 @@ STAGES = [
     ["hf_grass.lookups"],
     ["hf_grass.trainer"],
     ["hf_grass.callbacks"],
+    ["hf_grass.testing"],  # tiny offline models, tokenizer and corpus: imports no stage; the demo uses it
     ["hf_grass.cli"],
     ["hf_grass.evaluation"],
     ["hf_grass"],  # the front door: lazy public names
@@ -55,6 +56,7 @@ MAY_IMPORT_HF = (
     "hf_grass.query",
     "hf_grass.cli",
     "hf_grass.cache.hub",
+    "hf_grass.testing",  # builds tiny transformers models and tokenizers offline
 )
 _MODULE_STRING = re.compile(r"^hf_grass(\.\w+)+$")
 

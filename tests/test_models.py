@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import make_tokenizer, random_token_examples, tiny_gpt2
 from datasets import Dataset
 from torch import nn
 from transformers import (
@@ -31,6 +30,7 @@ from hf_grass.cache.files import CacheError
 from hf_grass.capture import GradientComputer, per_example_loss
 from hf_grass.config import GraSSConfig
 from hf_grass.query import Attributor
+from hf_grass.testing import random_token_examples, tiny_gpt2, word_tokenizer
 
 VOCAB = 40
 RTOL = 1e-5
@@ -250,7 +250,7 @@ def test_user_loss_from_the_callback_and_find_influential(tmp_path: Path) -> Non
 
     # a causal LM through run_attribution_pass and the one-line find_influential
     words = [f"w{i}" for i in range(30)]
-    tok = make_tokenizer(words)
+    tok = word_tokenizer(words)
     lm = tiny_gpt2(len(tok), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).double()
     docs = [" ".join(words[i : i + 5]) for i in range(0, 25, 3)]
     lm_config = config.replace(cache_dir=str(tmp_path / "lm"))

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import make_tokenizer, planted_facts_corpus, random_token_examples, tiny_llama
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
 from hf_grass import AttributionTrainer, GraSSConfig
 from hf_grass.capture import GradientComputer
 from hf_grass.data import collate
+from hf_grass.testing import planted_facts_corpus, random_token_examples, tiny_llama, word_tokenizer
 
 peft = pytest.importorskip("peft")
 # measured: the planted document first for 6/6 facts and in the top 3 for 6/6 (proj_dim=64,
@@ -23,7 +23,7 @@ PEFT_TOP1, PEFT_TOP3 = 4, 5
 
 def test_lora_trained_with_trainer_caches_lora_factors(tmp_path: Path) -> None:
     docs, facts = planted_facts_corpus(n_facts=6, n_filler=18, seed=2)
-    tokenizer = make_tokenizer([w for d in docs for w in d.split()])
+    tokenizer = word_tokenizer([w for d in docs for w in d.split()])
     base = tiny_llama(len(tokenizer), hidden=64)
     model = peft.get_peft_model(
         base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])

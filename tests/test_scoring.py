@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import random_token_examples, tiny_gpt2, tiny_llama
 from test_capture import autograd_gradient
 
 from hf_grass.attribution import AttributionPass, Batching
@@ -23,6 +22,7 @@ from hf_grass.scoring import (
     query_vectors,
     topk_scores,
 )
+from hf_grass.testing import random_token_examples, tiny_gpt2, tiny_llama
 
 VOCAB = 40
 RTOL = 1e-4

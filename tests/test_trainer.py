@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import make_tokenizer, planted_facts_corpus, tiny_gpt2
 from datasets import Dataset
 from transformers import TrainingArguments
 
 from hf_grass import AttributionTrainer, GradientCache, GraSSConfig, find_influential
+from hf_grass.testing import planted_facts_corpus, tiny_gpt2, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("trainer")
     docs, facts = planted_facts_corpus(n_facts=12, n_filler=48, seed=0)
     words = [w for d in docs for w in d.split()]
-    tokenizer = make_tokenizer(words)
+    tokenizer = word_tokenizer(words)
     model = tiny_gpt2(len(tokenizer), n_layer=2, n_embd=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     train = Dataset.from_dict({"text": docs}).map(
         lambda b: tokenizer(b["text"]), batched=True, remove_columns=[]

@@ -29,12 +29,13 @@ from hf_grass._version import __version__
 from hf_grass.attribution.batches import Batching, BatchRunner
 from hf_grass.attribution.plan import ShardBuffer, Step, module_entries, module_specs
 from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
+from hf_grass.cache.manifest import common_prefix
 from hf_grass.cache.writer import CacheWriter, num_shards
 from hf_grass.capture.engine import GradientComputer
 from hf_grass.capture.fingerprint import model_fingerprint
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import loss_name
-from hf_grass.data import ExampleSource, common_prefix, document_encoding
+from hf_grass.data import ExampleSource, document_encoding
 from hf_grass.distributed import Distributed
 from hf_grass.precondition import preconditioner_class
 from hf_grass.precondition.eigenbasis import Eigenbasis

@@ -180,10 +180,6 @@ class FaissIndex:
         _, ids = self.index.search(q, n)
         return torch.from_numpy(ids.astype(np.int64))
 
-    @property
-    def ram_bytes(self) -> int:
-        return int(self.entry["bytes"])
-
 
 def load_index(cache: Any) -> FaissIndex | None:
     """The cache's FAISS index (None when none is built), checked: its sha256, and that it was built

@@ -20,6 +20,7 @@ the content does not depend on how many processes wrote it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -213,6 +214,23 @@ def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def common_prefix(sequences: Sequence[Sequence[int] | None]) -> list[int] | None:
+    """The longest prefix every sequence shares (``None`` if one is unknown or there are none).
+
+    One function for both levels of the documents' prefix: a shard's, from its documents (the
+    attribution pass), and the cache's, from its shards (``merge_document_encoding``).
+    """
+    if not sequences or any(s is None for s in sequences):
+        return None
+    first = list(sequences[0])  # type: ignore[arg-type]
+    length = len(first)
+    for seq in sequences[1:]:
+        seq = list(seq)  # type: ignore[arg-type]
+        length = min(length, len(seq))
+        length = next((i for i in range(length) if seq[i] != first[i]), length)
+    return first[:length]
+
+
 def merge_document_encoding(header: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
     """How the cached documents begin, from the tokenizer's record and every shard's prefix.
 
@@ -227,12 +245,7 @@ def merge_document_encoding(header: dict[str, Any], shards: list[dict[str, Any]]
     """
     out = dict(header)  # the writer's own part must not change
     prefixes = [s.get("prefix") for s in shards if s["rows"] > 0]
-    prefix = None
-    if prefixes and all(isinstance(p, list) for p in prefixes):
-        prefix = list(prefixes[0])
-        for p in prefixes[1:]:
-            size = next((i for i, (a, b) in enumerate(zip(prefix, p)) if a != b), min(len(prefix), len(p)))
-            prefix = prefix[:size]
+    prefix = common_prefix([p if isinstance(p, list) else None for p in prefixes])  # None: unknown
     own, chat = out.get("tokenizer_prefix"), out.get("chat_prefix")
     out["prefix"] = prefix
     out["extra_prefix"] = None

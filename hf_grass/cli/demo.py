@@ -16,7 +16,7 @@ import math
 import shutil
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 DEMO_CORPUS = "demo_data/demo_corpus.jsonl"
 DEMO_FACTS = "demo_data/demo_facts.json"
 _DEMO_MARKER = "hf_grass_demo.json"  # marks a directory the demo may overwrite
-_SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 # Training recipe, measured on this corpus (2-layer, 64-wide GPT-2, 300 documents): 40 epochs
 # recite 30/30 planted facts. Label smoothing keeps the model from becoming certain of what it
 # memorised: at p=1 the gradient of a fact's loss vanishes and its document stops standing out
@@ -73,48 +72,6 @@ def _demo_file(name: str) -> str:
     from importlib.resources import files
 
     return files("hf_grass").joinpath(name).read_text(encoding="utf-8")
-
-
-def _demo_tokenizer(texts: Sequence[str]) -> Any:
-    """A word-level tokenizer over the corpus, built offline: one token per word or punctuation
-    mark, so every fictional name is one token and completions are easy to read."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} - set(_SPECIALS))
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, tidies " ." -> "."
-    # every text starts with [BOS], so a prompt sits at the same positions as in training
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
-
-
-def _demo_model(vocab_size: int) -> Any:
-    """A 2-layer, 64-wide GPT-2 (about 130k parameters), no dropout."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        n_positions=64,
-        vocab_size=vocab_size,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
-    return GPT2LMHeadModel(config)
 
 
 def _prepare_demo_dir(path: Path) -> Path:
@@ -186,8 +143,12 @@ def _run_demo(args: argparse.Namespace, out: Path, plot_path: Path | None) -> in
     def setup() -> tuple[Any, Any, Any]:
         from datasets import Dataset
 
-        tokenizer = _demo_tokenizer([r["text"] for r in rows])
-        model = _demo_model(len(tokenizer))
+        from hf_grass.testing import NO_DROPOUT, tiny_gpt2, word_tokenizer
+
+        # one token per word or punctuation mark, so every invented name is one token and completions
+        # are easy to read; [BOS] in front of every text, so a prompt sits where it did in training
+        tokenizer = word_tokenizer([r["text"] for r in rows], punctuation=True, bos=True)
+        model = tiny_gpt2(len(tokenizer), n_embd=64, n_head=4, **NO_DROPOUT)  # about 130k parameters
         ids = tokenizer([r["text"] for r in rows])["input_ids"]
         train = Dataset.from_list([{**r, "input_ids": i} for r, i in zip(rows, ids)])
         n_params = sum(p.numel() for p in model.parameters())

@@ -12,16 +12,17 @@ training documents continue the fact with filler words, so no query is a trainin
    halves of the corpus, each with ``--seeds-per-subset`` data orders, and record every query's loss
    (averaged over the orders). The runs are spread over ``--workers`` processes.
 3. For factgrass and logra (same ``--proj-dim``), build a gradient cache of the full-data model with
-   ``AttributionTrainer.build_gradient_cache`` (preconditioner ekfac, which also serves kfac and
-   identity; and fim, which needs its own cache), score the queries with ``trainer.attribute`` and
+   ``AttributionTrainer.build_gradient_cache`` (preconditioner ekfac, which also serves kfac;
+   identity and fim, which need their own caches), score the queries with ``trainer.attribute`` and
    compute ``hf_grass.evaluation.lds_per_query`` against the retrained losses.
 
 Run it::
 
-    OMP_NUM_THREADS=1 python examples/lds_benchmark.py --json lds.json
+    OMP_NUM_THREADS=1 python -m benchmarks.lds --json-out lds.json
+    OMP_NUM_THREADS=1 python -m benchmarks.lds --smoke      # tiny sizes: checks the script runs (seconds)
 
-Measured (defaults, seed 0; torch 2.13 CPU build, 2 cores, ``OMP_NUM_THREADS=1``, 2 workers): 6.6
-minutes wall (397 s; 5.1 to 13.5 minutes depending on what else runs on the machine), numbers
+Measured (defaults, seed 0, as ``examples/lds_benchmark.py``, the same code; torch 2.13 CPU build,
+2 cores, ``OMP_NUM_THREADS=1``, 2 workers): 6.6 minutes wall (397 s; 5.1 to 13.5 minutes depending on what else runs on the machine), numbers
 bit-identical between runs. 378 training documents, 40 queries, 64 subsets x 2 data orders, GPT-2
 with 2 layers of width 64 (9 attributed modules, lm_head included), damping 0.1::
 
@@ -50,15 +51,15 @@ row for every compressor and size); EK-FAC beats the per-example block Fisher (f
 compressors, by 0.06-0.12. FactGraSS with EK-FAC is the best row at both sizes. That relies on the
 whitened rows of K-FAC caches (docs/concepts.md): before them, preconditioning only the query and
 then applying the final SJLT gave FactGraSS EK-FAC 0.294 (256) and 0.452 (1024), because the
-projection's error scaled with the raw train gradient. ``identity`` on a K-FAC cache is unbiased but
-noisier than on a cache built with ``preconditioner="identity"``.
+projection's error scaled with the raw train gradient. The ``identity`` rows above were scored on
+the K-FAC cache; the library now refuses that query (whitened rows are not raw gradients), so the
+script builds an identity cache for them.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import multiprocessing
 import random
@@ -70,15 +71,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from benchmarks._common import emit_report, parse_with_smoke
 from hf_grass import AttributionTrainer, GraSSConfig
+from hf_grass.data import collate
 from hf_grass.evaluation import lds_per_query, spearman_rows
+from hf_grass.testing import NO_DROPOUT, PAD_ID, tiny_gpt2, word_tokenizer
 
-SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-PAD_ID = 0
 SYLLABLES = ["ka", "zo", "ri", "mu", "tel", "vas", "quo", "ne", "bri", "lom", "sa", "dex", "fin", "gor"]
 RELATIONS = {
     "color": ["red", "blue", "green", "white", "black", "yellow", "grey", "violet"],
@@ -131,18 +132,6 @@ def make_corpus(n_facts: int, n_filler: int, n_queries: int, seed: int) -> tuple
     return [text for text, _ in docs], queries
 
 
-def make_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over every word of ``texts`` (no Hub download)."""
-    words = sorted({w for t in texts for w in t.split()})
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins word tokens with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
-
-
 def query_rows(tokenizer: PreTrainedTokenizerFast, queries: list[dict]) -> list[dict[str, Any]]:
     """Prompt + answer tokens, with the loss on the answer only (prompt labels are -100)."""
     rows = []
@@ -153,38 +142,7 @@ def query_rows(tokenizer: PreTrainedTokenizerFast, queries: list[dict]) -> list[
     return rows
 
 
-def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Right-padded batch; padding gets label -100 and attention 0."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), PAD_ID)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r.get("labels", r["input_ids"]))
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 # ---- model and training -------------------------------------------------------------------------
-
-
-def model_config(vocab_size: int, n_embd: int, n_layer: int) -> GPT2Config:
-    return GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=32,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=2,
-        resid_pdrop=0.0,  # dropout would make the per-example gradients noisy
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=PAD_ID,
-    )
 
 
 def train(
@@ -215,7 +173,7 @@ def train(
         if len(order) < batch_size:
             order += torch.randperm(len(rows), generator=gen).tolist()
         take, order = order[:batch_size], order[batch_size:]
-        loss = model(**collate([rows[i] for i in take])).loss
+        loss = model(**collate([rows[i] for i in take], PAD_ID)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -246,6 +204,11 @@ def _worker_init() -> None:
 # ---- the benchmark ------------------------------------------------------------------------------
 
 
+# --smoke: every step on a corpus of 24 documents and GPT-2s of 16 wide; seconds, numbers meaningless
+SMOKE = {"n_facts": 12, "n_filler": 12, "n_queries": 4, "subsets": 4, "steps": 4, "batch_size": 8,
+         "n_embd": 16, "n_layer": 1, "proj_dim": [16], "workers": 1}  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-facts", type=int, default=160, help="made-up facts (each stated by 1-3 documents)")
@@ -268,22 +231,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="processes for the retraining runs")
     p.add_argument("--seed", type=int, default=0, help="corpus, initialisation, subsets and projections")
     p.add_argument("--workdir", default=None, help="where the caches go (default: a temporary directory)")
-    p.add_argument("--json", default=None, help="also write the results to this file")
-    return p.parse_args(argv)
+    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     docs, queries = make_corpus(args.n_facts, args.n_filler, args.n_queries, args.seed)
-    tokenizer = make_tokenizer(docs + [q["prompt"] + " " + q["answer"] for q in queries])
+    tokenizer = word_tokenizer(docs + [q["prompt"] + " " + q["answer"] for q in queries])
     # rows carry their text so the cache can show the documents; the ids are what training sees
     train_rows = [{"input_ids": tokenizer(d)["input_ids"], "text": d} for d in docs]
     qrows = query_rows(tokenizer, queries)
-    qbatch = collate(qrows)
-    config = model_config(len(tokenizer), args.n_embd, args.n_layer)
-    torch.manual_seed(args.seed)
-    init = {k: v.clone() for k, v in GPT2LMHeadModel(config).state_dict().items()}
+    qbatch = collate(qrows, PAD_ID)
+    # dropout would make the per-example gradients noisy
+    first = tiny_gpt2(len(tokenizer), args.n_layer, args.n_embd, args.seed, n_positions=32, **NO_DROPOUT)
+    config = first.config
+    init = {k: v.clone() for k, v in first.state_dict().items()}
+    del first
     n_train = len(train_rows)
     hyper = (args.steps, args.batch_size, args.lr)
 
@@ -335,7 +300,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         disable_tqdm=True,
         seed=args.seed,
     )
-    caches = {"ekfac": ["ekfac", "kfac", "identity"]}  # the ekfac statistics also give kfac
+    # the ekfac statistics also give kfac; identity needs raw (unwhitened) rows, so a cache of its own
+    caches = {"ekfac": ["ekfac", "kfac"], "identity": ["identity"]}
     if not args.no_fim:
         caches["fim"] = ["fim"]
     results = []
@@ -382,7 +348,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "n_params": sum(p.numel() for p in model.parameters()),
             "full_model_query_loss": float(full_losses.mean()),
             "subset_query_loss": float(subset_losses.mean()),
-            **{k: v for k, v in vars(args).items() if k not in ("json", "workdir")},
+            **{k: v for k, v in vars(args).items() if k not in ("json_out", "workdir")},
         },
         "reference": reference,
         "results": results,
@@ -430,12 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out = run(args, Path(tmp))
     else:
         out = run(args, Path(args.workdir))
-    print(json.dumps(out))
-    print()
     print_table(out)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return emit_report(out, args.json_out)
 
 
 if __name__ == "__main__":

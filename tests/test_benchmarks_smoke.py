@@ -1,0 +1,156 @@
+"""Every script in ``benchmarks/`` runs: each in its ``--smoke`` mode (tiny sizes, seconds) as a
+subprocess, as a user would run it, and its JSON report has the keys the docs and the figures read,
+with finite numbers. The numbers themselves mean nothing at these sizes; this catches a script that
+an API change broke (the LDS benchmark was broken that way before this test existed).
+
+What CI lacks is stood in for: ``quality`` runs on ``benchmarks/_bench_stand_in.py``'s tiny
+benchmarks instead of bench-dev (and without kronfluence), ``real_model`` on a tiny untrained Llama
+instead of the SmolLM2 wheel, ``index`` and ``batched`` on the rows of ``real_rows --smoke``.
+``gpu_kernels`` needs CUDA: without it the script must say there is nothing to time and exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
+TESTED = {"attribution_pass", "batched", "compress", "during_pass", "gpu_kernels", "index", "lds", "quality",
+          "query", "real_model", "real_rows"}  # fmt: skip
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    # the timeout only stops a hung script; the runs take seconds
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, f"benchmarks.{name} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def smoke(name: str, tmp: Path, *args: str) -> dict[str, Any]:
+    """Run ``benchmarks.<name> --smoke``; its JSON report, which must name the commit it ran at."""
+    out = tmp / f"{name}.json"
+    run_script(name, "--smoke", "--json-out", str(out), *args)
+    report = json.loads(out.read_text())
+    assert set(report["git"]) == {"commit", "dirty"}
+    return report
+
+
+def finite(*values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def test_every_benchmark_script_has_a_smoke_test() -> None:
+    assert SCRIPTS == TESTED, f"add a smoke test for {sorted(SCRIPTS - TESTED)}"
+
+
+def test_compress(tmp_path: Path) -> None:
+    report = smoke("compress", tmp_path)
+    assert {b["compressor"] for b in report["blocks"]} >= {"factgrass", "factgrass-eigen", "logra", "sjlt"}
+    assert all(finite(b["block_tokens_per_s"]) and b["block_tokens_per_s"] > 0 for b in report["blocks"])
+    assert set(report["goal"]) == {"target", "k", "ratio", "met"}
+
+
+def test_attribution_pass(tmp_path: Path) -> None:
+    report = smoke("attribution_pass", tmp_path)
+    kinds = {r["kind"] for r in report["results"]}
+    assert kinds == {"full", "activation", "factgrass", "ekfac", "ekfac-warmup"}
+    assert all(finite(r["median_s"], r["tokens_per_s"], r["x_full"], r["cpu_median_s"]) for r in report["results"])
+
+
+def test_query(tmp_path: Path) -> None:
+    report = smoke("query", tmp_path)
+    variants = {m["variant"] for m in report["measurements"]}
+    assert {"stream (library)", "stream (library, cold)", "numpy fp32 in RAM", "torch fp32 in RAM"} <= variants
+    assert all(finite(m["median_s"], m["rows_per_s"], m["x_numpy_fp32"]) for m in report["measurements"])
+    assert [r["rows"] for r in report["rss"]] == [1024, 2048]
+    assert all(finite(r["scan_peak_increase_mb"]) for r in report["rss"])
+    assert [g["n_query"] for g in report["goals"]] == [1, 4] and report["rss_goal"]["met"] in (True, False)
+
+
+def test_during_pass(tmp_path: Path) -> None:
+    report = smoke("during_pass", tmp_path)
+    assert finite(report["median_wall_s"]["build"], report["median_wall_s"]["during"])
+    assert finite(report["ratio_during_over_build"], report["max_relative_score_difference"])
+    # the benchmark's own check: scoring during the pass gives the lists of querying the cache
+    assert report["identical_top"] is True and report["identical_bottom"] is True
+
+
+@pytest.fixture(scope="module")
+def rows_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``real_rows --smoke``: the real rows ``index`` and ``batched`` measure, built once."""
+    out = tmp_path_factory.mktemp("rows")
+    run_script("real_rows", "--smoke", "--out", str(out))
+    return out
+
+
+def test_real_rows(rows_dir: Path) -> None:
+    info = json.loads((rows_dir / "rows_info.json").read_text())
+    assert info["rows"] == info["docs"] == 1024 and info["dim"] == 8 * 32 and info["queries"] == 16
+    assert finite(info["pass_s"], info["pass_tokens_per_s"], info["final_train_loss"], info["cache_bytes"])
+    assert set(info["git"]) == {"commit", "dirty"}
+    assert (rows_dir / "queries.safetensors").is_file() and (rows_dir / "cache" / "manifest.json").is_file()
+
+
+def test_index(rows_dir: Path, tmp_path: Path) -> None:
+    report = smoke("index", tmp_path, "--rows-dir", str(rows_dir), "--work", str(tmp_path / "work"))
+    assert all(finite(v) for v in report["diagnosis"].values())
+    assert {k["kind"] for k in report["choice"]["kinds"]} == {"flat", "ivfpq", "hnsw", "ivfpq (no shortlist)"}
+    for section in ("choice", "real", "random"):
+        for kind in report[section]["kinds"]:
+            assert finite(kind["build_s"], kind["index_bytes"], kind["index_fraction_of_cache"])
+            for row in kind["settings"]:
+                assert 0 <= row["recall_top"] <= 1 and 0 <= row["recall_bottom"] <= 1
+                assert finite(row["median_latency_ms"], row["x_faster_than_exact"])
+    assert report["real_goals"] and report["random_goals"]
+
+
+def test_batched(rows_dir: Path, tmp_path: Path) -> None:
+    report = smoke("batched", tmp_path, "--rows-dir", str(rows_dir), "--work", str(tmp_path / "work"))
+    assert report["settings"]["rows"] == 1024 and report["settings"]["n_query"] == 16
+    assert finite(report["stream_x_mm"], *report["rows_per_s"].values())
+    assert len(report["rss"]) == 2 and all(finite(r["increase_mb"], r["seconds"]) for r in report["rss"])
+
+
+def test_lds(tmp_path: Path) -> None:
+    report = smoke("lds", tmp_path)
+    cells = {(r["compressor"], r["preconditioner"]) for r in report["results"]}
+    assert cells == {(c, p) for c in ("factgrass", "logra") for p in ("ekfac", "kfac", "identity", "fim")}
+    assert all(finite(r["lds"], r["cache_s"], r["score_s"]) for r in report["results"])
+    assert finite(report["reference"]["planted_fact_docs_lds"], report["reference"]["seed_agreement"])
+    assert finite(report["setup"]["full_model_query_loss"], report["setup"]["subset_query_loss"])
+
+
+def test_quality(tmp_path: Path) -> None:
+    report = smoke("quality", tmp_path)  # bench-dev's stand-ins; no kronfluence
+    rows = {r["bench"]: r for r in report["results"]}
+    assert set(rows) == {"tinylm", "fact_tracing", "digits_mlp"}
+    assert set(rows["fact_tracing"]["metrics"]) == {
+        "recall@1", "recall@10", "find_influential recall@1", "find_influential recall@10"
+    }  # fmt: skip
+    assert all(finite(*r["metrics"].values(), r["bytes_per_document"], r["pass_s"]) for r in rows.values())
+
+
+def test_real_model(tmp_path: Path) -> None:
+    report = smoke("real_model", tmp_path)  # a tiny untrained Llama in place of SmolLM2
+    assert finite(report["cache"]["bytes_per_document"], report["cache"]["tokens_per_s"])
+    assert finite(report["speed"]["ratio"], report["speed"]["warmup_s"], report["speed"]["after_warmup_ratio"])
+    assert set(report["facts"]) == {"queries", "exact", "bm25", "index+bm25", "bm25 alone"}
+    assert all(0 <= report["facts"][s]["recall@1"] <= 1 for s in ("exact", "bm25", "index+bm25", "bm25 alone"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: gpu_kernels times for real (a GPU check)")
+def test_gpu_kernels_without_cuda_has_nothing_to_time() -> None:
+    proc = run_script("gpu_kernels", "--quick")
+    assert "CUDA is not available on this machine; nothing to benchmark" in proc.stdout
