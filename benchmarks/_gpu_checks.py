@@ -97,7 +97,7 @@ def tiny_gpt2(device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=512, n_positions=256,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")

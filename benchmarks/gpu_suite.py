@@ -12,12 +12,17 @@ to run long, last):
 5. ``llama_build``: a Llama-3.1-8B-shaped model, random bf16 weights, built on the GPU.
 6. ``llama_plain``: tokens/s of a plain forward + backward (every parameter requires grad).
 7. ``llama_compression``: FactGraSS (input masks) against LoGra at each k, the seed's table.
-8. ``llama_default_pass``: ``run_attribution_pass`` with ``GraSSConfig()``, warm-up timed apart.
+8. ``llama_default_pass``: ``run_attribution_pass`` with ``GraSSConfig()``, warm-up timed apart,
+   beside a plain forward + backward at the same depth. The warm-up's eigendecompositions grow
+   with the depth, so unless ``--pass-layers`` is given the pass first runs on 2 layers (the
+   probe) and then on the most layers the budget left allows (all 32 if it fits).
 
 Every section runs in its own try/except and under an alarm at its cap or the global budget
 (``--budget-s``), whichever comes first; a section that would start past the budget is recorded
 as skipped. The JSON is rewritten after every section (and after each measurement inside the long
-ones), so a run cut short still leaves its numbers.
+ones), so a run cut short still leaves its numbers. When the Triton checks raise or give garbage,
+the later sections run with ``HF_GRASS_KERNELS=torch`` (recorded in the settings), since a kernel
+failure would otherwise stop every Llama measurement.
 
     PYTHONPATH=. python -m benchmarks.gpu_suite --out DIR               # on one GPU, < 8 minutes
     PYTHONPATH=. python -m benchmarks.gpu_suite --out DIR --pass-layers 8   # a shallower warm-up
@@ -54,7 +59,7 @@ from benchmarks._gpu_report import markdown, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 # seconds each section may take at most on the GPU (the budget may cut it shorter)
-CAPS = {"kernels": 75, "process_group": 90, "padding": 60, "llama_build": 90, "llama_plain": 60,
+CAPS = {"kernels": 90, "process_group": 90, "padding": 60, "llama_build": 90, "llama_plain": 60,
         "llama_compression": 150}  # fmt: skip
 MIN_START_S = 5.0  # a section that would start with less budget left is skipped
 
@@ -203,6 +208,24 @@ def environment(device: torch.device, results: dict[str, Any]) -> None:
         )
 
 
+def triton_broken(section: dict[str, Any]) -> str | None:
+    """Why the Triton path cannot be used for the rest of the run (it raised, timed out or gave
+    garbage), or None. A small mismatch is reported, not acted on."""
+    if section.get("status") == "skipped":
+        return None
+    if section.get("status") != "ok":
+        return f"the kernels section ended with {section.get('status')}: {section.get('error')}"
+    res = section["results"]
+    entries = [*res.get("kernel_cases", []), *res.get("pass_rows", {}).values(), res.get("default_cache", {})]
+    for entry in entries:
+        if "error" in entry:
+            return f"a kernel check raised: {entry['error'][:300]}"
+        for key, value in entry.items():
+            if key.endswith(("rel_err", "_rel")) and not value <= 1e-2:  # also NaN
+                return f"{key}={value} in {entry.get('kernel', '')} {entry.get('module', '')}".strip()
+    return None
+
+
 def _importable(name: str) -> bool:
     import importlib.util
 
@@ -341,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         suite.run("environment", lambda r: environment(device, r), None)
     if want("kernels"):
         suite.run("kernels", lambda r: kernels_section(device, r, suite.save), caps["kernels"])
+        broken = triton_broken(suite.report["sections"]["kernels"])
+        if broken:  # the Llama sections would fail with it (a kernel failure raises): measure torch's path
+            os.environ["HF_GRASS_KERNELS"] = "torch"
+            settings["kernels_forced_torch"] = broken
+            print(f"[gpu_suite] HF_GRASS_KERNELS=torch from here on: {broken}", flush=True)
     if want("process_group"):  # a child process, killed at its deadline (no alarm can stop NCCL)
 
         def child(results: dict[str, Any]) -> None:
