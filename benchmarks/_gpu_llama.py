@@ -153,7 +153,9 @@ def plain_forward_backward(model: nn.Module, run: LlamaRun, batch: dict[str, tor
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # no KV cache: a training step builds none (the pass does, until it passes use_cache=False)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits = out.logits
         per_example_loss(logits, batch["labels"], "sum", batch["attention_mask"]).sum().backward()
 
     reset_peak(device)
