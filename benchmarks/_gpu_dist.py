@@ -67,7 +67,7 @@ def build_and_query(
         build_s = time.perf_counter() - start
         attributor = Attributor(model, None, cache, search="exact")
         dense = attributor.attribute(queries)
-        lists = attributor.attribute(queries, k=5)
+        lists = attributor.attribute_top_k(queries, 5)
         return {
             "rows": cache.load(),
             "dense": dense.double().cpu(),

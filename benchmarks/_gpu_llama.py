@@ -201,7 +201,7 @@ def computer_rate(
         seconds = time_calls(lambda: computer.compute(batch, request), device, run.warmup, run.repeats)
     out = rate(batch["input_ids"].numel(), seconds)
     out.update(
-        peak_gib=peak_gib(device), setup_s=setup, row_dim=computer.total_dim, modules=len(computer.targets)
+        peak_gib=peak_gib(device), setup_s=setup, row_dim=computer.row_dim, modules=len(computer.targets)
     )
     return out
 
@@ -346,8 +346,8 @@ def default_pass(model: nn.Module, run: LlamaRun, results: dict[str, Any], save:
     results["pass_layers"] = model.config.num_hidden_layers
     hooks = [
         (runner_module.AttributionPass, "warmup", _timed(timings, "warmup", device, reset=True)),
-        (runner_module, "fit_rotated_masks", _timed(timings, "warmup_fit_rotated_masks", device)),
-        (runner_module, "fit_eigenbasis", _timed(timings, "warmup_fit_eigenbasis", device)),
+        (runner_module, "fit_eigen_masks", _timed(timings, "warmup_fit_eigen_masks", device)),
+        (runner_module, "fit_masked_basis", _timed(timings, "warmup_fit_masked_basis", device)),
         (batches_module.BatchRunner, "encoded", _stepwise(steps, device)),
     ]
     reset_peak(device)

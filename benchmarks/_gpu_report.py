@@ -108,8 +108,8 @@ def _llama_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"| default pass (GraSSConfig()), steady state | {_f(steady)} | | {_f(dp.get('peak_gib_main'))} "
                  f"| time {_f(ratio)}x plain (target <= 1.3x); {dp.get('steady_steps', 0)} steps |")  # fmt: skip
     warm = dp.get("timings", {}).get("warmup", {})
-    fit = dp.get("timings", {}).get("warmup_fit_rotated_masks", {}) or dp.get("timings", {}).get(
-        "warmup_fit_eigenbasis", {}
+    fit = dp.get("timings", {}).get("warmup_fit_eigen_masks", {}) or dp.get("timings", {}).get(
+        "warmup_fit_masked_basis", {}
     )
     lines.append(f"| default pass warm-up | {_f(warm.get('seconds'))} s | | {_f(warm.get('peak_gib'))} "
                  f"| of which the eigendecompositions {_f(fit.get('seconds'))} s; {dp.get('pass_layers')} layers |")  # fmt: skip
