@@ -34,6 +34,7 @@ import torch
 
 from benchmarks._common import cpu_name, emit_report, parse_with_smoke, time_interleaved
 from hf_grass.compressors import Compressor, make_compressor
+from hf_grass.compressors.factor_maps import EigenMap
 from hf_grass.config import COMPRESSORS, GraSSConfig
 
 # (name, d_in without the bias column, d_out) of one GPT-2 small block
@@ -165,11 +166,9 @@ def bench_module(module: str, d_in: int, d_out: int, k: int, args: argparse.Name
         calls[name] = lambda comp=comp, xs=xs, ds=ds: comp.compress(xs, ds)
         if name == "factgrass" and args.eigen:
             eigen = make_compressor(config, f"h.0.{module}", d_in=width, d_out=d_out, bias=bias)
-            eigen.set_basis(  # type: ignore[attr-defined]
-                torch.linalg.qr(torch.randn(width, eigen.m_in, generator=gen))[0],  # type: ignore[attr-defined]
-                torch.linalg.qr(torch.randn(d_out, eigen.m_out, generator=gen))[0],  # type: ignore[attr-defined]
-                1.0,
-                1.0,
+            eigen.set_maps(  # type: ignore[attr-defined]
+                EigenMap(torch.linalg.qr(torch.randn(width, eigen.m_in, generator=gen))[0], 1.0),  # type: ignore[attr-defined]
+                EigenMap(torch.linalg.qr(torch.randn(d_out, eigen.m_out, generator=gen))[0], 1.0),  # type: ignore[attr-defined]
             )
             results.append(Measurement(k=k, compressor="factgrass-eigen", module=module, d_in=width, d_out=d_out, seq=seq))
             calls["factgrass-eigen"] = lambda comp=eigen: comp.compress(x, delta)

@@ -24,7 +24,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
-TESTED = {"attribution_pass", "batched", "compress", "during_pass", "gpu_kernels", "index", "lds", "quality",
+TESTED = {"gpu_suite",  # tests/test_gpu_suite.py runs its --dry-run
+          "attribution_pass", "batched", "compress", "during_pass", "gpu_kernels", "index", "lds", "quality",
           "query", "real_model", "real_rows"}  # fmt: skip
 
 

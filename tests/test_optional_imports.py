@@ -26,20 +26,20 @@ CHILD = textwrap.dedent(
 
     import tempfile
 
-    from _models import make_tokenizer, tiny_gpt2
+    from hf_grass.testing import tiny_gpt2, word_tokenizer
 
     from hf_grass import AttributionTrainer, GraSSCallback, GraSSConfig, find_influential
     from hf_grass.attribution import run_attribution_pass
 
     words = [f"w{i}" for i in range(40)]
-    tok = make_tokenizer(words)
+    tok = word_tokenizer(words)
     model = tiny_gpt2(len(tok))
     texts = [" ".join(words[i : i + 6]) for i in range(0, 30, 3)]
     cache = run_attribution_pass(model, texts, GraSSConfig(cache_dir=tempfile.mkdtemp()), tokenizer=tok,
                                  batch_size=4, disable_progress=True)
     result = find_influential(texts[2], model=model, tokenizer=tok, cache=cache, completion=" w9",
                               k=3, search="exact")
-    assert len(result.documents) == 3, result
+    assert result.documents or result.harmful, result  # helpful > 0 and harmful < 0 only
     loaded = [n for n in BLOCKED if sys.modules.get(n) is not None]
     assert not loaded, loaded
     print("OK", AttributionTrainer.__name__, GraSSCallback.__name__)
