@@ -227,7 +227,7 @@ class BatchRunner:
             if name not in rotated:  # never reached by the forward: zero gradient
                 continue
             scaled = whiten_train(basis, name, rotated[name])
-            rows[:, start:stop] += computer.compressors[name].project_factor(scaled)  # type: ignore[attr-defined]
+            rows[:, start:stop] += computer.project_factor(name, scaled).to(rows.device)
         return rows
 
     # ---- batches ----------------------------------------------------------------------------------
