@@ -25,6 +25,7 @@ from hf_grass.testing import random_token_examples, tiny_gpt2
 
 pytestmark = pytest.mark.multiprocess
 WORKER = Path(__file__).with_name("dist_worker.py")
+RESUME_WORKER = Path(__file__).with_name("dist_resume_worker.py")
 
 
 def free_port() -> int:
@@ -42,13 +43,13 @@ def launch(out: Path, *extra: str) -> dict:
     return json.loads((out / "info.json").read_text())
 
 
-def launch_failing(out: Path, *extra: str, limit: int = 240) -> tuple[int, str]:
-    """A run expected to fail: (exit status, output). ``limit`` seconds is the hang detector (a
+def launch_failing(out: Path, *extra: str, limit: int = 240, worker: Path = WORKER) -> tuple[int, str]:
+    """A run that may fail or hang: (exit status, output). ``limit`` seconds is the hang detector (a
     deadlocked job never ends); a hung job gets SIGTERM, which torchrun passes on to its workers
     (each in its own session), and then SIGKILL, workers included."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(WORKER), "--out", str(out), *extra]  # fmt: skip
+           str(worker), "--out", str(out), *extra]  # fmt: skip
     log = out.parent / f"{out.name}.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -156,3 +157,29 @@ def test_zero3_one_bad_example_stops_every_rank_with_one_message(tmp_path: Path,
     assert first == second
     assert first.startswith(f"rank 1 of 2: non-finite {what} for training example index 13 (all: [13])")
     assert "rank 0 of 2" not in first and "Every process of the ZeRO-3 job stops" in first
+
+
+def test_plain_ddp_one_bad_example_stops_every_rank(tmp_path: Path) -> None:
+    """Without ZeRO-3 each rank runs its own forwards: example 13 (shard 3, rank 1) fails on rank 1
+    alone, and rank 0 must learn it at its next shard boundary (it used to finish its shards and
+    wait at the final barrier, or end without error). Both ranks raise the same error."""
+    out = tmp_path / "bad"
+    status, output = launch_failing(out, "--poison", "13", "--poison-at", "forward")
+    assert status != 0, output[-3000:]
+    errors = [out / f"error-rank{r}.txt" for r in range(2)]
+    assert all(e.exists() for e in errors), output[-4000:]
+    first, second = (e.read_text() for e in errors)
+    assert first == second
+    assert first.startswith("rank 1 of 2: non-finite loss for training example index 13 (all: [13])")
+    assert "rank 0 of 2" not in first and "Every process of the job stops here" in first
+
+
+def test_resume_with_ranks_that_disagree_on_the_warm_up(tmp_path: Path) -> None:
+    """After a crash between rank 0's and rank 1's record of the eigenbasis, rank 0 finds it and rank
+    1 does not: they decide together (both run the warm-up again, which gives the same basis), so
+    the resumed job ends, complete, with the rows of the first build."""
+    out = tmp_path / "resume"
+    out.mkdir()
+    status, output = launch_failing(out, worker=RESUME_WORKER)
+    assert status == 0, output[-4000:]
+    assert json.loads((out / "info.json").read_text()) == {"complete": True, "rows_equal": True}

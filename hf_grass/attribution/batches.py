@@ -6,11 +6,14 @@ through the same code, so a row scored during a pass is bit-identical to the row
 A batch: forward + backward of the examples with supervised tokens, under the capture hooks; the
 rows whitened in the warm-up's eigenbasis (K-FAC caches), checked (finite, fits the storage dtype),
 encoded in the storage dtype, with their exact norms. Under ZeRO-3 every rank runs as many forwards
-as the busiest one (``lockstep``) and all ranks agree on an error before raising it.
+as the busiest one (``lockstep``) and all ranks agree on an error before raising it. In other
+multi-process runs the ranks agree where their collectives are (``together``, ``raise_together``):
+an error on one rank then ends every rank instead of leaving the others at a barrier.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,13 +27,22 @@ from hf_grass.cache.writer import encode_rows
 from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteError, context_length, is_zero3
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import supervised_tokens
-from hf_grass.compressors.base import FactorisedCompressor
 from hf_grass.data import ExampleSource, collate, is_lm_example, pad_token_id, padding_side
 from hf_grass.distributed import Distributed
 from hf_grass.precondition.eigenbasis import Eigenbasis
 from hf_grass.precondition.statistics import StatsAccumulator
 
 logger = logging.getLogger("transformers.hf_grass")
+
+
+class AgreedError(ValueError):
+    """An error every rank of a multi-process pass raises together (its message names the ranks
+    that failed and what each reported)."""
+
+
+def describe(err: BaseException) -> str:
+    """What a rank reports of its error (the type is implied for a ValueError: bad input)."""
+    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
 
 
 def nonfinite_message(what: str, bad: list[int]) -> str:
@@ -231,6 +243,41 @@ class BatchRunner:
         if problem is not None:
             raise ValueError(problem)
 
+    @property
+    def agreeing(self) -> bool:
+        """Rank-local errors are agreed at shard boundaries: a multi-process run whose forwards are
+        not collective (under lockstep every batch agrees already, and an agreement between two
+        collective forwards would interleave with them)."""
+        return self.dist.active and not self.lockstep
+
+    def raise_together(self, problem: str | None) -> None:
+        """Every rank calls this at the same point: if any rank has a ``problem``, all raise
+        ``AgreedError`` with every rank's (alone, ``ValueError(problem)``). One all-reduce of one
+        number when no rank failed, which is also a barrier."""
+        if self.dist.active:
+            problem = self.dist.agree_on_error(problem)
+            if problem is not None:
+                raise AgreedError(problem + ". Every process of the job stops here.")
+        if problem is not None:
+            raise ValueError(problem)
+
+    @contextlib.contextmanager
+    def together(self, active: bool = True) -> Iterator[None]:
+        """The block on every rank, then ``raise_together``: an error on one rank is raised on all.
+        Collectives inside the block must be ``raise_together`` calls made as often on every rank
+        (never under lockstep between collective forwards). A no-op when not ``active``."""
+        if not (active and self.dist.active):
+            yield
+            return
+        try:
+            yield
+        except AgreedError:
+            raise
+        except Exception as err:
+            self.raise_together(describe(err))
+            raise  # not reached: a problem is always raised
+        self.raise_together(None)
+
     def whitened_rows(self, basis: Eigenbasis, rotated: dict[str, torch.Tensor]) -> torch.Tensor:
         """Train rows of a K-FAC cache: per module ``S (whiten * R G')`` -> ``[B, dim]`` fp32."""
         computer = self.computer
@@ -239,9 +286,7 @@ class BatchRunner:
         for name, (start, stop) in computer.offsets.items():
             if name not in rotated:  # never reached by the forward: zero gradient
                 continue
-            comp = computer.compressors[name]
-            assert isinstance(comp, FactorisedCompressor)
-            rows[:, start:stop] += comp.project_factor(basis.whiten_train(name, rotated[name]))
+            rows[:, start:stop] += computer.project_factor(name, basis.whiten_train(name, rotated[name])).to(rows.device)
         return rows
 
     # ---- batches ----------------------------------------------------------------------------------

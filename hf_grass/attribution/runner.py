@@ -97,30 +97,56 @@ class AttributionPass(BatchRunner):
             basis = self.warmup(writer) if self.preconditioner.whitens_rows else None
             if basis is not None:
                 basis.attach(self.computer.compressors)  # masks in the eigenbasis: their maps
-            stats = self._statistics(writer, basis)
-            mine = self.my_shards(num_shards(n, self.config.shard_size))
-            todo = [s for s in mine if s not in writer.completed]
-            damaged = writer.damaged_shards(verify=verify_existing)
-            if damaged:
-                logger.warning("Gradient cache %s: recomputing damaged shards %s.", self.cache_dir, damaged)
-            if len(todo) < len(mine):
-                logger.info(
-                    "Gradient cache %s: %d of %d shards done, resuming.",
-                    self.cache_dir,
-                    len(mine) - len(todo),
-                    len(mine),
-                )
-            # damaged shards (missing or corrupt files) first: recomputed with the same request, their rows
-            # come out bit-identical, but their examples are not counted in the statistics again
-            self._write_shards(writer, self.plan(damaged + todo, repair=damaged), basis, stats)
-            writer.finish(complete=True)
-            self.dist.barrier()
-            if self.dist.world_size > 1 and self.dist.rank == 0:
-                writer.merge()
-            self.dist.barrier()
+            # each rank resumes from its own files: a failure there must stop the others too
+            with self.together():
+                stats, plan = self._resume(writer, basis, verify_existing)
+            self._write_agreed(writer, plan, basis, stats)
+            with self.together():  # agreeing is a barrier too: rank 0 merges once every part is complete
+                writer.finish(complete=True)
+            with self.together():
+                if self.dist.world_size > 1 and self.dist.rank == 0:
+                    writer.merge()
         finally:
             writer.close()
         return self.cache_dir
+
+    def _resume(
+        self, writer: CacheWriter, basis: Eigenbasis | None, verify_existing: bool
+    ) -> tuple[StatsAccumulator | None, list[Step]]:
+        """This rank's statistics and plan: its shards not yet written, damaged ones first."""
+        stats = self._statistics(writer, basis)
+        mine = self.my_shards(num_shards(len(self.source), self.config.shard_size))
+        todo = [s for s in mine if s not in writer.completed]
+        damaged = writer.damaged_shards(verify=verify_existing)
+        if damaged:
+            logger.warning("Gradient cache %s: recomputing damaged shards %s.", self.cache_dir, damaged)
+        if len(todo) < len(mine):
+            logger.info(
+                "Gradient cache %s: %d of %d shards done, resuming.",
+                self.cache_dir,
+                len(mine) - len(todo),
+                len(mine),
+            )
+        # damaged shards (missing or corrupt files) first: recomputed with the same request, their rows
+        # come out bit-identical, but their examples are not counted in the statistics again
+        return stats, self.plan(damaged + todo, repair=damaged)
+
+    def _write_agreed(
+        self,
+        writer: CacheWriter,
+        plan: list[Step],
+        basis: Eigenbasis | None,
+        stats: StatsAccumulator | None,
+    ) -> None:
+        """``_write_shards``; in a multi-process run without lockstep the ranks agree after every
+        shard, each as many times as the busiest rank: an error on one rank ends the others at
+        their next shard boundary, not at the final barrier."""
+        agreeing, mine = self.agreeing, sum(step.last for step in plan)
+        boundaries = self.dist.max_int(mine) if agreeing else 0
+        with self.together(agreeing):
+            self._write_shards(writer, plan, basis, stats)
+            for _ in range(boundaries - mine):  # a rank with fewer shards
+                self.raise_together(None)
 
     def _write_shards(
         self,
@@ -160,6 +186,8 @@ class AttributionPass(BatchRunner):
                 prefix=common_prefix(buffer.leads),
             )
             buffer, truncated_before = ShardBuffer(), self.source.truncated
+            if self.agreeing:  # did another rank fail?
+                self.raise_together(None)
 
     def _shard_scales(self, buffer: ShardBuffer) -> torch.Tensor | None:
         if self.config.torch_dtype != torch.int8:
@@ -172,11 +200,18 @@ class AttributionPass(BatchRunner):
         """The K-FAC eigenbasis (and row whitening) from the covariances of the first
         ``ekfac_sample_size`` examples; reused from the cache folder on resume."""
         entry, path = writer.eigenbasis_entry(), writer.eigenbasis_path
-        if entry is not None and path.exists():
-            if sha256_file(path) != entry["sha256"]:
-                raise CacheError(
-                    f"{path} does not match its checksum; delete the cache directory and rebuild"
-                )
+        found = entry is not None and path.exists()
+        # every rank takes the same branch, decided together: a rank that skipped the warm-up
+        # while another ran it would leave that one waiting in the warm-up's collectives (e.g. a
+        # resume after a crash between two ranks recording the basis)
+        damaged = found and sha256_file(path) != entry["sha256"]  # type: ignore[index]
+        try:
+            self.raise_together(
+                f"{path} does not match its checksum; delete the cache directory and rebuild" if damaged else None
+            )
+        except ValueError as err:
+            raise CacheError(str(err)) from None
+        if self.dist.max_int(0 if found else 1) == 0:
             return Eigenbasis.from_tensors({k: v.clone() for k, v in mmap_tensors(path).items()})
         # rank 0 alone runs the warm-up sample and fits the basis, in the same batches as a single
         # process would: the basis (which rotates the stored rows) is then bit-identical for any
@@ -192,7 +227,9 @@ class AttributionPass(BatchRunner):
             sums = StatsAccumulator(self.specs, frozenset({"covariances"}), device=self.computer.device)
             request = CaptureRequest(rows=False, covariances=True)
         batches = [sample[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
-        with self.computer.session(), self.progress(n, "hf-grass: fitting K-FAC eigenbasis") as bar:
+        # rank 0 alone computes (unless in lockstep): its error must reach the ranks waiting to reduce
+        warming = self.progress(n, "hf-grass: fitting K-FAC eigenbasis")
+        with self.together(self.agreeing), self.computer.session(), warming as bar:
             for idx in self.lockstep_steps(batches):
                 batch = self.compute(idx, request) if idx is not None else None
                 if idx is not None:
@@ -205,15 +242,17 @@ class AttributionPass(BatchRunner):
                     sums.new_batch(len(batch.indices))  # the hooks added the batch's covariances
                 else:
                     sums.update(batch.grads)
-        if self.dist.rank == 0:
-            damping = self.config.whitening_damping
-            if isinstance(sums, WarmupCovariances):
-                basis = fit_eigen_masks(self.computer.compressors, sums, damping)  # type: ignore[arg-type]
-            else:
-                basis = fit_masked_basis(self.specs, sums.sums, damping)
-            del sums  # the covariances are not needed past the fit
-            save_tensors(path, basis.to_tensors())
-        self.dist.barrier()
+        # rank 0 fits and writes the basis; an error there must reach the ranks waiting for its file
+        # (no collective forward runs here, so this agreement is safe under lockstep too)
+        with self.together(self.dist.active):
+            if self.dist.rank == 0:
+                damping = self.config.whitening_damping
+                if isinstance(sums, WarmupCovariances):
+                    basis = fit_eigen_masks(self.computer.compressors, sums, damping)  # type: ignore[arg-type]
+                else:
+                    basis = fit_masked_basis(self.specs, sums.sums, damping)
+                del sums  # the covariances are not needed past the fit
+                save_tensors(path, basis.to_tensors())
         writer.record_eigenbasis(sha256_file(path))
         # every rank uses rank 0's file, so the basis is bit-identical across processes
         return Eigenbasis.from_tensors({k: v.clone() for k, v in mmap_tensors(path).items()})

@@ -3,7 +3,12 @@
 It owns the target modules, their compressors and the hooks. ``session()`` puts the model in
 attribution mode for the duration of a pass: eval mode (no dropout), every parameter's
 ``requires_grad`` switched off (so the backward computes activation gradients only, never weight
-gradients) and the hooks attached; all of it is restored afterwards.
+gradients), the output of the input embeddings made to require grad (so that reentrant activation
+checkpointing, which back-propagates only into inputs that require grad, still reaches every
+checkpointed block) and the hooks attached; all of it is restored afterwards.
+
+Each compressor lives on its module's device (a ``device_map`` model spreads them over devices);
+``compute`` gathers every module's results on ``device``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import nn
 
 from hf_grass.capture.hooks import CaptureRequest, GradientCapture
 from hf_grass.capture.loss import PerExampleLoss, check_losses, model_logits, per_example_loss
-from hf_grass.capture.targets import TargetModule, find_target_modules
+from hf_grass.capture.targets import CHECKPOINT_WRAPPED, TargetModule, find_target_modules
 from hf_grass.compressors import compressor_class, make_compressor
 from hf_grass.compressors.base import Compressor
 from hf_grass.config import GraSSConfig
@@ -51,7 +56,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     Module names seed the projections, so they must be the same in every process and launcher.
     """
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = (
+            getattr(model, "module", None)
+            or getattr(model, "_orig_mod", None)
+            or getattr(model, CHECKPOINT_WRAPPED, None)  # a whole model in a CheckpointWrapper
+        )
         if isinstance(inner, nn.Module):
             model = inner
         else:
@@ -86,6 +95,41 @@ def _factor_space_fits(config: GraSSConfig, targets: list[TargetModule]) -> bool
     return total <= int(config.total_dim or 0)
 
 
+def target_device(target: TargetModule) -> torch.device:
+    """The device a target module computes on (its weight's), where its compressor must live."""
+    device = target.module.weight.device
+    if device.type == "meta":
+        raise ValueError(
+            f"module {target.name!r} has its weight on the meta device (offloaded to the CPU or disk by "
+            "accelerate's device_map, or not loaded): the attribution pass needs every target module's weight "
+            "on a device. Load the model with a device_map that keeps every layer on a GPU or the CPU (e.g. "
+            "max_memory large enough, no offload folder), or leave the offloaded modules out with "
+            "GraSSConfig(exclude_modules=[...])."
+        )
+    return device
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The module ``model.get_input_embeddings()`` returns (HF and PEFT models), if any."""
+    get = getattr(model, "get_input_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        found = get()
+    except (NotImplementedError, AttributeError):
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def _require_grad(module: nn.Module, inputs: tuple, output: object) -> None:
+    # what HF's enable_input_require_grads does: with every parameter frozen the embeddings' output
+    # is a constant, and a reentrant checkpoint whose inputs are constants is never back-propagated
+    # (its rows would be zero); the extra backward is the input gradient of the first layer only
+    constant = isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad
+    if constant and torch.is_grad_enabled():
+        output.requires_grad_(True)  # type: ignore[union-attr]
+
+
 def _forward_signature(model: nn.Module) -> inspect.Signature:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inspect.signature(base.forward)
@@ -107,14 +151,16 @@ class GradientComputer:
             which under DeepSpeed ZeRO-3 still gathers parameters through its module hooks).
         config: compressor and target configuration (used resolved: ``config.resolved()``).
         targets: explicit targets (default: ``find_target_modules`` from the config).
-        device: where compressors live (default: the model's first parameter's device).
+        device: where inputs go and rows are gathered (default: the model's first parameter's
+            device). Each compressor lives on its own module's device.
         per_example_loss: the loss for models whose output the built-in losses do not cover:
             ``fn(model, batch) -> [B]``, called under the hooks with the collated batch on the
             model's device (``model_inputs(batch)`` plus ``labels``; floating-point columns in the
             model's dtype, ``position_ids`` when the forward takes them). It must run the forward
             itself and return one loss per example that depends on that example only, never on the
             other examples of the batch or on padding (e.g. ``reduction="none"``, never a batch
-            mean): each example's gradient is read off the sum of these losses. Default: the
+            mean): each example's gradient is read off the sum of these losses. It should pass
+            ``use_cache=False`` to an HF model (the built-in loss does: no KV cache). Default: the
             built-in per-example loss of the logits (``capture.loss.per_example_loss``: causal LM,
             classification, regression, multi-label).
     """
@@ -144,10 +190,11 @@ class GradientComputer:
         # the global layout when every module's factor space fits the budget together: store the
         # factor-space gradients themselves (no projection noise at all; e.g. a small MLP)
         self.embedded = config.total_dim is not None and _factor_space_fits(config, self.targets)
+        # each on its module's device: the hooks compress there (a device_map model spans devices)
         self.compressors: dict[str, Compressor] = {
             t.name: make_compressor(
                 config, t.name, d_in=t.d_in, d_out=t.d_out, bias=t.bias, embed=self.embedded
-            ).to(self.device)
+            ).to(target_device(t))
             for t in self.targets
         }
         # where each module's compressed gradient goes in a row: its own slice (per-module layout), or
@@ -166,6 +213,9 @@ class GradientComputer:
         self.capture = GradientCapture(self.targets, self.compressors)
         sig = _forward_signature(self.model)
         self._accepts_position_ids = "position_ids" in sig.parameters
+        # no KV cache during the pass: it is never read, costs memory, and a checkpointed layer
+        # recomputed in the backward would append to it a second time
+        self._forward_flags = {"use_cache": False} if "use_cache" in sig.parameters else {}
         # floating-point inputs (features, pixel values) go in the model's dtype, as the Trainer
         # casts them under DeepSpeed; token ids and masks are integers and stay as they are
         floating = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
@@ -181,19 +231,30 @@ class GradientComputer:
     def module_names(self) -> list[str]:
         return [t.name for t in self.targets]
 
+    def project_factor(self, name: str, factor_grad: torch.Tensor) -> torch.Tensor:
+        """Module ``name``'s final projection of factor-space gradients ``[B, m_out, m_in]``, computed
+        on its compressor's device and returned on ``factor_grad``'s."""
+        comp = self.compressors[name]
+        return comp.project_factor(factor_grad.to(comp.device)).to(factor_grad.device)  # type: ignore[attr-defined]
+
     @contextlib.contextmanager
     def session(self) -> Iterator[GradientComputer]:
-        """Attribution mode: eval, parameters frozen, hooks attached; restored on exit."""
+        """Attribution mode: eval, parameters frozen, input embeddings' output requiring grad, hooks
+        attached; restored on exit."""
         model = self.model
         was_training = model.training
         flags = [(p, p.requires_grad) for p in model.parameters()]
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
+        embeddings = input_embeddings(model)
+        handle = embeddings.register_forward_hook(_require_grad) if embeddings is not None else None
         try:
             with self.capture:
                 yield self
         finally:
+            if handle is not None:
+                handle.remove()
             for p, flag in flags:
                 p.requires_grad_(flag)
             model.train(was_training)
@@ -232,7 +293,7 @@ class GradientComputer:
                 "-> [B] for an objective without them"
             )
         labels = batch["labels"].to(self.device)
-        logits = model_logits(self.model(**inputs))
+        logits = model_logits(self.model(**inputs, **self._forward_flags))
         return per_example_loss(logits, labels, self.config.loss_reduction, token_mask)
 
     def compute(
@@ -243,7 +304,8 @@ class GradientComputer:
     ) -> BatchGradients:
         """Forward + backward of one batch under ``session()``; returns what ``request`` asks for.
 
-        Non-finite losses (and gradient rows) raise ``NonFiniteError``. With ``agree`` (ranks whose
+        Non-finite losses (and gradient rows) raise ``NonFiniteError``; hook calls that do not add up
+        (activation checkpointing that would make a row wrong) raise ``CaptureError``. With ``agree`` (ranks whose
         forwards and backwards are collective, DeepSpeed ZeRO-3), nothing is raised here: after
         every forward ``agree("loss", bad_rows)`` is called, also with no bad rows, and must raise
         on every rank if any rank failed; the caller checks the rows itself, as every rank must
@@ -258,21 +320,28 @@ class GradientComputer:
         mask = batch.get("attention_mask")
         capture.token_mask = mask.to(self.device).bool() if mask is not None else None
         with torch.enable_grad():
-            losses = self.losses(batch, capture.token_mask)
-            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-            if agree is not None:
-                agree("loss", bad)
-            elif bad:
-                raise NonFiniteError("loss", bad)
-            if losses.requires_grad:
-                losses.sum().backward()
-        state = capture.state
+            # the phase tells the hooks a forward from a recompute in the backward (checkpointing)
+            capture.phase = "forward"
+            try:
+                losses = self.losses(batch, capture.token_mask)
+                bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+                if agree is not None:
+                    agree("loss", bad)
+                elif bad:
+                    raise NonFiniteError("loss", bad)
+                if losses.requires_grad:
+                    capture.phase = "backward"
+                    losses.sum().backward()
+            finally:
+                capture.phase = None
+        capture.check_calls()
+        state, here = capture.state, self._gathered
         result = BatchGradients(
             losses=losses.detach().float(),
-            factor_grads=state.factor_grads,
-            curvature_grads=state.curvature_grads,
-            cov_in=state.cov_in,
-            cov_out=state.cov_out,
+            factor_grads=here(state.factor_grads),
+            curvature_grads=here(state.curvature_grads),
+            cov_in=here(state.cov_in),
+            cov_out=here(state.cov_out),
             tokens=state.tokens,
         )
         batch_size = losses.shape[0]
@@ -283,7 +352,7 @@ class GradientComputer:
             rows = torch.zeros(batch_size, self.row_dim, dtype=dtype, device=self.device)
             for name, (start, stop) in self.offsets.items():
                 if name in state.rows:  # a module the forward never reached has zero gradient
-                    rows[:, start:stop] += state.rows[name]
+                    rows[:, start:stop] += state.rows[name].to(rows.device)
             bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
             if bad and agree is None:
                 raise NonFiniteError("gradient", bad)
@@ -300,3 +369,7 @@ class GradientComputer:
                     )
         capture.reset()
         return result
+
+    def _gathered(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-module results moved to ``device`` (a no-op where they are already there)."""
+        return {name: t.to(self.device) for name, t in tensors.items()}

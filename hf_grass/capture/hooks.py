@@ -9,6 +9,13 @@ that does, so that the backward reaches this module even with every parameter fr
 
 A module called several times in one forward adds up its contributions, which is exact because the
 gradient is a sum over calls and every compressor is linear.
+
+Every call is counted (``CallCounts``), so that a forward whose gradient never reached the hooks, or
+reached them twice, raises instead of giving a silently wrong row. Activation checkpointing is what
+does this: it runs forwards without gradients (reentrant: ``torch.utils.checkpoint(use_reentrant=True)``,
+DeepSpeed's) and runs them again during the backward. Both kinds give exact rows here: a forward
+recomputed in the backward is captured like any other; under non-reentrant checkpointing only the
+original forward's output gradient arrives (the recompute only refills saved tensors).
 """
 
 from __future__ import annotations
@@ -54,6 +61,27 @@ class CaptureRequest:
 
 
 @dataclass
+class CallCounts:
+    """One module's hook calls in one step (forward + backward of a batch)."""
+
+    forward: int = 0  # forwards in the step's forward phase with gradients on (a hook is registered)
+    no_grad: int = 0  # forwards in the forward phase with gradients off (reentrant checkpointing)
+    recompute: int = 0  # forwards run again during the backward (activation checkpointing)
+    backward: int = 0  # output gradients received
+
+
+class CaptureError(ValueError):
+    """A module's hook calls do not add up: its row would be wrong (e.g. activation checkpointing)."""
+
+
+# what a refusal tells the user to do
+_CHECKPOINT_FIX = (
+    "Run the pass without activation checkpointing (model.gradient_checkpointing_disable(), or the model "
+    "without its checkpoint wrapper), or checkpoint with torch.utils.checkpoint(..., use_reentrant=False)."
+)
+
+
+@dataclass
 class CaptureState:
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     factor_grads: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -77,6 +105,10 @@ class GradientCapture:
         self.token_mask: torch.Tensor | None = None
         self.state = CaptureState()
         self._handles: list[RemovableHandle] = []
+        # "forward" / "backward" while GradientComputer.compute runs a step; None otherwise (e.g.
+        # generation under the hooks), when nothing is counted
+        self.phase: str | None = None
+        self.calls: dict[str, CallCounts] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -101,14 +133,63 @@ class GradientCapture:
 
     def reset(self) -> None:
         self.state = CaptureState()
+        self.calls = {}
+
+    def check_calls(self) -> None:
+        """Raise ``CaptureError`` for a module whose forwards and output gradients do not match.
+
+        A forward whose output the loss does not use legitimately gets no gradient (a zero row), so
+        fewer gradients than forwards is only an error where checkpointing was seen: a forward that
+        ran without gradients, or a recompute while an original forward's gradient was missing.
+        """
+        for name, c in self.calls.items():
+            ran = c.forward + c.no_grad
+            if c.backward > ran:
+                raise CaptureError(
+                    f"module {name!r} received {c.backward} output gradients for {ran} forward calls in one step: "
+                    "a recomputed forward's gradient was captured as well as the original's (an activation "
+                    f"checkpointing implementation that back-propagates through its recompute). {_CHECKPOINT_FIX}"
+                )
+            if c.no_grad and c.backward < ran:
+                raise CaptureError(
+                    f"module {name!r} ran {c.no_grad} of its {ran} forward calls with gradients disabled and only "
+                    f"{c.backward} output gradients reached it, so its row would be wrong (zero). This is "
+                    "reentrant activation checkpointing (torch.utils.checkpoint(use_reentrant=True), DeepSpeed's "
+                    "checkpointing, checkpoint_wrapper(checkpoint_impl=CheckpointImpl.REENTRANT)) whose inputs "
+                    "do not require grad: the backward never reaches the checkpointed block (the pass makes the "
+                    "output of model.get_input_embeddings() require grad, which covers blocks fed from the input "
+                    f"embeddings). {_CHECKPOINT_FIX} If the module runs under torch.no_grad() on purpose, leave "
+                    "it out with GraSSConfig(exclude_modules=[...])."
+                )
+            if c.recompute and c.backward < c.forward:
+                raise CaptureError(
+                    f"module {name!r} was recomputed in the backward (activation checkpointing) but only "
+                    f"{c.backward} of its {c.forward} forward calls' output gradients reached it, so its row "
+                    f"would be wrong. {_CHECKPOINT_FIX}"
+                )
+
+    def _count(self, name: str) -> CallCounts:
+        counts = self.calls.get(name)
+        if counts is None:
+            counts = self.calls[name] = CallCounts()
+        return counts
 
     # ---- hooks ----------------------------------------------------------------------------------
 
     def _forward_hook(
         self, target: TargetModule, module: nn.Module, inputs: tuple, output: torch.Tensor
     ) -> torch.Tensor | None:
+        phase = self.phase
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            if phase == "forward":  # gradients switched off inside the model's forward
+                self._count(target.name).no_grad += 1
             return None  # e.g. generation under no_grad: nothing to capture
+        if phase is not None:
+            counts = self._count(target.name)
+            if phase == "backward":  # a checkpointed block run again to recompute its activations
+                counts.recompute += 1
+            else:
+                counts.forward += 1
         replaced = None
         if not output.requires_grad:
             # every parameter is frozen during the pass, so the first captured module's output is
@@ -120,6 +201,8 @@ class GradientCapture:
         return replaced
 
     def _backward_hook(self, target: TargetModule, x: torch.Tensor, delta: torch.Tensor) -> None:
+        if self.phase is not None:
+            self._count(target.name).backward += 1
         x3, d3 = as_3d(x), as_3d(delta)
         compressor = self.compressors[target.name]
         request, state = self.request, self.state

@@ -2,6 +2,11 @@
 
 Name syntax follows PEFT: a list of names, where an entry matches a module whose full name equals it
 or ends with ``"." + entry``; or one string, a regex that must match the full name.
+
+Names are the model's own, without activation-checkpointing wrappers: torch's ``CheckpointWrapper``
+(FSDP / Accelerate activation checkpointing) inserts ``_checkpoint_wrapped_module`` into every name
+below it. Names seed the projections, so a cache built under the wrapper must equal one built
+without it (the wrapper's own ``state_dict`` strips the same component).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 from torch import nn
 
 _LORA_NAME = re.compile(r"(^|\.)lora_[AB]\.[^.]+$")
+# torch.distributed.algorithms._checkpoint.checkpoint_wrapper's attribute for the wrapped module
+CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,19 @@ def describe(name: str, module: nn.Module) -> TargetModule:
 
 
 def is_lora_model(model: nn.Module) -> bool:
-    return any(_LORA_NAME.search(name) and isinstance(m, nn.Linear) for name, m in model.named_modules())
+    return any(_LORA_NAME.search(name) and isinstance(m, nn.Linear) for name, m in named_modules(model))
+
+
+def canonical_name(name: str) -> str:
+    """A module's name without checkpoint-wrapper components (what seeds its projections)."""
+    if CHECKPOINT_WRAPPED not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != CHECKPOINT_WRAPPED)
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` under canonical names (the root, named ``""``, left out)."""
+    return [(canonical_name(n), m) for n, m in model.named_modules() if n]
 
 
 def _matches(name: str, spec: list[str] | str) -> bool:
@@ -80,14 +99,15 @@ def find_target_modules(
     LoRA A/B layers, since the base model is frozen. No match raises a ``ValueError`` that lists
     the candidate names.
     """
-    candidates = [(n, m) for n, m in model.named_modules() if n and is_supported(m)]
+    modules = named_modules(model)
+    candidates = [(n, m) for n, m in modules if is_supported(m)]
     if target_modules is None:
         if is_lora_model(model):
             chosen = [(n, m) for n, m in candidates if _LORA_NAME.search(n)]
         else:
             chosen = candidates
     else:
-        named = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
+        named = [(n, m) for n, m in modules if _matches(n, target_modules)]
         unsupported = [f"{n} ({type(m).__name__})" for n, m in named if not is_supported(m)]
         chosen = [(n, m) for n, m in named if is_supported(m)]
         if not chosen:

@@ -6,7 +6,7 @@ Two kinds, chosen per side by the warm-up fit (``hf_grass.precondition.warmup``)
 - ``EigenMap``: ``m`` eigen-directions of the side's full covariance, drawn uniformly by the mask,
   scaled by ``sqrt(d / m)``: ``x' = scale * Q[:, idx]^T x``. An unbiased subsample of the side in its
   K-FAC eigenbasis.
-- ``HashMap``: a side too wide for a full covariance (``FULL_COVARIANCE_MAX_WIDTH``, e.g. a vocabulary)
+- ``HashMap``: a side too wide for a full covariance (``precondition.warmup.FULL_COVARIANCE_MAX_WIDTH``, e.g. a vocabulary)
   is hashed: coordinate ``j`` adds ``sign_j * c_j * x_j`` to bucket ``bucket_j``. The weights ``c_j``
   whiten the side by its diagonal variance *before* the hash (``c_j = (v_j + eps)^(-1/2)``), so that
   the buckets do not mix coordinates of very different scale. Such a side has two spaces: the

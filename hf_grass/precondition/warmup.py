@@ -70,7 +70,10 @@ class WarmupCovariances:
         self.inputs: dict[str, torch.Tensor] = {}  # keyed by the first module that read the input
         self.outputs: dict[str, torch.Tensor] = {}
         self.input_of: dict[str, str] = {}  # module -> the key of its input's sum
-        self._batch_inputs: dict[tuple, str] = {}  # this batch: storage of an input -> its key
+        # this batch: the storage of an input -> (its key, the input). The input is kept until the
+        # batch ends: under activation checkpointing a recomputed input is freed during the backward,
+        # and a later input at the same address must not be taken for it
+        self._batch_inputs: dict[tuple, tuple[str, torch.Tensor]] = {}
 
     def new_batch(self, examples: int) -> None:
         self.examples += examples
@@ -80,13 +83,14 @@ class WarmupCovariances:
         """One module's inputs ``[B, T, d_in(-1)]`` and output gradients ``[B, T, d_out]`` of this batch."""
         _, _, bias = self.widths[name]
         storage = (x.data_ptr(), tuple(x.shape), x.stride(), bias)
-        shared = self._batch_inputs.get(storage)
+        found = self._batch_inputs.get(storage)
         x_real = _real_tokens(x, token_mask)
-        if shared is None:
+        if found is None:
             key = self.input_of.setdefault(name, name)
             self._add_to(self.inputs, key, _covariance(x_real, bias, self.max_width))
-            self._batch_inputs[storage] = key
+            self._batch_inputs[storage] = (key, x)
         else:  # the same input as an earlier module of this batch: its sum already holds it
+            shared = found[0]
             key = self.input_of.setdefault(name, shared)
             if key != shared:  # never seen (the model's structure changed between batches)
                 raise RuntimeError(
