@@ -94,5 +94,5 @@ def _from_factors(
             pre_sq += basis.whitened_norm_sq(name, basis.rotate(name, gp))
         else:
             pre_sq += gp.double().square().flatten(1).sum(1)
-        rows[:, start:stop] += comp.project_factor(pre.to(torch.float32)).double()
+        rows[:, start:stop] += computer.project_factor(name, pre.to(torch.float32)).double()
     return rows, pre_sq
