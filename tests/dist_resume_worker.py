@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hf_grass.attribution import AttributionPass  # noqa: E402
+from hf_grass.attribution import AttributionPass, Batching  # noqa: E402
 from hf_grass.cache import GradientCache  # noqa: E402
 from hf_grass.cache.files import atomic_write_json  # noqa: E402
 from hf_grass.cache.manifest import load_json, part_name  # noqa: E402
@@ -38,8 +38,7 @@ def build(cache_dir: str) -> None:
                          preconditioner="ekfac", dtype="float32")  # fmt: skip
     source = ExampleSource(random_token_examples(N_TRAIN, VOCAB, seed=0))
     dist = current_distributed()
-    AttributionPass(GradientComputer(model, config), source, cache_dir, batch_size=3, dist=dist,
-                    disable_progress=True).run()  # fmt: skip
+    AttributionPass(GradientComputer(model, config), source, cache_dir, Batching(3, disable_progress=True), dist).run()
 
 
 def main() -> None:
