@@ -14,6 +14,7 @@ Each compressor lives on its module's device (a ``device_map`` model spreads the
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,12 +22,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_grass import kernels
 from hf_grass.capture.hooks import CaptureRequest, GradientCapture
 from hf_grass.capture.loss import PerExampleLoss, check_losses, model_logits, per_example_loss
 from hf_grass.capture.targets import CHECKPOINT_WRAPPED, TargetModule, find_target_modules
 from hf_grass.compressors import compressor_class, make_compressor
 from hf_grass.compressors.base import Compressor
 from hf_grass.config import GraSSConfig
+from hf_grass.kernels import SJLTMap
 
 
 class NonFiniteError(ValueError):
@@ -236,6 +239,44 @@ class GradientComputer:
         on its compressor's device and returned on ``factor_grad``'s."""
         comp = self.compressors[name]
         return comp.project_factor(factor_grad.to(comp.device)).to(factor_grad.device)  # type: ignore[attr-defined]
+
+    def project_rows(self, factor_grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, row_dim]`` float32 rows from every module's factor-space gradients ``[B, m_out, m_in]``
+        (a module missing from ``factor_grads`` has zero gradient): each through its final projection
+        into its place in the row, summed.
+
+        The modules' SJLTs together are one SJLT of their concatenated factor spaces (each maps its
+        own inputs into the row, at its offset), so they run as one: one kernel over all modules
+        instead of one per module, which measured a tenth of the pass on a GPU at Llama-8B shape."""
+        first = next(iter(factor_grads.values()))
+        batch, device = first.shape[0], first.device
+        combined = self._combined_sjlt
+        if combined is None:  # projections that are not SJLTs (logra), or modules on several devices
+            rows = torch.zeros(batch, self.row_dim, dtype=torch.float32, device=device)
+            for name, (start, stop) in self.offsets.items():
+                if name in factor_grads:  # never reached by the forward: zero gradient
+                    rows[:, start:stop] += self.project_factor(name, factor_grads[name].to(torch.float32))
+            return rows
+        parts = []
+        for name in self.offsets:
+            gp = factor_grads.get(name)
+            comp = self.compressors[name]
+            width = comp.m_out * comp.m_in  # type: ignore[attr-defined]
+            parts.append(gp.reshape(batch, width).to(torch.float32) if gp is not None else first.new_zeros(batch, width, dtype=torch.float32))
+        flat = torch.cat(parts, dim=1).to(combined.device)
+        return kernels.sjlt_project(flat, combined).to(device, torch.float32)
+
+    @functools.cached_property
+    def _combined_sjlt(self) -> SJLTMap | None:
+        """The SJLT of every module's factor space into the row, or None where the modules'
+        projections are not all SJLTs on one device."""
+        maps = [getattr(self.compressors[name], "sjlt", None) for name in self.offsets]
+        if not maps or any(not isinstance(m, SJLTMap) for m in maps):
+            return None
+        if len({m.device for m in maps}) != 1 or len({m.s for m in maps}) != 1:
+            return None
+        rows = torch.cat([m.rows + start for m, (start, _) in zip(maps, self.offsets.values())], dim=1)
+        return SJLTMap(rows, torch.cat([m.signs for m in maps], dim=1), self.row_dim)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[GradientComputer]:

@@ -35,7 +35,7 @@ from hf_grass.compressors.base import (
 from hf_grass.compressors.factor_maps import FactorMap, HashMap
 from hf_grass.compressors.sjlt import check_sjlt_settings, make_sjlt
 from hf_grass.kernels import SJLTMap
-from hf_grass.kernels.reference import accumulation_dtype, gather_columns, take_columns
+from hf_grass.kernels.reference import accumulation_dtype, gather_columns, projection_dtype, take_columns
 from hf_grass.seeding import sample_without_replacement
 
 
@@ -121,26 +121,34 @@ class FactGraSSCompressor(FactorisedCompressor):
     def factors(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         acc = accumulation_dtype(x, delta)
         if self.map_in is not None and self.map_out is not None:
-            return self.map_in.apply(x.to(acc), bias=self.bias), self.map_out.apply(delta.to(acc))
+            # the products in the model's dtype where that is bfloat16 (``projection_dtype``), the
+            # small factors in the accumulation dtype
+            prec = projection_dtype(x, delta)
+            xs = self.map_in.apply(x.to(prec), bias=self.bias, dtype=acc)
+            return xs, self.map_out.apply(delta.to(prec), dtype=acc)
         xs = gather_columns(x, self.in_idx, self.mask_bias_index).to(acc) * self.scale_in
         return xs, take_columns(delta, self.out_idx).to(acc) * self.scale_out
 
     def curvature_factors(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors with each hashed side in its own coordinates (``d`` wide, unweighted; the
-        input's bias column appended): where that side's curvature is known per coordinate."""
+        input's bias column appended), in ``projection_dtype``: where that side's curvature is known
+        per coordinate. Each side is computed once (a hashed side is never hashed here)."""
         self._check_factors(x, delta)
-        acc = accumulation_dtype(x, delta)
-        xs, ds = self.factors(x, delta)
-        if isinstance(self.map_in, HashMap):
-            xs = self.with_bias_column(x).to(acc)
-        if isinstance(self.map_out, HashMap):
-            ds = delta.to(acc)
-        return xs, ds
+        prec = projection_dtype(x, delta)
+        sides = []
+        for fmap, t, bias in ((self.map_in, x, self.bias), (self.map_out, delta, False)):
+            if isinstance(fmap, HashMap):
+                sides.append(self.with_bias_column(t.to(prec)) if bias else t.to(prec))
+            else:
+                assert fmap is not None, "curvature factors need the factor maps (set_maps)"
+                sides.append(fmap.apply(t.to(prec), bias=bias))
+        return sides[0], sides[1]
 
     def curvature_gradient(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``sum_t delta^c_t x^c_t^T`` of ``curvature_factors`` -> ``[B, c_out, c_in]``."""
+        """``sum_t delta^c_t x^c_t^T`` of ``curvature_factors`` -> ``[B, c_out, c_in]`` in the
+        accumulation dtype (the product in ``projection_dtype``)."""
         xs, ds = self.curvature_factors(x, delta)
-        return torch.bmm(ds.transpose(1, 2), xs)
+        return torch.bmm(ds.transpose(1, 2), xs).to(accumulation_dtype(x, delta))
 
     def to_factor_space(self, gp: torch.Tensor, query: bool = False) -> torch.Tensor:
         """Curvature-space gradients ``[B, c_out, c_in]`` -> factor space ``[B, m_out, m_in]``: each

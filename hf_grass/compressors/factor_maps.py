@@ -43,13 +43,14 @@ class EigenMap:
     def to(self, device: torch.device | str) -> EigenMap:
         return EigenMap(self.vectors.to(device), self.scale)
 
-    def apply(self, t: torch.Tensor, bias: bool = False) -> torch.Tensor:
-        """``t [..., d(-1)] -> [..., m]`` in ``t``'s dtype; ``bias``: ``t`` lacks the trailing column
-        of ones, which maps to the last row of ``vectors``."""
+    def apply(self, t: torch.Tensor, bias: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``t [..., d(-1)] -> [..., m]``, the product in ``t``'s dtype and the result in ``dtype``
+        (default ``t``'s); ``bias``: ``t`` lacks the trailing column of ones, which maps to the last
+        row of ``vectors``."""
         vec = self.vectors.to(t.dtype)
-        out = t @ vec[: t.shape[-1]]
+        out = (t @ vec[: t.shape[-1]]).to(dtype or t.dtype)
         if bias:
-            out = out + vec[-1]
+            out = out + vec[-1].to(out.dtype)
         return out * self.scale
 
     def dense(self) -> torch.Tensor:
@@ -85,8 +86,12 @@ class HashMap:
     def weights(self, query: bool = False) -> torch.Tensor:
         return self.signs / self.whiten if query else self.signs * self.whiten
 
-    def apply(self, t: torch.Tensor, bias: bool = False, query: bool = False) -> torch.Tensor:
-        """``t [..., d(-1)] -> [..., m]`` bucket sums (train weights unless ``query``)."""
+    def apply(
+        self, t: torch.Tensor, bias: bool = False, dtype: torch.dtype | None = None, query: bool = False
+    ) -> torch.Tensor:
+        """``t [..., d(-1)] -> [..., m]`` bucket sums in ``dtype`` (default ``t``'s; train weights
+        unless ``query``)."""
+        t = t.to(dtype or t.dtype)
         if bias:
             t = torch.cat([t, torch.ones(*t.shape[:-1], 1, dtype=t.dtype, device=t.device)], dim=-1)
         return self.to_buckets(t, dim=-1, query=query)

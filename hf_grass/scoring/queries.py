@@ -79,10 +79,11 @@ def _from_factors(
     space (see ``query_vectors``)."""
     factor_grads, curvature = grads.factor_grads, grads.curvature_grads
     n = next(iter(factor_grads.values())).shape[0]
-    device = computer.device
-    rows = torch.zeros(n, computer.row_dim, dtype=torch.float64, device=device)
-    pre_sq = torch.zeros(n, dtype=torch.float64, device=device)
-    for name, (start, stop) in computer.offsets.items():
+    pre_sq = torch.zeros(n, dtype=torch.float64, device=computer.device)
+    projected = {}
+    for name in computer.offsets:
+        if name not in factor_grads:
+            continue
         comp = computer.compressors[name]
         assert isinstance(comp, FactorisedCompressor)
         gp = factor_grads[name]
@@ -94,5 +95,6 @@ def _from_factors(
             pre_sq += basis.whitened_norm_sq(name, basis.rotate(name, gp))
         else:
             pre_sq += gp.double().square().flatten(1).sum(1)
-        rows[:, start:stop] += computer.project_factor(name, pre.to(torch.float32)).double()
+        projected[name] = pre
+    rows = computer.project_rows(projected).double()
     return rows, pre_sq
