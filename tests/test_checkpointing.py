@@ -33,7 +33,7 @@ def oracle_rows(plain: nn.Module, computer: GradientComputer, examples: list[dic
     for p in plain.parameters():
         p.requires_grad_(True)
     found = {t.name: t for t in GradientComputer(plain, CONFIG).targets}
-    rows = torch.zeros(len(examples), computer.total_dim, dtype=torch.float64)
+    rows = torch.zeros(len(examples), computer.row_dim, dtype=torch.float64)
     for t in computer.targets:
         start, stop = computer.offsets[t.name]
         for i, ex in enumerate(examples):

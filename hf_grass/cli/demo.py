@@ -47,7 +47,7 @@ _DEMO_MARKER = "hf_grass_demo.json"  # marks a directory the demo may overwrite
 # (without it, 60 epochs put the fact's own document first for only 3 of the 30 facts).
 DEMO_EPOCHS = 40
 _DEMO_LABEL_SMOOTHING = 0.1
-# The demo uses the library's default configuration (one row of GraSSConfig().total_dim int8 numbers
+# The demo uses the library's default configuration (one row of GraSSConfig().resolved().total_dim int8 numbers
 # per document, masks in the K-FAC eigenbasis, EK-FAC), so what it shows is what a user gets.
 
 
