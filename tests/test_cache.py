@@ -243,3 +243,15 @@ def test_fp16_overflow_names_the_example(tmp_path: Path) -> None:
         build(tmp_path / "c16", Linear(), config, data)
     cache = build(tmp_path / "c32", Linear(), config.replace(dtype="float32"), data)
     assert cache.num_rows == 5 and torch.isfinite(cache.load()).all()
+
+
+def test_format_1_caches_are_refused(tmp_path: Path) -> None:
+    """Caches written by hf-grass 0.1 (format 1) are refused, saying how to fix it (issue 16 item 7):
+    their eigenbasis files differ and their wide factors' estimator was biased."""
+    path = tmp_path / "old"
+    build(path, tiny_gpt2(VOCAB), GraSSConfig(proj_dim=16, dtype="float32"), random_token_examples(5, VOCAB))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"hf-grass 0\.1 \(cache format 1\).*Rebuild it"):
+        GradientCache(path)

@@ -124,7 +124,8 @@ def test_info_text_json_and_verify(setup: Setup, capsys: pytest.CaptureFixture[s
     code, out, _ = run(capsys, "info", str(setup.cache))
     assert code == 0
     assert f"rows        {len(setup.docs)} of {len(setup.docs)} examples" in out
-    assert "factgrass, proj_dim 64" in out and "preconditioner ekfac" in out
+    assert "factgrass, 64 numbers per module" in out and "preconditioner ekfac" in out
+    assert "per module: " in out and "blocks of 64 numbers" in out  # the layout, named (issue 16 item 7)
 
     code, out, _ = run(capsys, "info", str(setup.cache), "--json", "--verify")
     summary = json.loads(out)

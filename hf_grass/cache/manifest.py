@@ -27,7 +27,10 @@ from typing import Any
 from hf_grass.cache.files import CacheError
 
 FORMAT = "hf-grass-gradient-cache"
-FORMAT_VERSION = 1
+# 2 (hf-grass 0.2): typed eigenbasis files with factor maps (wide sides hashed with whitening
+# weights, their curvature per coordinate), norms with every row, the layout always recorded. Caches
+# of format 1 are refused: their wide factors' estimator was biased and their files differ.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 
@@ -98,9 +101,15 @@ def validate_manifest(manifest: Any, root: Path) -> dict[str, Any]:
         raise CacheError(
             f"{root} was written by a newer hf-grass (format {manifest['format_version']}); upgrade hf-grass"
         )
+    if manifest["format_version"] < FORMAT_VERSION:
+        raise CacheError(
+            f"{root} was written by hf-grass 0.1 (cache format {manifest['format_version']}), which this version "
+            f"does not read (format {FORMAT_VERSION}: new eigenbasis files, an unbiased estimator for wide "
+            "factors, norms with every row). Rebuild it: run the same build with this version into a new directory."
+        )
     if manifest["dtype"] not in STORAGE_DTYPES:
         raise CacheError(f"{root / MANIFEST}: unsupported dtype {manifest['dtype']!r}")
-    layout = manifest.get("layout", "module")  # caches written before the global layout: per module
+    layout = manifest.get("layout")
     if layout not in ("module", "global"):
         raise CacheError(f"{root / MANIFEST}: unknown layout {layout!r}")
     offset = 0

@@ -116,7 +116,7 @@ class GradientCache:
     @property
     def document_prefix(self) -> list[int] | None:
         """The special token ids every cached document begins with (``<eos>`` or ``<bos>`` first,
-        as many pretraining pipelines do); ``None`` when unknown (older caches: no prefix)."""
+        as many pretraining pipelines do); ``None`` when unknown (a cache built without a tokenizer)."""
         documents = self.manifest.get("documents")
         return documents.get("prefix") if isinstance(documents, dict) else None
 
@@ -143,7 +143,9 @@ class GradientCache:
             "truncated": sum(s.get("truncated", 0) for s in self.shards),
             "complete": self.manifest["complete"],
             "compressor": self.config.compressor,
+            "layout": self.manifest["layout"],
             "proj_dim": self.config.proj_dim,
+            "total_dim": self.config.total_dim,
             "modules": len(self.modules),
             "dim": self.dim,
             "dtype": self.config.dtype,
@@ -188,8 +190,8 @@ class GradientCache:
         ):
             raise CacheError(f"{path} has a missing or invalid 'scales' tensor; rebuild shard {shard['id']}")
         norms = header.get("norms")
-        if norms is not None and (norms["shape"] != [shard["rows"], 2] or norms["dtype"] != "F32"):
-            raise CacheError(f"{path} has an invalid 'norms' tensor; rebuild shard {shard['id']}")
+        if norms is None or norms["shape"] != [shard["rows"], 2] or norms["dtype"] != "F32":
+            raise CacheError(f"{path} has a missing or invalid 'norms' tensor; rebuild shard {shard['id']}")
         return True
 
     def files(self) -> list[tuple[Path, str]]:
@@ -229,11 +231,6 @@ class GradientCache:
         for pos in range(len(self.shards)) if shards is None else shards:
             t = mmap_tensors(self._local_shard(pos))
             yield StoredShard(t["indices"], t["grads"], t.get("scales"), t.get("norms"))
-
-    @property
-    def has_norms(self) -> bool:
-        """Whether the shards store each row's exact norms (caches written since hf-grass 0.2)."""
-        return bool(self.shards) and all(s.get("norms", False) for s in self.shards)
 
     def iter_shards(self, shards: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(indices [rows] int64, grads [rows, dim])`` per shard: memory-mapped, or, for int8

@@ -5,9 +5,33 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hf_grass.cli.common import EXIT_OK, PROG, UsageError, dir_bytes, human_bytes, status
 from hf_grass.cli.loaders import open_cache_arg
+
+if TYPE_CHECKING:
+    from hf_grass.cache.reader import GradientCache
+
+
+def compressor_line(cache: GradientCache) -> str:
+    """The compressor and the settings that apply to the cache's layout."""
+    cfg = cache.config
+    if cfg.compressor == "factgrass" and cfg.total_dim is not None:
+        where = "eigen-directions of the warm-up K-FAC factors" if cfg.mask_basis == "eigen" else "input coordinates"
+        return f"factgrass, {cfg.factor_dim} coordinates per factor side ({where}), seed {cfg.seed}"
+    extra = f", sparsify_factor {cfg.sparsify_factor}" if cfg.compressor in ("factgrass", "grass") else ""
+    return f"{cfg.compressor}, {cfg.proj_dim} numbers per module{extra}, seed {cfg.seed}"
+
+
+def layout_line(cache: GradientCache) -> str:
+    """How a row is laid out: shared by every module (global), or one block per module."""
+    n = len(cache.modules)
+    if cache.manifest["layout"] == "global":
+        return f"global: one row of {cache.dim} numbers, every one of the {n} modules projected into all of it"
+    if cache.config.total_dim is not None:
+        return f"embedded: the {n} modules' factor spaces stored as they are, {cache.dim} numbers per row"
+    return f"per module: {n} blocks of {cache.config.proj_dim} numbers, {cache.dim} per row"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -31,12 +55,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"{summary['rows']} of {summary['examples']} examples ({summary['skipped']} skipped, "
             f"{summary['truncated']} truncated), {'complete' if summary['complete'] else 'INCOMPLETE'}",
         ),
-        (
-            "compressor",
-            f"{summary['compressor']}, proj_dim {summary['proj_dim']}, sparsify_factor "
-            f"{cfg.sparsify_factor}, seed {summary['seed']}",
-        ),
-        ("dimension", f"{summary['dim']} per row over {summary['modules']} modules"),
+        ("compressor", compressor_line(cache)),
+        ("layout", layout_line(cache)),
         (
             "scoring",
             f"preconditioner {summary['preconditioner']}, damping {cfg.damping}, "
