@@ -54,16 +54,17 @@ class WarmupCovariances:
     Args:
         widths: per module ``(d_in, d_out, bias)`` (``d_in`` counts the bias column).
         device: where the sums live (the model's device).
-        max_width: sides wider than this keep their diagonal.
+        max_width: sides wider than this keep their diagonal (default ``FULL_COVARIANCE_MAX_WIDTH``).
     """
 
     def __init__(
         self,
         widths: dict[str, tuple[int, int, bool]],
         device: torch.device | str = "cpu",
-        max_width: int = FULL_COVARIANCE_MAX_WIDTH,
+        max_width: int | None = None,
     ):
-        self.widths, self.max_width = widths, max_width
+        self.widths = widths
+        self.max_width = max_width or FULL_COVARIANCE_MAX_WIDTH  # read at call time (tests lower it)
         self.device = torch.device(device)
         self.examples = 0
         self.tokens: dict[str, int] = {}
