@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 from benchmarks._common import cpu_name, emit_report, parse_with_smoke
 from benchmarks.query import prefix_cache
 from hf_grass.cache.reader import GradientCache
-from hf_grass.cache.writer import CacheWriter
+from hf_grass.cache.writer import CacheWriter, ShardContent
 from hf_grass.scoring import Search, lookup, scan
 
 K = 10
@@ -71,6 +71,7 @@ def random_cache(path: Path, like: GradientCache) -> GradientCache:
         "model": {"class": "Synthetic"},
         "modules": like.modules,
         "dim": like.dim,
+        "layout": like.manifest["layout"],
         "num_examples": like.num_rows,
         "dataset": f"randn-{like.num_rows}x{like.dim}",
     }
@@ -80,7 +81,7 @@ def random_cache(path: Path, like: GradientCache) -> GradientCache:
     for shard, first in enumerate(range(0, like.num_rows, size)):
         idx = list(range(first, min(first + size, like.num_rows)))
         rows = torch.randn(len(idx), like.dim, generator=gen).half()
-        writer.commit_shard(shard, idx, rows, [{"index": i, "text": None, "id": None} for i in idx], [], None)
+        writer.commit_shard(shard, ShardContent(idx, rows, [{"index": i, "text": None, "id": None} for i in idx]))
     writer.finish(complete=True)
     writer.close()
     return GradientCache(path)

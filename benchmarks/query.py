@@ -58,7 +58,7 @@ import hf_grass.scoring as scoring
 from benchmarks._common import REPO_ROOT, cpu_name, emit_report, parse_with_smoke, time_interleaved
 from hf_grass.cache.manifest import MANIFEST, load_json
 from hf_grass.cache.reader import GradientCache
-from hf_grass.cache.writer import CacheWriter
+from hf_grass.cache.writer import CacheWriter, ShardContent
 from hf_grass.config import GraSSConfig
 
 GOAL_RATIO = 0.7  # streaming / in-RAM numpy fp32
@@ -171,6 +171,7 @@ def write_cache(path: Path, rows: int, dim: int, shard_size: int) -> dict[str, A
         "model": {"class": "Synthetic", "name_or_path": None, "revision": None},
         "modules": modules,
         "dim": dim,
+        "layout": "module",
         "num_examples": rows,
         "dataset": f"synthetic-randn-{rows}x{dim}-seed0",
         "library_version": "benchmark",
@@ -183,9 +184,8 @@ def write_cache(path: Path, rows: int, dim: int, shard_size: int) -> dict[str, A
             n = min(shard_size, rows - first)
             block = torch.randn(n, dim, generator=gen).to(torch.float16)
             indices = list(range(first, first + n))
-            writer.commit_shard(
-                shard, indices, block, [{"index": i, "text": None, "id": None} for i in indices], [], None
-            )
+            docs = [{"index": i, "text": None, "id": None} for i in indices]
+            writer.commit_shard(shard, ShardContent(indices, block, docs))
         writer.finish(complete=True)
     finally:
         writer.close()

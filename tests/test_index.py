@@ -16,7 +16,7 @@ import torch
 import hf_grass.cache.index as index_module
 from hf_grass.cache import CacheError, GradientCache
 from hf_grass.cache.manifest import MANIFEST
-from hf_grass.cache.writer import CacheWriter
+from hf_grass.cache.writer import CacheWriter, ShardContent
 from hf_grass.config import GraSSConfig
 from hf_grass.scoring import Normalisation, Search, TopKAccumulator, lookup, scan
 
@@ -32,6 +32,7 @@ def write_cache(path: Path, rows: int = 400, shard_size: int = 64, seed: int = 0
         "model": {"class": "Synthetic"},
         "modules": [{"name": "m", "d_in": DIM, "d_out": DIM, "bias": False, "offset": 0, "dim": DIM}],
         "dim": DIM,
+        "layout": "module",
         "num_examples": rows,
         "dataset": f"synthetic-{rows}-{seed}",
     }
@@ -42,7 +43,7 @@ def write_cache(path: Path, rows: int = 400, shard_size: int = 64, seed: int = 0
         block = centres[which] + torch.randn(len(idx), DIM, generator=gen)
         block *= torch.rand(len(idx), 1, generator=gen) + 0.5  # norms vary, as gradients' do
         docs = [{"index": i, "text": f"doc {i} {WORDS[i % 10]} {WORDS[(i * 7) % 10]}", "id": None} for i in idx]
-        writer.commit_shard(shard, idx, block.half(), docs, [], None)
+        writer.commit_shard(shard, ShardContent(idx, block.half(), docs))
     writer.finish(complete=True)
     writer.close()
     return GradientCache(path, verify=True)

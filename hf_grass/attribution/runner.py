@@ -30,7 +30,7 @@ from hf_grass.attribution.batches import Batching, BatchRunner
 from hf_grass.attribution.plan import ShardBuffer, Step, module_entries, module_specs
 from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_file
 from hf_grass.cache.manifest import common_prefix
-from hf_grass.cache.writer import CacheWriter, num_shards
+from hf_grass.cache.writer import CacheWriter, ShardContent, num_shards
 from hf_grass.capture.engine import GradientComputer
 from hf_grass.capture.fingerprint import model_fingerprint
 from hf_grass.capture.hooks import CaptureRequest
@@ -173,18 +173,17 @@ class AttributionPass(BatchRunner):
             if not step.last:
                 continue
             empty = torch.empty(0, self.computer.row_dim, dtype=self.config.torch_dtype)
-            writer.commit_shard(
-                step.shard,
+            content = ShardContent(
                 buffer.indices,
                 torch.cat(buffer.rows) if buffer.rows else empty,
                 buffer.docs,
                 buffer.skipped,
-                stats.state_dict() if stats is not None and not step.repair else None,
-                truncated=self.source.truncated - truncated_before,
                 scales=self._shard_scales(buffer),
                 norms=torch.cat(buffer.norms) if buffer.norms else torch.empty(0, 2),
+                truncated=self.source.truncated - truncated_before,
                 prefix=common_prefix(buffer.leads),
             )
+            writer.commit_shard(step.shard, content, stats.state_dict() if stats is not None and not step.repair else None)
             buffer, truncated_before = ShardBuffer(), self.source.truncated
             if self.agreeing:  # did another rank fail?
                 self.raise_together(None)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -205,22 +206,27 @@ the model's weights fingerprint with the one above and refuses another model.
 # ---- push ---------------------------------------------------------------------------------------
 
 
-def push_folder(
-    root: Path,
-    manifest: dict[str, Any],
-    files: list[Path],
-    repo_id: str,
-    private: bool = False,
-    token: str | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    endpoint: str | None = None,
-    large: bool = False,
-    batch_files: int = 500,
-    batch_bytes: int = 4 << 30,
-) -> CommitInfo:
+@dataclass(frozen=True)
+class PushTarget:
+    """Where and how ``push_folder`` uploads: the dataset repo (created if needed, ``private`` then),
+    its branch ``revision`` (created if needed), the ``token`` and Hub ``endpoint``, the commit
+    message, and with ``large`` several commits of at most ``batch_files`` files / ``batch_bytes``
+    bytes."""
+
+    repo_id: str
+    private: bool = False
+    token: str | None = None
+    revision: str | None = None
+    commit_message: str | None = None
+    endpoint: str | None = None
+    large: bool = False
+    batch_files: int = 500
+    batch_bytes: int = 4 << 30
+
+
+def push_folder(root: Path, manifest: dict[str, Any], files: list[Path], target: PushTarget) -> CommitInfo:
     """Upload a verified cache (``manifest.json`` plus ``files``, with a dataset card) to the dataset
-    repo ``repo_id`` in one commit, or with ``large`` in several.
+    repo ``target.repo_id`` in one commit, or with ``target.large`` in several.
 
     ``large``: the data files go up in commits of at most ``batch_files`` files / ``batch_bytes``
     bytes, then one last commit adds ``manifest.json`` and the card and deletes stale files, so the
@@ -236,8 +242,9 @@ def push_folder(
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    api = HfApi(endpoint=_endpoint(endpoint), token=token)
-    api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
+    repo_id, revision = target.repo_id, target.revision
+    api = HfApi(endpoint=_endpoint(target.endpoint), token=target.token)
+    api.create_repo(repo_id, repo_type=REPO_TYPE, private=target.private, exist_ok=True)
     if revision is not None and revision != "main":
         api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
 
@@ -253,17 +260,17 @@ def push_folder(
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     config = manifest["config"]
     rows = sum(s["rows"] for s in manifest["shards"])
-    message = commit_message or (
+    message = target.commit_message or (
         f"Upload hf-grass gradient cache ({rows} rows, {config['compressor']}, dim {manifest['dim']})"
     )
-    if large:
+    if target.large:
         data = [op for op in operations if op.path_in_repo not in (MANIFEST, "README.md")]
         operations = [op for op in operations if op.path_in_repo in (MANIFEST, "README.md")]
         batches: list[list[Any]] = [[]]
         size = 0
         for op in data:
             nbytes = Path(op.path_or_fileobj).stat().st_size
-            if batches[-1] and (len(batches[-1]) >= batch_files or size + nbytes > batch_bytes):
+            if batches[-1] and (len(batches[-1]) >= target.batch_files or size + nbytes > target.batch_bytes):
                 batches.append([])
                 size = 0
             batches[-1].append(op)

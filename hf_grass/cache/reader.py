@@ -393,18 +393,8 @@ class GradientCache:
             raise CacheError(f"{self.path} is a lazy pull, not all of it is here; pull it with lazy=False to push")
         # never publish a damaged cache: every file must match its sha256 (and pushing writes nothing here)
         self.verify(full=True, remember=False)
-        return hub.push_folder(
-            self.path,
-            self.manifest,
-            [path for path, _ in self.files()],
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message,
-            endpoint=endpoint,
-            large=large,
-        )
+        target = hub.PushTarget(repo_id, private, token, revision, commit_message, endpoint, large)
+        return hub.push_folder(self.path, self.manifest, [path for path, _ in self.files()], target)
 
     @classmethod
     def from_pretrained(

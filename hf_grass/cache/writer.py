@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,24 @@ def encode_rows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scales
+
+
+@dataclass
+class ShardContent:
+    """What one shard holds: its rows in the storage dtype, with their dataset ``indices``, their
+    documents (``{"index", "text", "id"}``) and, for int8 rows, their per-row ``scales``; the examples
+    ``skipped`` (no supervised token) and ``truncated``; ``norms [rows, 2]`` (gradient,
+    preconditioned; default: the stored vectors' own); ``prefix``: the special token ids every
+    document of the shard begins with (``None``: not known), merged into ``documents.prefix``."""
+
+    indices: list[int]
+    rows: torch.Tensor
+    docs: list[dict[str, Any]]
+    skipped: list[int] = field(default_factory=list)
+    scales: torch.Tensor | None = None
+    norms: torch.Tensor | None = None
+    truncated: int = 0
+    prefix: list[int] | None = None
 
 
 class CacheWriter:
@@ -217,38 +236,25 @@ class CacheWriter:
 
     # ---- committing ------------------------------------------------------------------------------
 
-    def commit_shard(
-        self,
-        shard_id: int,
-        indices: list[int],
-        rows: torch.Tensor,
-        docs: list[dict[str, Any]],
-        skipped: list[int],
-        stats: dict[str, torch.Tensor] | None,
-        truncated: int = 0,
-        scales: torch.Tensor | None = None,
-        prefix: list[int] | None = None,
-        norms: torch.Tensor | None = None,
-    ) -> None:
-        """Write one complete shard (rows already in the storage dtype, with their per-row ``scales``
-        for int8: see ``encode_rows``) and checkpoint the stats.
-
-        ``prefix``: the special token ids every document of the shard begins with (``None``: not
-        known); the manifest merges them into ``documents.prefix``. ``norms``: ``[rows, 2]`` exact
-        gradient and preconditioned norms of the rows (for unit-normalised scores).
-        """
+    def commit_shard(self, shard_id: int, content: ShardContent, stats: dict[str, torch.Tensor] | None = None) -> None:
+        """Write one complete shard (``ShardContent``: rows already in the storage dtype, with their
+        per-row scales for int8, see ``encode_rows``) and checkpoint the statistics ``stats``."""
+        indices, rows, docs, scales = content.indices, content.rows, content.docs, content.scales
         if rows.shape[0] != len(indices) or len(docs) != len(indices):
             raise ValueError("rows, indices and docs of a shard must have the same length")
         if (rows.dtype == torch.int8) != (scales is not None):
             raise ValueError("int8 rows need their per-row scales (and only int8 rows have them)")
+        norms = content.norms
+        if norms is None:  # nothing better known: the stored vectors' own norms, in both columns
+            decoded = rows.to(torch.float32) * (scales[:, None] if scales is not None else 1.0)
+            norms = decoded.norm(dim=1, keepdim=True).expand(-1, 2)
         tensor_file, docs_file = shard_names(shard_id)
         tensors = {"grads": rows.contiguous(), "indices": torch.tensor(indices, dtype=torch.int64)}
         if scales is not None:
             tensors["scales"] = scales.to(torch.float32).contiguous()
-        if norms is not None:
-            if tuple(norms.shape) != (len(indices), 2):
-                raise ValueError("norms of a shard must be [rows, 2] (gradient, preconditioned)")
-            tensors["norms"] = norms.to(torch.float32).contiguous()
+        if tuple(norms.shape) != (len(indices), 2):
+            raise ValueError("norms of a shard must be [rows, 2] (gradient, preconditioned)")
+        tensors["norms"] = norms.to(torch.float32).contiguous()
         digest = save_tensors(self.root / tensor_file, tensors)
         blob = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode()
         atomic_write_bytes(self.root / docs_file, blob)
@@ -259,12 +265,12 @@ class CacheWriter:
             "rows": len(indices),
             "sha256": digest,
             "docs_sha256": sha256_bytes(blob),
-            "skipped": skipped,
-            "truncated": truncated,
-            "prefix": prefix,
+            "skipped": content.skipped,
+            "truncated": content.truncated,
+            "prefix": content.prefix,
             "first_index": indices[0] if indices else None,
             "last_index": indices[-1] if indices else None,
-            "norms": norms is not None,  # the shard stores exact row norms (readers need not open it)
+            "norms": True,  # the shard stores its rows' norms (format 2: always)
         }
         old_stats = self.stats_file
         if stats is not None:

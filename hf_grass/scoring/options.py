@@ -51,7 +51,7 @@ class ScoringOptions:
     """What the queries of one cache may override (``None``: the cache's configuration).
 
     Args:
-        preconditioner: ``"ekfac"``, ``"kfac"``, ... (one the cache's statistics allow).
+        preconditioner: a preconditioner name, one the cache's statistics allow (default: the cache's).
         damping: fraction of each module's mean eigenvalue.
         cosine: unit-normalise scores; ``cosine_norms`` names the geometry of the norms.
         search: how lists are found (``Search`` or its method name).
