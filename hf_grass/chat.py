@@ -99,7 +99,9 @@ def encode_chat(
 
 def sft_masks(row: Mapping[str, Any]) -> list[bool] | None:
     """Which tokens carry loss in a row TRL tokenized but left the masking to its collator
-    (``completion_mask``, ``assistant_masks``: TRL before 1.0); ``None`` without such masks."""
+    (``completion_mask``, ``assistant_masks``: TRL before 1.0), as that collator did with its
+    default ``completion_only_loss``: a token carries loss where every mask is 1. ``None`` without
+    such masks."""
     masks = [row[k] for k in ("completion_mask", "assistant_masks") if row.get(k) is not None]
     if not masks:
         return None

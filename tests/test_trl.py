@@ -207,3 +207,14 @@ def test_mixin_order_and_packed_rows_give_clear_errors(tmp_path: Path, corpus: d
         trainer.build_gradient_cache(dataset=packed)
     with pytest.raises(ValueError, match="'completion' column of messages"):
         trainer.build_gradient_cache(dataset=[{"prompt": [{"role": "user", "content": "the"}]}])
+
+
+def test_masks_left_to_the_collator_are_folded_into_labels() -> None:
+    # TRL before 1.0 kept completion_mask / assistant_masks and let its collator mask the labels
+    from hf_grass.data import ExampleSource
+
+    rows = [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1], "assistant_masks": [1, 1, 1, 0]},
+            {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "completion_mask": [0, 0, 1]}]  # fmt: skip
+    source = ExampleSource(rows)
+    assert source.example(0)["labels"] == [IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX]
+    assert source.example(1)["labels"] == [5, 6, 7]  # given labels win, as in TRL
