@@ -17,12 +17,14 @@ _LAZY = {
     "GradientCache": "hf_grass.cache.reader",
     "GraSSCallback": "hf_grass.callbacks",
     "AttributionTrainer": "hf_grass.trainer",
+    "AttributionMixin": "hf_grass.trainer",
     "find_influential": "hf_grass.query",
     "InfluenceResult": "hf_grass.results",
     "InfluentialDocument": "hf_grass.results",
 }
 
 __all__ = [
+    "AttributionMixin",
     "AttributionTrainer",
     "GraSSCallback",
     "GraSSConfig",
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from hf_grass.config import GraSSConfig
     from hf_grass.query import find_influential
     from hf_grass.results import InfluenceResult, InfluentialDocument
-    from hf_grass.trainer import AttributionTrainer
+    from hf_grass.trainer import AttributionMixin, AttributionTrainer
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,9 @@ tokens; a plain list of strings; or rows of any other tensor columns (``input``,
 ...), passed to the model as they are. Causal-LM labels default to the input ids. Rows whose
 ``labels`` is a scalar (classification, regression) or a float vector (multi-label) are not causal
 LM: their token columns are padded, every other column is stacked as it is. A ``label`` or
-``label_ids`` column is read as ``labels``, as the Trainer's collators do.
+``label_ids`` column is read as ``labels``, as the Trainer's collators do. Chat rows (``messages``,
+or conversational ``prompt`` and ``completion``) are rendered with the chat template as TRL's
+``SFTTrainer`` renders them (``hf_grass.chat``); rows TRL already tokenized are read as they are.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
+
+from hf_grass.chat import chat_parts, encode_chat, is_chat_row, sft_masks, template_sha256
 
 # the label of tokens without loss (transformers' and PyTorch's convention)
 IGNORE_INDEX = -100
@@ -95,10 +99,28 @@ class ExampleSource:
             if k not in meta and k != "labels" and (self.model_inputs is None or k in self.model_inputs)
         ]
         out: dict[str, Any] = {}
+        if "seq_lengths" in row:
+            raise ValueError(
+                f"example {index} packs several documents into one row (a 'seq_lengths' column, as TRL's "
+                "packing=True makes), but attribution scores one document per row: build the cache over "
+                "the unpacked dataset (trainer.build_gradient_cache(dataset=...)), or train unpacked"
+            )
         if "input_ids" in row:
             out.update({k: v for k, v in row.items() if k not in _META_KEYS})
+            trained = sft_masks(out) if "labels" not in out else None  # masks left to TRL's collator
+            if trained is not None:
+                out["labels"] = [int(t) if m else IGNORE_INDEX for t, m in zip(out["input_ids"], trained)]
             if not is_lm_example(out):  # classification etc.: every column is stacked, keep inputs only
                 out = {k: v for k, v in out.items() if k in inputs or k == "labels"}
+        elif is_chat_row(row):  # rendered with the chat template, as TRL's SFTTrainer does
+            if self.tokenizer is None:
+                raise ValueError(f"example {index} holds chat messages but no tokenizer was given to render")
+            messages, completion, template_kwargs = chat_parts(row)
+            ids, trained = encode_chat(self.tokenizer, messages, completion, **template_kwargs)
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, trained)]
+            if self.prefix is not None:  # a query: it begins as the documents did
+                ids, labels = begin_like(ids, labels, self.prefix, self.special_ids or frozenset())
+            out.update(input_ids=ids, labels=labels)
         elif self.text_column in row and (self.model_inputs is None or not inputs):
             if self.tokenizer is None:
                 raise ValueError(
@@ -227,10 +249,26 @@ def chat_prefix(tokenizer: Any) -> list[int] | None:
 
 def document_encoding(tokenizer: Any) -> dict[str, Any]:
     """What the manifest records about the tokenizer's own encoding; the pass adds the documents'
-    shared prefix per shard and the manifest merge the rest (``cache.manifest.merge_parts``)."""
+    shared prefix per shard and the manifest merge the rest (``cache.manifest.merge_parts``).
+    ``chat_template_sha256`` names the chat template chat rows were rendered with."""
     if tokenizer is None:
-        return {"tokenizer_prefix": None, "chat_prefix": None}
-    return {"tokenizer_prefix": tokenizer_prefix(tokenizer), "chat_prefix": chat_prefix(tokenizer)}
+        return {"tokenizer_prefix": None, "chat_prefix": None, "chat_template_sha256": None}
+    return {
+        "tokenizer_prefix": tokenizer_prefix(tokenizer),
+        "chat_prefix": chat_prefix(tokenizer),
+        "chat_template_sha256": template_sha256(tokenizer),
+    }
+
+
+def begin_like(
+    ids: list[int], labels: list[int], prefix: Sequence[int], specials: Collection[int]
+) -> tuple[list[int], list[int]]:
+    """A rendered chat holds its template's special tokens: the documents' ``prefix`` goes in front
+    (without loss) only when the rendering begins with no special token at all."""
+    prefix = [int(t) for t in prefix]
+    if not prefix or ids[: len(prefix)] == prefix or leading_special(ids, specials):
+        return ids, labels
+    return prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
 
 
 def encode_text(

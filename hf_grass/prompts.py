@@ -11,11 +11,12 @@ from torch import nn
 
 from hf_grass.cache.reader import GradientCache
 from hf_grass.capture.engine import unwrap_model
+from hf_grass.chat import chat_ids, encode_chat, template_sha256
 from hf_grass.data import (
     IGNORE_INDEX,
+    begin_like,
     collate,
     encode_text,
-    leading_special,
     pad_token_id,
     padding_side,
     special_ids,
@@ -38,34 +39,34 @@ def encode_query(
     The query begins the way the cached ``documents`` begin (``GradientCache.document_prefix``):
     a string prompt starts with exactly the special token ids every document starts with, in place
     of those the tokenizer adds itself, so documents that begin with ``<eos>`` give a query that
-    begins with ``<eos>``, and a tokenizer that adds ``<bos>`` does not put it in twice. A chat
-    prompt is tokenized as its template renders it (the template holds its own special tokens);
-    the documents' prefix goes in front only when the rendered prompt begins with no special token.
-    Without a recorded prefix (older caches) the prompt is tokenized as the tokenizer does.
+    begins with ``<eos>``, and a tokenizer that adds ``<bos>`` does not put it in twice. Without a
+    recorded prefix (older caches) the prompt is tokenized as the tokenizer does.
+
+    A chat prompt (a list of messages) is encoded as TRL's ``SFTTrainer`` encodes a conversational
+    prompt-completion example (``hf_grass.chat.encode_chat``): the prompt messages, then the
+    completion as an assistant turn, rendered together by the chat template; the loss covers the
+    completion and the tokens the template closes the turn with (``<|im_end|>``...), as SFT trains
+    them. A generated completion is decoded to text and encoded the same way. The documents' prefix
+    goes in front only when the rendering begins with no special token.
     """
-    prompt_text = render_prompt(tokenizer, prompt)
-    prefix = documents.document_prefix if documents is not None else None
+    prompt_text = render_prompt(tokenizer, prompt)  # checks the messages and the template
     if isinstance(prompt, list):
-        # a rendered chat template already holds its special tokens
-        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-        if (
-            prefix
-            and prompt_ids[: len(prefix)] != prefix
-            and not leading_special(prompt_ids, special_ids(tokenizer))
-        ):
-            prompt_ids = list(prefix) + prompt_ids
-    else:
-        if documents is not None and documents.chat_documents:
-            logger.warning(
-                "The cached documents begin the way the chat template begins a conversation; pass the "
-                "prompt as a list of messages so that the query is encoded like them."
-            )
-        prompt_ids = encode_text(tokenizer, prompt_text, prefix)
+        ids, labels, text = _encode_chat_query(
+            model, tokenizer, prompt, completion, documents, **generate_kwargs
+        )
+        example = {"input_ids": ids, "labels": labels}
+        return prompt_text, text, collate([example], pad_token_id(tokenizer), padding_side(tokenizer))
+    prefix = documents.document_prefix if documents is not None else None
+    if documents is not None and documents.chat_documents:
+        logger.warning(
+            "The cached documents begin the way the chat template begins a conversation; pass the "
+            "prompt as a list of messages so that the query is encoded like them."
+        )
+    prompt_ids = encode_text(tokenizer, prompt_text, prefix)
     if completion is None:
         completion_ids = generate(model, tokenizer, prompt_ids, **generate_kwargs)
     else:
-        if not isinstance(completion, str) or not completion:
-            raise ValueError("completion must be a non-empty string (or None to generate one)")
+        _check_completion(completion)
         completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     if not completion_ids:
         raise ValueError(
@@ -77,6 +78,52 @@ def encode_query(
         "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
     }
     return prompt_text, text, collate([example], pad_token_id(tokenizer), padding_side(tokenizer))
+
+
+def _encode_chat_query(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: list[dict[str, str]],
+    completion: str | None,
+    documents: GradientCache | None,
+    **generate_kwargs: Any,
+) -> tuple[list[int], list[int], str]:
+    """``encode_query`` for a chat prompt: (input ids, labels, completion text) of the SFT encoding
+    of the prompt and the completion as the assistant's turn."""
+    prefix = (documents.document_prefix if documents is not None else None) or []
+    specials = special_ids(tokenizer)
+    recorded = documents.manifest.get("documents") if documents is not None else None
+    built_with = recorded.get("chat_template_sha256") if isinstance(recorded, dict) else None
+    if built_with is not None and built_with != template_sha256(tokenizer):
+        logger.warning(
+            "The tokenizer's chat template differs from the one the cached documents were rendered with; "
+            "the query is not encoded like them. Use the tokenizer (and chat template) of the training run."
+        )
+    if completion is None:
+        prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+        prompt_ids, _ = begin_like(prompt_ids, [IGNORE_INDEX] * len(prompt_ids), prefix, specials)
+        generated = generate(model, tokenizer, prompt_ids, **generate_kwargs)
+        completion = tokenizer.decode(generated, skip_special_tokens=True) if generated else ""
+        if not completion.strip():
+            raise ValueError(
+                "the completion is empty (the model generated nothing); pass completion=... explicitly"
+            )
+    else:
+        _check_completion(completion)
+    ids, trained = encode_chat(tokenizer, prompt, [{"role": "assistant", "content": completion}])
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, trained)]
+    if all(t == IGNORE_INDEX for t in labels):
+        raise ValueError(
+            "the chat template renders nothing for the assistant's completion, so the query has no loss; "
+            "check tokenizer.chat_template"
+        )
+    ids, labels = begin_like(ids, labels, prefix, specials)
+    return ids, labels, completion
+
+
+def _check_completion(completion: Any) -> None:
+    if not isinstance(completion, str) or not completion:
+        raise ValueError("completion must be a non-empty string (or None to generate one)")
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt_ids: list[int], **generate_kwargs: Any) -> list[int]:

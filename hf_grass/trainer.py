@@ -6,6 +6,10 @@ trainer.train()                               # optional
 trainer.build_gradient_cache()                # attribution pass over train_dataset
 trainer.attribute(query_dataset)              # [n_query, n_train] scores
 trainer.find_influential("Who wrote ...?", k=10)
+
+The behaviour lives in `AttributionMixin`, so that any `Trainer` subclass gets it (TRL's):
+
+class SFTAttributionTrainer(AttributionMixin, SFTTrainer): ...
 """
 
 from __future__ import annotations
@@ -24,8 +28,14 @@ from hf_grass.lookups import AttributionLookups
 from hf_grass.query import Attributor
 
 
-class AttributionTrainer(AttributionLookups, Trainer):
-    """A Trainer with ``build_gradient_cache``, ``attribute`` and ``find_influential``.
+class AttributionMixin(AttributionLookups):
+    """``build_gradient_cache``, ``attribute``, ``find_influential`` and ``score_dataset`` for any
+    ``transformers.Trainer`` subclass: put it first among the bases,
+    ``class SFTAttributionTrainer(AttributionMixin, SFTTrainer)``.
+
+    It uses what every Trainer has (``model``, ``args``, ``train_dataset``, ``processing_class``), so
+    the cache holds the trainer's own ``train_dataset``: for TRL's ``SFTTrainer``, the rows it
+    tokenized (chat template applied, prompt or non-assistant tokens masked as its loss masks them).
 
     Args:
         grass_config: the attribution configuration (default ``GraSSConfig()``); every other
@@ -36,6 +46,22 @@ class AttributionTrainer(AttributionLookups, Trainer):
             per example: example i's loss depends on example i only, never on the rest of the batch.
     """
 
+    # what the Trainer it is mixed into provides
+    model: Any
+    args: Any
+    train_dataset: Any
+    processing_class: Any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a Trainer listed first would receive grass_config and fail with a message that names neither
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(AttributionMixin):
+            raise TypeError(
+                f"{cls.__name__}: put AttributionMixin before the Trainer class among the bases, e.g. "
+                "class MyTrainer(AttributionMixin, SFTTrainer)"
+            )
+
     def __init__(
         self,
         *args: Any,
@@ -43,6 +69,11 @@ class AttributionTrainer(AttributionLookups, Trainer):
         per_example_loss: PerExampleLoss | None = None,
         **kwargs: Any,
     ):
+        if not isinstance(self, Trainer):
+            raise TypeError(
+                f"AttributionMixin needs a transformers.Trainer to mix into; {type(self).__name__} is not one "
+                "(class MyTrainer(AttributionMixin, Trainer))"
+            )
         super().__init__(*args, **kwargs)
         self.per_example_loss = per_example_loss
         if grass_config is not None and not isinstance(grass_config, GraSSConfig):
@@ -94,3 +125,17 @@ class AttributionTrainer(AttributionLookups, Trainer):
             per_example_loss=self.per_example_loss,
             **kwargs,
         )
+
+
+class AttributionTrainer(AttributionMixin, Trainer):
+    """A Trainer with ``build_gradient_cache``, ``attribute``, ``find_influential`` and
+    ``score_dataset`` (``AttributionMixin`` on ``transformers.Trainer``).
+
+    Args:
+        grass_config: the attribution configuration (default ``GraSSConfig()``); every other
+            argument is the Trainer's.
+        per_example_loss: ``fn(model, batch) -> [B]``, the per-example loss of a model whose
+            output the built-in losses (causal LM, classification, regression, multi-label) do not
+            cover; used for the cache and for every query (see ``GradientComputer``). It must be
+            per example: example i's loss depends on example i only, never on the rest of the batch.
+    """

@@ -24,9 +24,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
-TESTED = {"gpu_suite",  # tests/test_gpu_suite.py runs its --dry-run
-          "attribution_pass", "batched", "compress", "during_pass", "gpu_kernels", "index", "lds", "quality",
-          "query", "real_model", "real_rows"}  # fmt: skip
+# gpu_suite's --dry-run runs in tests/test_gpu_suite.py
+TESTED = {"attribution_pass", "batched", "compress", "during_pass", "gpu_kernels", "gpu_suite", "index", "lds",
+          "quality", "query", "real_model", "real_rows", "selection"}  # fmt: skip
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -86,6 +86,17 @@ def test_during_pass(tmp_path: Path) -> None:
     assert finite(report["ratio_during_over_build"], report["max_relative_score_difference"])
     # the benchmark's own check: scoring during the pass gives the lists of querying the cache
     assert report["identical_top"] is True and report["identical_bottom"] is True
+
+
+def test_selection(tmp_path: Path) -> None:
+    report = smoke("selection", tmp_path)
+    arms = {r["arm"]: r for r in report["results"]}
+    assert set(arms) == {"hf_grass", "hf_grass cosine", "random", "topic filter (reference)"}
+    for r in arms.values():
+        assert finite(r["target_loss_mean"], r["target_loss_std"]) and r["runs"] == len(r["target_losses"])
+        assert abs(sum(r["composition"].values()) - 1) < 1e-9
+    assert set(report["gain_over_random"]) == set(arms) - {"random"}
+    assert finite(report["untrained_target_loss"], report["selection_s"], *report["gain_over_random"].values())
 
 
 @pytest.fixture(scope="module")

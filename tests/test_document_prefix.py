@@ -151,8 +151,12 @@ def test_chat_formatted_documents_are_recognised(tmp_path: Path, caplog: pytest.
         record["prefix"] == [start] and record["chat_prefix"] == [start] and record["chat_template"] is True
     )
     messages = [{"role": "user", "content": "w0 w1"}]
-    ids = query_ids(model, tok, cache, prompt=messages)
+    _, _, batch = encode_query(model, tok, messages, "w2", documents=cache)
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     assert ids[0] == start and ids.count(start) == 2  # the template's own tokens, not the prefix twice
+    # the completion is the assistant's turn as the template closes it (as SFT trains it)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert [t for t in labels if t != IGNORE_INDEX] == words(tok, "w2") + [end] == ids[-2:]
     with caplog.at_level(logging.WARNING, logger="transformers.hf_grass"):
         query_ids(model, tok, cache)
     assert "list of messages" in caplog.text

@@ -24,6 +24,7 @@ STAGES = [
     ["hf_grass.precondition"],
     ["hf_grass.config"],
     ["hf_grass.distributed"],
+    ["hf_grass.chat"],  # chat rows tokenized as TRL's SFTTrainer does: imports nothing of the package
     ["hf_grass.data"],
     ["hf_grass.capture"],
     ["hf_grass.cache"],
