@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_grass.capture.coverage import Coverage, coverage
 from hf_grass.capture.hooks import CaptureRequest, GradientCapture
 from hf_grass.capture.loss import PerExampleLoss, check_losses, model_logits, per_example_loss
 from hf_grass.capture.targets import TargetModule, find_target_modules
@@ -84,6 +85,12 @@ def _factor_space_fits(config: GraSSConfig, targets: list[TargetModule]) -> bool
         m_in, m_out = widths(config, t.d_in, t.d_out)
         total += m_in * m_out
     return total <= int(config.total_dim or 0)
+
+
+def _batch_size(batch: Mapping[str, torch.Tensor]) -> int | None:
+    """The number of examples in a batch (its tensors' first dimension)."""
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _forward_signature(model: nn.Module) -> inspect.Signature:
@@ -181,6 +188,11 @@ class GradientComputer:
     def module_names(self) -> list[str]:
         return [t.name for t in self.targets]
 
+    def coverage(self) -> Coverage:
+        """What fraction of the model's trainable parameters the targets attribute, and what is left
+        out and why (``capture.coverage``; call it outside ``session()``, which freezes them all)."""
+        return coverage(self.model, self.targets)
+
     @contextlib.contextmanager
     def session(self) -> Iterator[GradientComputer]:
         """Attribution mode: eval, parameters frozen, hooks attached; restored on exit."""
@@ -257,6 +269,7 @@ class GradientComputer:
         capture.request = request
         mask = batch.get("attention_mask")
         capture.token_mask = mask.to(self.device).bool() if mask is not None else None
+        capture.batch_size = _batch_size(batch)
         with torch.enable_grad():
             losses = self.losses(batch, capture.token_mask)
             bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()

@@ -35,6 +35,7 @@ from hf_grass.compressors.base import (
 from hf_grass.compressors.factor_maps import FactorMap, HashMap
 from hf_grass.compressors.sjlt import check_sjlt_settings, make_sjlt
 from hf_grass.kernels import SJLTMap
+from hf_grass.kernels.onehot import OneHot
 from hf_grass.kernels.reference import accumulation_dtype, gather_columns, take_columns
 from hf_grass.seeding import sample_without_replacement
 
@@ -122,6 +123,7 @@ class FactGraSSCompressor(FactorisedCompressor):
         acc = accumulation_dtype(x, delta)
         if self.map_in is not None and self.map_out is not None:
             return self.map_in.apply(x.to(acc), bias=self.bias), self.map_out.apply(delta.to(acc))
+        # (a one-hot side, an embedding's ids, gathers by comparing its ids with the mask's)
         xs = gather_columns(x, self.in_idx, self.mask_bias_index).to(acc) * self.scale_in
         return xs, take_columns(delta, self.out_idx).to(acc) * self.scale_out
 
@@ -131,8 +133,8 @@ class FactGraSSCompressor(FactorisedCompressor):
         self._check_factors(x, delta)
         acc = accumulation_dtype(x, delta)
         xs, ds = self.factors(x, delta)
-        if isinstance(self.map_in, HashMap):
-            xs = self.with_bias_column(x).to(acc)
+        if isinstance(self.map_in, HashMap):  # a one-hot side stays one-hot (never built)
+            xs = x.to(acc) if isinstance(x, OneHot) else self.with_bias_column(x).to(acc)
         if isinstance(self.map_out, HashMap):
             ds = delta.to(acc)
         return xs, ds
@@ -140,6 +142,10 @@ class FactGraSSCompressor(FactorisedCompressor):
     def curvature_gradient(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """``sum_t delta^c_t x^c_t^T`` of ``curvature_factors`` -> ``[B, c_out, c_in]``."""
         xs, ds = self.curvature_factors(x, delta)
+        if isinstance(xs, OneHot):  # an embedding's vocabulary side: an index_add of the tokens
+            return xs.outer_sum(ds).transpose(1, 2)
+        if isinstance(ds, OneHot):
+            return ds.outer_sum(xs)
         return torch.bmm(ds.transpose(1, 2), xs)
 
     def to_factor_space(self, gp: torch.Tensor, query: bool = False) -> torch.Tensor:
@@ -162,7 +168,7 @@ class FactGraSSCompressor(FactorisedCompressor):
         return m_in, m_out
 
     def compress(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        if self.has_maps:  # projections instead of gathers: no fused kernel
+        if self.has_maps or isinstance(x, OneHot) or isinstance(delta, OneHot):  # no fused kernel
             return self.project_factor(self.factor_gradient(x, delta))
         # factor path: gather + outer-product sum + SJLT (Triton on CUDA), scale applied once at the end
         self._check_factors(x, delta)

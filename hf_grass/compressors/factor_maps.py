@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_grass.kernels.onehot import OneHot
+
 
 @dataclass
 class EigenMap:
@@ -43,9 +45,10 @@ class EigenMap:
     def to(self, device: torch.device | str) -> EigenMap:
         return EigenMap(self.vectors.to(device), self.scale)
 
-    def apply(self, t: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    def apply(self, t: torch.Tensor | OneHot, bias: bool = False) -> torch.Tensor:
         """``t [..., d(-1)] -> [..., m]`` in ``t``'s dtype; ``bias``: ``t`` lacks the trailing column
-        of ones, which maps to the last row of ``vectors``."""
+        of ones, which maps to the last row of ``vectors``. A one-hot ``t`` (an embedding's ids)
+        gathers rows of ``vectors``."""
         vec = self.vectors.to(t.dtype)
         out = t @ vec[: t.shape[-1]]
         if bias:
@@ -85,8 +88,13 @@ class HashMap:
     def weights(self, query: bool = False) -> torch.Tensor:
         return self.signs / self.whiten if query else self.signs * self.whiten
 
-    def apply(self, t: torch.Tensor, bias: bool = False, query: bool = False) -> torch.Tensor:
-        """``t [..., d(-1)] -> [..., m]`` bucket sums (train weights unless ``query``)."""
+    def apply(self, t: torch.Tensor | OneHot, bias: bool = False, query: bool = False) -> torch.Tensor:
+        """``t [..., d(-1)] -> [..., m]`` bucket sums (train weights unless ``query``); a one-hot ``t``
+        (an embedding's ids) puts each token's weight in its id's bucket, a gather."""
+        if isinstance(t, OneHot):
+            if bias:
+                raise ValueError("a one-hot factor has no bias column")
+            return t.scatter(self.buckets, self.weights(query), self.m)
         if bias:
             t = torch.cat([t, torch.ones(*t.shape[:-1], 1, dtype=t.dtype, device=t.device)], dim=-1)
         return self.to_buckets(t, dim=-1, query=query)
