@@ -87,9 +87,11 @@ def tiny_gpt2(
     return GPT2LMHeadModel(GPT2Config(**{**fields, **overrides}))
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(
+    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tie: bool = False
+) -> LlamaForCausalLM:
     """A Llama of ``layers`` blocks of width ``hidden`` (2 heads), weights drawn after
-    ``torch.manual_seed(seed)``."""
+    ``torch.manual_seed(seed)``; ``tie``: input and output embeddings share one weight (SmolLM2)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         num_hidden_layers=layers,
@@ -102,7 +104,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg)
 

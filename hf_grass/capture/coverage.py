@@ -4,8 +4,8 @@ Scores are inner products of the targets' gradients only, so a parameter left ou
 the model whose influence the scores do not see. The attribution pass logs this line and records it
 in the manifest (``cache.model_info["coverage"]``), so it is never silent::
 
-    attributing 134.5M of 134.5M trainable parameters (99.99%); left out: 61 tensors, 17.9K numbers
-    (LlamaRMSNorm: an elementwise scale, not a linear map of its input): model.norm.weight, ...
+    attributing 134.5M of 134.5M trainable parameters (99.99%); left out: 17.9K numbers in 61 tensors
+    (LlamaRMSNorm: an elementwise scale or shift, not a linear map of its input): model.norm.weight, ...
 
 Each parameter counts once, also when two modules share it (tied embeddings). With no parameter
 requiring grad (a fully frozen model), every parameter counts.
@@ -61,7 +61,9 @@ class Coverage:
         return logging.INFO if expected and not self.partial else logging.WARNING
 
     def line(self) -> str:
-        what = "parameters (none requires grad: counting all)" if self.frozen_model else "trainable parameters"
+        what = (
+            "parameters (none requires grad: counting all)" if self.frozen_model else "trainable parameters"
+        )
         text = (
             f"attributing {human(self.attributed)} of {human(self.trainable)} {what} "
             f"({100 * self.fraction:.2f}%)"
@@ -70,7 +72,7 @@ class Coverage:
             parts = []
             for g in self.left_out:
                 shown = ", ".join(g.names[:NAMES_SHOWN]) + (", ..." if len(g.names) > NAMES_SHOWN else "")
-                parts.append(f"{len(g.names)} tensors, {human(g.numel)} numbers ({g.reason}): {shown}")
+                parts.append(f"{human(g.numel)} numbers in {len(g.names)} tensors ({g.reason}): {shown}")
             text += "; left out: " + "; ".join(parts)
         else:
             text += "; nothing left out"
@@ -84,8 +86,10 @@ class Coverage:
             "trainable": self.trainable,
             "attributed": self.attributed,
             "fraction": round(self.fraction, 6),
-            "left_out": [{"reason": g.reason, "count": len(g.names), "numel": g.numel, "names": g.names[:20]}
-                         for g in self.left_out],  # fmt: skip
+            "left_out": [
+                {"reason": g.reason, "count": len(g.names), "numel": g.numel, "names": g.names[:20]}
+                for g in self.left_out
+            ],  # fmt: skip
             "partial": list(self.partial),
             "line": self.line(),
         }
@@ -106,7 +110,9 @@ def coverage(model: nn.Module, targets: list[TargetModule]) -> Coverage:
     for t in targets:
         for p, n in t.covered():
             covered[id(p)] += n
-    candidate_modules = {id(t.module) for t in found.targets} | {id(t.tied) for t in found.targets if t.tied is not None}
+    candidate_modules = {id(t.module) for t in found.targets} | {
+        id(t.tied) for t in found.targets if t.tied is not None
+    }
     lora = is_lora_model(model)
     named = list(model.named_parameters())
     frozen = not any(p.requires_grad for _, p in named)
@@ -152,7 +158,11 @@ def _reason(owner: nn.Module | None, name: str, refused: dict[str, str], candida
     if name in refused:
         return f"{kind}: {refused[name]}"
     if candidate:
-        return f"{kind}: trainable, but a LoRA model's default targets are its LoRA layers" if lora else f"{kind}: {NOT_TARGETED}"
+        return (
+            f"{kind}: trainable, but a LoRA model's default targets are its LoRA layers"
+            if lora
+            else f"{kind}: {NOT_TARGETED}"
+        )
     if "norm" in kind.lower():
         return f"{kind}: {ELEMENTWISE}"
     return f"{kind}: hf_grass has no capture rule for this module type"

@@ -99,8 +99,15 @@ def describe_experts(name: str, module: nn.Module) -> list[TargetModule]:
             d_out, d_in = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
             targets.append(
                 TargetModule(
-                    f"{name}.{e}.{param}", module, int(d_in) + int(bias), int(d_out), bias, transposed,
-                    kind="expert", parameter=param, index=e,
+                    f"{name}.{e}.{param}",
+                    module,
+                    int(d_in) + int(bias),
+                    int(d_out),
+                    bias,
+                    transposed,
+                    kind="expert",
+                    parameter=param,
+                    index=e,
                 )  # fmt: skip
             )
     return targets
@@ -142,6 +149,7 @@ def install(capture: Contributions, targets: list[TargetModule]) -> list[Removab
             handles.append(t.module.register_forward_hook(hooks.forward, with_kwargs=True))
     for group in by_module.values():
         hooks = ExpertsHooks(capture, group)
+        handles.append(group[0].module.register_forward_pre_hook(hooks.pre_forward))
         handles.append(group[0].module.register_forward_hook(hooks.forward, with_kwargs=True))
     return handles
 
@@ -229,26 +237,32 @@ class ExpertsHooks:
         self.name = targets[0].name.rsplit(".", 2)[0]
         self.checked = False
 
+    def pre_forward(self, module: nn.Module, args: tuple) -> None:
+        problem = experts_problem(module)  # the implementation can be switched after targeting
+        if problem is not None and torch.is_grad_enabled():
+            raise ValueError(f"{self.name}: {problem}")
+
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
             return None
-        problem = experts_problem(module)  # the implementation can be switched after targeting
-        if problem is not None:
-            raise ValueError(f"{self.name}: {problem}")
         hidden = _first_tensor(args, kwargs, "hidden_states")
         index = _argument(args, kwargs, 1, "top_k_index")
         weights = _argument(args, kwargs, 2, "top_k_weights")
         replaced = None
         if not output.requires_grad:  # nothing before this layer is captured: start the graph here
             output = replaced = output.detach().requires_grad_(True)
-        saved = (hidden.detach(), index.detach(), weights.detach(), self.capture.token_mask)
-        check = None if self.checked else output.detach()
+        # [tokens, ...] whatever shape the block passes (transformers flattens the batch already)
+        k = index.shape[-1]
+        saved = (hidden.detach().reshape(-1, hidden.shape[-1]), index.detach().reshape(-1, k),
+                 weights.detach().reshape(-1, k), self.capture.token_mask)  # fmt: skip
+        check = None if self.checked else output.detach().reshape(-1, output.shape[-1])
         self.checked = True
         output.register_hook(functools.partial(self.backward, saved, check))
         return replaced
 
     def backward(self, saved: tuple, check: torch.Tensor | None, grad: torch.Tensor) -> None:
         hidden, index, weights, mask = saved
+        grad = grad.reshape(-1, grad.shape[-1])
         n, k = index.shape
         b, t = batch_shape(self.capture, n, mask)
         real = mask.reshape(-1) if mask is not None and mask.numel() == n else None
@@ -307,7 +321,9 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed
     return out if b is None else out + b
 
 
-def pack(tok: torch.Tensor, batch: int, tokens: int, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def pack(
+    tok: torch.Tensor, batch: int, tokens: int, rows: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Rows of flattened tokens ``tok`` (ascending) -> ``[B, C, d]`` per example, zero-padded to the
     largest count ``C``, and the ``[B, C]`` mask of the slots that hold a token."""
     example = tok // tokens
@@ -347,4 +363,3 @@ def _replace_first(args: tuple, kwargs: dict, name: str, value: torch.Tensor) ->
     if name in kwargs:
         return args, {**kwargs, name: value}
     return (value, *args[1:]), kwargs
-

@@ -149,7 +149,9 @@ def find_target_modules(
                 + f". Candidates: {_preview([t.name for t in pool])}"
             )
         if isinstance(target_modules, list):
-            missing = [e for e in target_modules if not any(_matches(n, [e]) for t in chosen for n in found.names(t))]
+            missing = [
+                e for e in target_modules if not any(_matches(n, [e]) for t in chosen for n in found.names(t))
+            ]
             if missing:
                 raise ValueError(
                     f"target_modules entries {missing} match no module hf_grass can capture. "

@@ -56,7 +56,9 @@ class OneHot:
     def __matmul__(self, mat: torch.Tensor) -> torch.Tensor:
         """``rows @ mat`` for ``mat [width, m]``: the rows ``mat[ids]`` (zero for id -1)."""
         if mat.dim() != 2 or mat.shape[0] != self.width:
-            raise ValueError(f"a one-hot factor of width {self.width} cannot multiply a {tuple(mat.shape)} matrix")
+            raise ValueError(
+                f"a one-hot factor of width {self.width} cannot multiply a {tuple(mat.shape)} matrix"
+            )
         out = mat.to(self.dtype)[self.ids.clamp(min=0)]
         return out * self.valid.unsqueeze(-1).to(out.dtype)
 
@@ -78,9 +80,13 @@ class OneHot:
         curvature space)."""
         batch, tokens = self.ids.shape
         if other.shape[:2] != (batch, tokens):
-            raise ValueError(f"one-hot ids {tuple(self.ids.shape)} and factor {tuple(other.shape)} do not align")
+            raise ValueError(
+                f"one-hot ids {tuple(self.ids.shape)} and factor {tuple(other.shape)} do not align"
+            )
         keep = self.valid.reshape(-1)
-        rows = (torch.arange(batch, device=self.device).unsqueeze(1) * self.width + self.ids).reshape(-1)[keep]
+        rows = (torch.arange(batch, device=self.device).unsqueeze(1) * self.width + self.ids).reshape(-1)[
+            keep
+        ]
         out = torch.zeros(batch * self.width, other.shape[-1], dtype=other.dtype, device=other.device)
         out.index_add_(0, rows.to(other.device), other.reshape(-1, other.shape[-1])[keep.to(other.device)])
         return out.view(batch, self.width, other.shape[-1])

@@ -1,0 +1,94 @@
+"""What attributing every parameter costs: embeddings, tied embeddings and MoE experts.
+
+Three small random-weight models with SmolLM2's vocabulary (49,152 words, so the vocabulary side is
+hashed as on a real model): a Llama with untied embeddings, a Llama with tied ones (SmolLM2's
+layout) and a Mixtral (8 experts, 2 per token). For each, the default attribution pass
+(``run_attribution_pass`` with ``GraSSConfig()``: warm-up, eigen masks, EK-FAC statistics, int8
+rows) over the same documents, with the default targets and with the new kind left out
+(``exclude_modules``), timed round robin (wall clock and this process's CPU time); and each
+variant's coverage line.
+
+    python -m benchmarks.coverage                 # 32 documents of 64 tokens, 3 repeats
+    python -m benchmarks.coverage --smoke         # vocabulary 512, 4 documents of 8 tokens, once
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks._common import cpu_name, emit_report, parse_with_smoke, time_interleaved
+from hf_grass.attribution import run_attribution_pass
+from hf_grass.capture import GradientComputer
+from hf_grass.config import GraSSConfig
+from hf_grass.testing import random_token_examples, tiny_llama, tiny_moe
+
+SMOKE = {"vocab": 512, "docs": 4, "tokens": 8, "repeats": 1, "hidden": 32}
+
+
+def models(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, list[str]]]:
+    """name -> (model, what its reduced variant excludes)."""
+    return {
+        "llama-untied": (tiny_llama(args.vocab, hidden=args.hidden).eval(), ["embed_tokens"]),
+        "llama-tied": (tiny_llama(args.vocab, hidden=args.hidden, tie=True).eval(), ["embed_tokens"]),
+        "mixtral": (tiny_moe("mixtral", args.vocab, hidden=args.hidden, experts=8).eval(), ["experts", "gate"]),
+    }
+
+
+def one_pass(model: torch.nn.Module, rows: list[dict[str, Any]], config: GraSSConfig) -> int:
+    """The default pass into a fresh directory; the cache's bytes per document."""
+    with tempfile.TemporaryDirectory(prefix="hf_grass_cov_") as tmp:
+        cache = run_attribution_pass(model, rows, config, cache_dir=Path(tmp) / "c", disable_progress=True)
+        return sum(f.stat().st_size for f in (cache.path / "shards").glob("*.safetensors")) // cache.num_rows
+
+
+def measure(sizes: dict[str, int], variant: str, model: torch.nn.Module, rows: list[dict[str, Any]],
+            config: GraSSConfig) -> None:  # fmt: skip
+    sizes[variant] = one_pass(model, rows, config)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--docs", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json-out", type=Path, default=None)
+    args = parse_with_smoke(p, argv, SMOKE)
+    torch.set_num_threads(args.threads)
+    rows = random_token_examples(args.docs, args.vocab, lo=args.tokens, hi=args.tokens + 1)
+    report: dict[str, Any] = {
+        "settings": {**{k: v for k, v in vars(args).items() if k != "json_out"}, "cpu": cpu_name(),
+                     "torch": torch.__version__},  # fmt: skip
+        "models": {},
+    }
+    for name, (model, left_out) in models(args).items():
+        configs = {"default": GraSSConfig(batch_size=args.batch_size),
+                   "without": GraSSConfig(batch_size=args.batch_size, exclude_modules=left_out)}  # fmt: skip
+        sizes: dict[str, int] = {}
+        calls = {v: functools.partial(measure, sizes, v, model, rows, c) for v, c in configs.items()}
+        timings = time_interleaved(calls, args.repeats, warmup=0)
+        entry: dict[str, Any] = {"without": left_out}
+        for v, c in configs.items():
+            cover = GradientComputer(model, c).coverage()
+            entry[v] = {"pass_s": statistics.median(timings.wall[v]), "cpu_s": statistics.median(timings.cpu[v]),
+                        "bytes_per_document": sizes[v], "coverage": cover.line(), "fraction": cover.fraction}  # fmt: skip
+        entry["cost"] = entry["default"]["cpu_s"] / entry["without"]["cpu_s"]
+        report["models"][name] = entry
+        print(f"{name}: default {entry['default']['pass_s']:.2f} s (cpu {entry['default']['cpu_s']:.2f} s), "
+              f"without {left_out} {entry['without']['pass_s']:.2f} s (cpu {entry['without']['cpu_s']:.2f} s): "
+              f"{entry['cost']:.2f}x CPU\n  {entry['default']['coverage']}", flush=True)  # fmt: skip
+    return emit_report(report, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
