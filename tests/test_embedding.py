@@ -9,6 +9,7 @@ The rows of embeddings and tied output layers under the per-module layout meet t
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,11 +19,14 @@ from test_compressors import ShapeRecorder
 from tolerances import EXACT_ATOL, EXACT_RTOL
 from torch import nn
 
+from hf_grass.attribution import AttributionPass, Batching
+from hf_grass.cache import GradientCache
 from hf_grass.capture import CaptureRequest, GradientComputer, find_target_modules, per_example_loss
+from hf_grass.capture.targets import cache_targets
 from hf_grass.compressors import make_compressor
 from hf_grass.compressors.factor_maps import EigenMap, HashMap
 from hf_grass.config import COMPRESSORS, GraSSConfig
-from hf_grass.data import collate
+from hf_grass.data import ExampleSource, collate
 from hf_grass.kernels.onehot import OneHot
 from hf_grass.precondition.warmup import WarmupCovariances, fit_eigen_masks, module_widths
 from hf_grass.testing import random_token_examples, tiny_gpt2, tiny_llama
@@ -270,3 +274,18 @@ def test_embeddings_that_cannot_be_captured_are_refused() -> None:
         find_target_modules(model, ["emb"])
     line = GradientComputer(model, GraSSConfig(proj_dim=16)).coverage().line()
     assert "emb.weight" in line and "scale_grad_by_freq" in line
+
+
+def test_queries_capture_the_tied_use_as_the_cache_did(tmp_path: Path) -> None:
+    """The manifest records the tied use (``"tied"`` in lm_head's entry); queries of a cache without
+    it (written before hf_grass captured that use) leave it out, so both sides agree."""
+    model = tiny_gpt2(40, tie=True)
+    computer = GradientComputer(model, GraSSConfig(proj_dim=16))
+    path = AttributionPass(
+        computer, ExampleSource(random_token_examples(3, 40)), tmp_path / "c", Batching(3, disable_progress=True)
+    ).run()
+    modules = GradientCache(path).modules
+    assert next(m for m in modules if m["name"] == "lm_head")["tied"] == "transformer.wte"
+    assert next(t for t in cache_targets(model, modules) if t.name == "lm_head").tied is model.transformer.wte
+    older = [{k: v for k, v in m.items() if k != "tied"} for m in modules]
+    assert next(t for t in cache_targets(model, older) if t.name == "lm_head").tied is None

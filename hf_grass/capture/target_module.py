@@ -44,6 +44,7 @@ class TargetModule:
     parameter: str = "weight"  # the weight's attribute on ``module`` ("gate_up_proj" of experts)
     index: int | None = None  # the expert: the slice of a 3-D ``parameter``
     tied: nn.Module | None = None  # an nn.Embedding sharing this Linear's weight (both uses captured)
+    tied_name: str | None = None  # that embedding's name
 
     @property
     def weight_parameter(self) -> nn.Parameter:

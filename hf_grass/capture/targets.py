@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from torch import nn
 
@@ -19,7 +20,15 @@ from hf_grass.capture.embedding import describe_embedding, embedding_problem, is
 from hf_grass.capture.experts import describe_experts, describe_router, experts_problem, is_experts, is_router
 from hf_grass.capture.target_module import TargetModule
 
-__all__ = ["TargetModule", "describe", "find_target_modules", "is_conv1d", "is_lora_model", "is_supported"]
+__all__ = [
+    "TargetModule",
+    "cache_targets",
+    "describe",
+    "find_target_modules",
+    "is_conv1d",
+    "is_lora_model",
+    "is_supported",
+]
 
 _LORA_NAME = re.compile(r"(^|\.)lora_[AB]\.[^.]+$")
 
@@ -109,7 +118,7 @@ def candidates(model: nn.Module) -> Candidates:
         if problem is not None:
             untied[targets[i].name] = f"its use by {name} is left out: {problem}"
         else:
-            targets[i] = dataclasses.replace(targets[i], tied=module)
+            targets[i] = dataclasses.replace(targets[i], tied=module, tied_name=name)
             aliases[targets[i].name] = [name]
     targets = [t for t in targets if not (t.kind == "embedding" and id(t.module) in tied_embeddings)]
     return Candidates(targets, aliases, refused, untied)
@@ -161,7 +170,7 @@ def find_target_modules(
         chosen = [t for t in chosen if not _excluded(t, found, exclude_modules)]
         # excluding a tied output layer's input embedding leaves out that use only
         chosen = [
-            dataclasses.replace(t, tied=None) if t.tied is not None and _matches(found.aliases[t.name][-1], exclude_modules) else t
+            dataclasses.replace(t, tied=None, tied_name=None) if t.tied is not None and _matches(found.aliases[t.name][-1], exclude_modules) else t
             for t in chosen
         ]  # fmt: skip
     if not chosen:
@@ -177,6 +186,18 @@ def find_target_modules(
                 "exclude_modules=['experts']."
             )
     return chosen
+
+
+def cache_targets(model: nn.Module, modules: list[dict[str, Any]]) -> list[TargetModule]:
+    """The targets a cache's manifest lists (its ``modules`` entries), each captured as the cache
+    captured it: a tied output layer with its embedding's use only where its entry records it
+    (``"tied"``; caches written before hf_grass captured that use lack it)."""
+    targets = find_target_modules(model, [m["name"] for m in modules])
+    tied = {m["name"] for m in modules if m.get("tied")}
+    return [
+        t if t.tied is None or t.name in tied else dataclasses.replace(t, tied=None, tied_name=None)
+        for t in targets
+    ]
 
 
 def _excluded(t: TargetModule, found: Candidates, spec: list[str] | str) -> bool:
