@@ -7,15 +7,19 @@ layers, for Mixtral, OLMoE and Qwen3-MoE and the eager, batched_mm and grouped_m
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_grass.attribution import run_attribution_pass, runner
 from hf_grass.capture import CaptureRequest, GradientComputer, find_target_modules
 from hf_grass.config import GraSSConfig
 from hf_grass.data import collate
 from hf_grass.precondition.warmup import WarmupCovariances, module_widths
+from hf_grass.query import Attributor
 from hf_grass.testing import random_token_examples, tiny_moe
 
 VOCAB = 40
@@ -138,3 +142,30 @@ def test_warm_up_sums_of_an_expert_equal_its_routed_tokens() -> None:
         ):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         assert sums.tokens[up_name] == tok.numel() > 0
+
+
+class NarrowWarmup(WarmupCovariances):
+    """The warm-up with sides wider than 20 kept as diagonals (hashed), like a real model's widest."""
+
+    def __init__(self, widths: dict, device: torch.device | str = "cpu") -> None:
+        super().__init__(widths, device, max_width=20)
+
+
+def test_default_pass_and_queries_on_an_moe_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default configuration end to end on Mixtral with 8 experts: warm-up (the expert sides
+    wider than 20 hashed, as a 14k-wide expert of a real Mixtral is), EK-FAC, int8 rows, then a
+    one-token-pair query that leaves most experts unreached. Every score is finite, and a document
+    scored against itself is the largest of its row (the estimator sees the experts)."""
+    monkeypatch.setattr(runner, "WarmupCovariances", NarrowWarmup)
+    model = tiny_moe("mixtral", VOCAB, experts=8)
+    docs = random_token_examples(6, VOCAB, seed=4)
+    # factor_dim 8 < the hashed widths, as on a real model (a zero gradient then has the curvature's shape)
+    config = GraSSConfig(factor_dim=8)
+    cache = run_attribution_pass(model, docs, config, cache_dir=tmp_path / "c", disable_progress=True)
+    assert any(".experts." in n for n in cache.module_names)
+    attributor = Attributor(model, None, cache)
+    short = attributor.query_vectors([collate([{"input_ids": [5, 6]}])])
+    assert torch.isfinite(short.rows).all()
+    scores = attributor.attribute(docs)
+    assert torch.isfinite(scores).all()
+    assert (scores.argmax(dim=1) == torch.arange(len(docs))).float().mean() >= 0.5

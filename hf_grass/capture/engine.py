@@ -311,5 +311,10 @@ class GradientComputer:
                         comp.m_in,
                         device=self.device,  # type: ignore[attr-defined]
                     )
+        if request.curvature_grads:  # likewise for the hashed modules (e.g. MoE experts no token reached)
+            for name, comp in self.compressors.items():
+                if getattr(comp, "hashed", False) and name not in result.curvature_grads:
+                    shape = comp.curvature_shape  # type: ignore[attr-defined]
+                    result.curvature_grads[name] = torch.zeros(batch_size, *shape, device=self.device)
         capture.reset()
         return result

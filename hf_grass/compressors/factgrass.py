@@ -102,6 +102,14 @@ class FactGraSSCompressor(FactorisedCompressor):
         """Whether a side is hashed: its curvature is then known per coordinate, not per bucket."""
         return any(m is not None and m.hashed for m in (self.map_in, self.map_out))
 
+    @property
+    def curvature_shape(self) -> tuple[int, int]:
+        """``(c_out, c_in)`` of ``curvature_gradient``: a hashed side's own width, else the factor's."""
+        return (
+            self.d_out if isinstance(self.map_out, HashMap) else self.m_out,
+            self.d_in if isinstance(self.map_in, HashMap) else self.m_in,
+        )
+
     def set_maps(self, map_in: FactorMap, map_out: FactorMap) -> None:
         """Take the masks in a fitted basis: ``map_in`` / ``map_out`` (``factor_maps``) map each side
         to its ``m_in`` / ``m_out`` factor coordinates (the input map's last row is the bias's)."""
