@@ -5,8 +5,8 @@ hashed as on a real model): a Llama with untied embeddings, a Llama with tied on
 layout) and a Mixtral (8 experts, 2 per token). For each, the default attribution pass
 (``run_attribution_pass`` with ``GraSSConfig()``: warm-up, eigen masks, EK-FAC statistics, int8
 rows) over the same documents, with the default targets and with the new kind left out
-(``exclude_modules``), timed round robin (wall clock and this process's CPU time); and each
-variant's coverage line.
+(``exclude_modules``), and a training step's work (forward and full backward in the same batches),
+timed round robin (wall clock and this process's CPU time); and each variant's coverage line.
 
     python -m benchmarks.coverage                 # 32 documents of 64 tokens, 3 repeats
     python -m benchmarks.coverage --smollm2 --docs 16 --tokens 128 --repeats 2   # the real SmolLM2-135M
@@ -29,8 +29,9 @@ import torch
 
 from benchmarks._common import cpu_name, emit_report, parse_with_smoke, time_interleaved
 from hf_grass.attribution import run_attribution_pass
-from hf_grass.capture import GradientComputer
+from hf_grass.capture import GradientComputer, per_example_loss
 from hf_grass.config import GraSSConfig
+from hf_grass.data import collate
 from hf_grass.testing import random_token_examples, tiny_llama, tiny_moe
 
 SMOKE = {"vocab": 512, "docs": 4, "tokens": 8, "repeats": 1, "hidden": 32}
@@ -66,6 +67,20 @@ def one_pass(model: torch.nn.Module, rows: list[dict[str, Any]], config: GraSSCo
         return sum(f.stat().st_size for f in (cache.path / "shards").glob("*.safetensors")) // cache.num_rows
 
 
+def plain_pass(model: torch.nn.Module, rows: list[dict[str, Any]], batch_size: int) -> None:
+    """A training step's work over ``rows``: forward and full backward, no optimizer."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    for lo in range(0, len(rows), batch_size):
+        batch = collate([{"input_ids": r["input_ids"]} for r in rows[lo : lo + batch_size]])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_example_loss(logits, batch["labels"], "sum", batch["attention_mask"]).sum().backward()
+        model.zero_grad(set_to_none=True)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
 def measure(sizes: dict[str, int], variant: str, model: torch.nn.Module, rows: list[dict[str, Any]],
             config: GraSSConfig) -> None:  # fmt: skip
     sizes[variant] = one_pass(model, rows, config)
@@ -94,21 +109,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "models": {},
     }
     for name, (model, left_out) in chosen.items():
-        configs = {"default": GraSSConfig(batch_size=args.batch_size),
-                   "without": GraSSConfig(batch_size=args.batch_size, exclude_modules=left_out)}  # fmt: skip
+        configs = {
+            "default": GraSSConfig(batch_size=args.batch_size),
+            "without": GraSSConfig(batch_size=args.batch_size, exclude_modules=left_out),
+        }
         sizes: dict[str, int] = {}
         calls = {v: functools.partial(measure, sizes, v, model, rows, c) for v, c in configs.items()}
+        calls["plain"] = functools.partial(plain_pass, model, rows, args.batch_size)
         timings = time_interleaved(calls, args.repeats, warmup=0)
-        entry: dict[str, Any] = {"without": left_out}
+        plain = statistics.median(timings.cpu["plain"])
+        entry: dict[str, Any] = {"without": left_out, "plain_cpu_s": plain}
         for v, c in configs.items():
             cover = GradientComputer(model, c).coverage()
-            entry[v] = {"pass_s": statistics.median(timings.wall[v]), "cpu_s": statistics.median(timings.cpu[v]),
-                        "bytes_per_document": sizes[v], "coverage": cover.line(), "fraction": cover.fraction}  # fmt: skip
+            cpu = statistics.median(timings.cpu[v])
+            entry[v] = {
+                "pass_s": statistics.median(timings.wall[v]),
+                "cpu_s": cpu,
+                "x_plain": cpu / plain,
+                "bytes_per_document": sizes[v],
+                "coverage": cover.line(),
+                "fraction": cover.fraction,
+            }
         entry["cost"] = entry["default"]["cpu_s"] / entry["without"]["cpu_s"]
         report["models"][name] = entry
-        print(f"{name}: default {entry['default']['pass_s']:.2f} s (cpu {entry['default']['cpu_s']:.2f} s), "
-              f"without {left_out} {entry['without']['pass_s']:.2f} s (cpu {entry['without']['cpu_s']:.2f} s): "
-              f"{entry['cost']:.2f}x CPU\n  {entry['default']['coverage']}", flush=True)  # fmt: skip
+        print(
+            f"{name}: CPU s: plain fwd+bwd {plain:.2f}, pass {entry['default']['cpu_s']:.2f} "
+            f"({entry['default']['x_plain']:.2f}x), without {left_out} {entry['without']['cpu_s']:.2f} "
+            f"({entry['without']['x_plain']:.2f}x): {entry['cost']:.2f}x\n  {entry['default']['coverage']}",
+            flush=True,
+        )
     return emit_report(report, args.json_out)
 
 
