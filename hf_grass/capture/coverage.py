@@ -14,6 +14,7 @@ requiring grad (a fully frozen model), every parameter counts.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,13 +145,7 @@ def coverage(model: nn.Module, targets: list[TargetModule]) -> Coverage:
 
 
 def _numel(p: nn.Parameter) -> int:
-    shape = getattr(p, "ds_shape", None)  # a ZeRO-3 partition: the full parameter's shape
-    if shape is None:
-        return p.numel()
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    return math.prod(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition: the full parameter's shape
 
 
 def _reason(owner: nn.Module | None, name: str, refused: dict[str, str], candidate: bool, lora: bool) -> str:

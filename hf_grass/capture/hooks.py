@@ -175,7 +175,9 @@ class GradientCapture:
             return t[mask]
         return t.reshape(-1, t.shape[-1])
 
-    def _add_covariances(self, name: str, xs: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _add_covariances(
+        self, name: str, xs: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
         xs, ds = self._real_tokens(xs, mask), self._real_tokens(ds, mask)
         _accumulate(self.state.cov_in, name, (xs.T @ xs).to(torch.float64))
         _accumulate(self.state.cov_out, name, (ds.T @ ds).to(torch.float64))

@@ -17,6 +17,7 @@ Every target is a linear map of some input, so its per-example gradient is ``sum
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,5 +69,6 @@ class TargetModule:
         out = []
         for p in (self.weight_parameter, self.bias_parameter):
             if p is not None:
-                out.append((p, p.numel() if self.index is None else p[self.index].numel()))
+                shape = tuple(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition: the full shape
+                out.append((p, math.prod(shape if self.index is None else shape[1:])))
         return out

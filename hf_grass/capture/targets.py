@@ -114,7 +114,7 @@ def candidates(model: nn.Module) -> Candidates:
         if i is None:
             continue
         tied_embeddings.add(id(module))
-        problem = refused.pop(name, None) or tie_problem(targets[i])
+        problem = refused.get(name) or tie_problem(targets[i])
         if problem is not None:
             untied[targets[i].name] = f"its use by {name} is left out: {problem}"
         else:
@@ -149,9 +149,11 @@ def find_target_modules(
     else:
         chosen = [t for t in pool if any(_matches(n, target_modules) for n in found.names(t))]
         if not chosen:
-            named = [n for n, _ in model.named_modules() if n and _matches(n, target_modules)]
-            unsupported = [f"{n} ({type(m).__name__}{_why(found, n)})" for n, m in model.named_modules()
-                           if n in named]  # fmt: skip
+            unsupported = [
+                f"{n} ({type(m).__name__}{_why(found, n)})"
+                for n, m in model.named_modules()
+                if n and _matches(n, target_modules)
+            ]
             raise ValueError(
                 f"target_modules={target_modules!r} matches no module hf_grass can capture"
                 + (f" (it matches unsupported modules: {', '.join(unsupported[:10])})" if unsupported else "")
@@ -170,9 +172,11 @@ def find_target_modules(
         chosen = [t for t in chosen if not _excluded(t, found, exclude_modules)]
         # excluding a tied output layer's input embedding leaves out that use only
         chosen = [
-            dataclasses.replace(t, tied=None, tied_name=None) if t.tied is not None and _matches(found.aliases[t.name][-1], exclude_modules) else t
+            dataclasses.replace(t, tied=None, tied_name=None)
+            if t.tied_name is not None and _matches(t.tied_name, exclude_modules)
+            else t
             for t in chosen
-        ]  # fmt: skip
+        ]
     if not chosen:
         raise ValueError(
             "no module left to attribute through (exclude_modules removed them all, or the model has no "
