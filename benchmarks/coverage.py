@@ -4,8 +4,9 @@ Three small random-weight models with SmolLM2's vocabulary (49,152 words, so the
 hashed as on a real model): a Llama with untied embeddings, a Llama with tied ones (SmolLM2's
 layout) and a Mixtral (8 experts, 2 per token). For each, the default attribution pass
 (``run_attribution_pass`` with ``GraSSConfig()``: warm-up, eigen masks, EK-FAC statistics, int8
-rows) over the same documents, with the default targets and with the new kind left out
-(``exclude_modules``), and a training step's work (forward and full backward in the same batches),
+rows) over the same documents, with the new kind of weight among the targets and without it
+(embeddings are opt-in: ``target_modules=r".*"`` against the default; MoE experts and routers are
+default targets: the default against ``exclude_modules``), and a training step's work (forward and full backward in the same batches),
 timed round robin (wall clock and this process's CPU time); and each variant's coverage line.
 
     python -m benchmarks.coverage                 # 32 documents of 64 tokens, 3 repeats
@@ -37,10 +38,16 @@ from hf_grass.testing import random_token_examples, tiny_llama, tiny_moe
 SMOKE = {"vocab": 512, "docs": 4, "tokens": 8, "repeats": 1, "hidden": 32}
 
 
+# the variant with the new kind of weight, and the one without: embeddings are opt-in (every weight:
+# r".*"), MoE experts and routers are default targets
+EMBEDDINGS = ({"target_modules": ".*"}, {})
+EXPERTS = ({}, {"exclude_modules": ["experts", "gate"]})
+
+
 def models(
     args: argparse.Namespace,
-) -> tuple[dict[str, tuple[torch.nn.Module, list[str]]], list[dict[str, Any]]]:
-    """(name -> (model, what its reduced variant excludes), the documents)."""
+) -> tuple[dict[str, tuple[torch.nn.Module, tuple[dict, dict]]], list[dict[str, Any]]]:
+    """(name -> (model, (the targets with the new kind, without it)), the documents)."""
     if args.smollm2:
         from benchmarks.real_model import load_model, packed, stdlib_docstrings, tokenized
 
@@ -48,15 +55,12 @@ def models(
         rows = tokenized(
             packed(stdlib_docstrings(10**6), tokenizer, args.tokens, args.docs), tokenizer, args.tokens
         )
-        return {"smollm2-135m": (model, ["embed_tokens"])}, rows
+        return {"smollm2-135m": (model, EMBEDDINGS)}, rows
     rows = random_token_examples(args.docs, args.vocab, lo=args.tokens, hi=args.tokens + 1)
     return {
-        "llama-untied": (tiny_llama(args.vocab, hidden=args.hidden).eval(), ["embed_tokens"]),
-        "llama-tied": (tiny_llama(args.vocab, hidden=args.hidden, tie=True).eval(), ["embed_tokens"]),
-        "mixtral": (
-            tiny_moe("mixtral", args.vocab, hidden=args.hidden, experts=8).eval(),
-            ["experts", "gate"],
-        ),
+        "llama-untied": (tiny_llama(args.vocab, hidden=args.hidden).eval(), EMBEDDINGS),
+        "llama-tied": (tiny_llama(args.vocab, hidden=args.hidden, tie=True).eval(), EMBEDDINGS),
+        "mixtral": (tiny_moe("mixtral", args.vocab, hidden=args.hidden, experts=8).eval(), EXPERTS),
     }, rows
 
 
@@ -108,17 +112,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },  # fmt: skip
         "models": {},
     }
-    for name, (model, left_out) in chosen.items():
+    for name, (model, (full, reduced)) in chosen.items():
         configs = {
-            "default": GraSSConfig(batch_size=args.batch_size),
-            "without": GraSSConfig(batch_size=args.batch_size, exclude_modules=left_out),
+            "with": GraSSConfig(batch_size=args.batch_size, **full),
+            "without": GraSSConfig(batch_size=args.batch_size, **reduced),
         }
         sizes: dict[str, int] = {}
         calls = {v: functools.partial(measure, sizes, v, model, rows, c) for v, c in configs.items()}
         calls["plain"] = functools.partial(plain_pass, model, rows, args.batch_size)
         timings = time_interleaved(calls, args.repeats, warmup=0)
         plain = statistics.median(timings.cpu["plain"])
-        entry: dict[str, Any] = {"without": left_out, "plain_cpu_s": plain}
+        entry: dict[str, Any] = {"targets": {"with": full, "without": reduced}, "plain_cpu_s": plain}
         for v, c in configs.items():
             cover = GradientComputer(model, c).coverage()
             cpu = statistics.median(timings.cpu[v])
@@ -130,12 +134,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "coverage": cover.line(),
                 "fraction": cover.fraction,
             }
-        entry["cost"] = entry["default"]["cpu_s"] / entry["without"]["cpu_s"]
+        entry["cost"] = entry["with"]["cpu_s"] / entry["without"]["cpu_s"]
         report["models"][name] = entry
         print(
-            f"{name}: CPU s: plain fwd+bwd {plain:.2f}, pass {entry['default']['cpu_s']:.2f} "
-            f"({entry['default']['x_plain']:.2f}x), without {left_out} {entry['without']['cpu_s']:.2f} "
-            f"({entry['without']['x_plain']:.2f}x): {entry['cost']:.2f}x\n  {entry['default']['coverage']}",
+            f"{name}: CPU s: plain fwd+bwd {plain:.2f}, with {full} {entry['with']['cpu_s']:.2f} "
+            f"({entry['with']['x_plain']:.2f}x), without {reduced} {entry['without']['cpu_s']:.2f} "
+            f"({entry['without']['x_plain']:.2f}x): {entry['cost']:.2f}x\n  {entry['with']['coverage']}",
             flush=True,
         )
     return emit_report(report, args.json_out)

@@ -58,14 +58,14 @@ def test_every_benchmark_script_has_a_smoke_test() -> None:
 def test_coverage(tmp_path: Path) -> None:
     report = smoke("coverage", tmp_path)
     for name, entry in report["models"].items():
-        assert finite(entry["cost"], entry["default"]["cpu_s"], entry["without"]["bytes_per_document"]), name
-        assert entry["default"]["coverage"].startswith("attributing ")
+        assert finite(entry["cost"], entry["with"]["cpu_s"], entry["without"]["bytes_per_document"]), name
+        assert entry["with"]["coverage"].startswith("attributing ")
         # leaving the embedding or the experts out lowers the fraction; the tied embedding's use is one
         # of the lm_head weight's two uses, so the fraction stays and the line says "partly"
         if name == "llama-tied":
             assert "partly" in entry["without"]["coverage"]
         else:
-            assert entry["default"]["fraction"] > entry["without"]["fraction"]
+            assert entry["with"]["fraction"] > entry["without"]["fraction"]
 
 
 def test_compress(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from hf_grass.testing import MOE_FAMILIES, random_token_examples, tiny_gpt2, tin
 
 RTOL = 1e-4
 VOCAB = 40
+EVERY = r".*"  # every weight hf_grass can capture: embeddings (opt-in) too
 
 
 def autograd_gradient(model: nn.Module, target, example: dict, reduction: str = "sum") -> torch.Tensor:
@@ -68,7 +69,7 @@ def check_against_autograd(
 @pytest.mark.parametrize("compressor", ["random", "factgrass", "logra"])
 def test_gpt2_conv1d_matches_autograd(side: str, compressor: str) -> None:
     model = tiny_gpt2(VOCAB).double()
-    config = GraSSConfig(compressor=compressor, proj_dim=16)
+    config = GraSSConfig(compressor=compressor, proj_dim=16, target_modules=EVERY)
     check_against_autograd(model, config, random_token_examples(4, VOCAB, seed=1), side)
 
 
@@ -76,7 +77,7 @@ def test_gpt2_conv1d_matches_autograd(side: str, compressor: str) -> None:
 @pytest.mark.parametrize("compressor", ["sjlt", "grass", "factgrass"])
 def test_llama_linear_matches_autograd(side: str, compressor: str) -> None:
     model = tiny_llama(VOCAB).double()
-    config = GraSSConfig(compressor=compressor, proj_dim=16)
+    config = GraSSConfig(compressor=compressor, proj_dim=16, target_modules=EVERY)
     computer = check_against_autograd(model, config, random_token_examples(4, VOCAB, seed=2), side)
     kinds = {t.name: t.kind for t in computer.targets}
     assert kinds["model.embed_tokens"] == "embedding" and kinds["lm_head"] == "linear"
@@ -87,9 +88,8 @@ def test_llama_linear_matches_autograd(side: str, compressor: str) -> None:
 def test_tied_embeddings_match_autograd(side: str, compressor: str) -> None:
     """GPT-2 with tied input/output embeddings: the one parameter's gradient has both uses."""
     model = tiny_gpt2(VOCAB, tie=True).double()
-    computer = check_against_autograd(
-        model, GraSSConfig(compressor=compressor, proj_dim=16), random_token_examples(4, VOCAB, seed=6), side
-    )
+    config = GraSSConfig(compressor=compressor, proj_dim=16, target_modules=EVERY)
+    computer = check_against_autograd(model, config, random_token_examples(4, VOCAB, seed=6), side)
     head = next(t for t in computer.targets if t.name == "lm_head")
     assert head.tied is model.transformer.wte and "transformer.wte" not in computer.module_names
     assert "transformer.wpe" in computer.module_names  # the position embedding is a target of its own
@@ -101,9 +101,8 @@ def test_moe_experts_match_autograd(family: str, side: str) -> None:
     """Each expert's slice of the 3-D weights, and the router, of Mixtral / OLMoE / Qwen3-MoE
     (float64 needs the eager experts: torch's grouped_mm has no float64 CPU kernel)."""
     model = tiny_moe(family, VOCAB, implementation="eager").double()
-    computer = check_against_autograd(
-        model, GraSSConfig(compressor="factgrass", proj_dim=16), random_token_examples(4, VOCAB, seed=7), side
-    )
+    config = GraSSConfig(compressor="factgrass", proj_dim=16, target_modules=EVERY)
+    computer = check_against_autograd(model, config, random_token_examples(4, VOCAB, seed=7), side)
     kinds = [t.kind for t in computer.targets]
     assert kinds.count("expert") == 2 * 2 * 4 and kinds.count("router") == 2  # layers x (up, down) x experts
 

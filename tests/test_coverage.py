@@ -52,17 +52,39 @@ MODELS = {
 }
 
 
+def untied_embeddings(model: nn.Module) -> dict[str, int]:
+    """The trainable nn.Embedding weights no Linear shares: opt-in targets."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    return {
+        f"{name}.weight": m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and m.weight.requires_grad and id(m.weight) not in linear
+    }
+
+
+@pytest.mark.parametrize("targets", ["default", "every"])
 @pytest.mark.parametrize("family", list(MODELS))
-def test_default_coverage_is_everything_but_the_norms(family: str) -> None:
+def test_coverage_lines(family: str, targets: str) -> None:
+    """Default targets: everything but the norms and the embeddings (opt-in; a tied output layer's
+    parameter counts as attributed, with its embedding's use said to be left out). Every weight
+    (``target_modules=r".*"``): everything but the norms."""
+    if family == "lora" and targets == "every":
+        pytest.skip("a LoRA model's trainable weights are its LoRA layers either way")
     model = MODELS[family]()
-    cover = GradientComputer(model, GraSSConfig()).coverage()
+    config = GraSSConfig(target_modules=r".*" if targets == "every" else None)
+    cover = GradientComputer(model, config).coverage()
     # each parameter once: the tied lm_head / wte weight is one tensor
     trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
-    norms = norm_parameters(model)
+    left = norm_parameters(model) | (untied_embeddings(model) if targets == "default" else {})
     assert cover.trainable == sum(trainable.values())
-    assert cover.attributed == cover.trainable - sum(norms.values())
-    assert left_out_names(cover) == set(norms)
-    assert cover.level == logging.INFO and not cover.partial
+    assert cover.attributed == cover.trainable - sum(left.values())
+    assert left_out_names(cover) == set(left)
+    assert cover.level == logging.INFO
+    tied = family == "gpt2-tied" and targets == "default"
+    assert cover.partial == (
+        ["lm_head.weight: its use by transformer.wte is left out (embeddings are attributed only when "
+         "target_modules names them)"] if tied else []
+    )  # fmt: skip
     line = cover.line()
     assert line.startswith(
         f"attributing {human(cover.attributed)} of {human(cover.trainable)} trainable parameters"
@@ -84,15 +106,17 @@ def test_leaving_targets_out_is_counted() -> None:
     cover = GradientComputer(model, GraSSConfig(exclude_modules=r".*experts\.[123]\..*")).coverage()
     experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
     dropped = sum(3 * (m.gate_up_proj[0].numel() + m.down_proj[0].numel()) for m in experts)
-    assert cover.attributed == cover.trainable - sum(norm_parameters(model).values()) - dropped
+    skipped = sum(norm_parameters(model).values()) + sum(untied_embeddings(model).values())
+    assert cover.attributed == cover.trainable - skipped - dropped
     full = experts[0].gate_up_proj.numel()
     assert (
         f"model.layers.0.mlp.experts.gate_up_proj ({human(full * 3 // 4)} of {human(full)})"
         in left_out_names(cover)
     )
     assert cover.level == logging.INFO  # a choice of the configuration
-    tied = GradientComputer(tiny_gpt2(VOCAB, tie=True), GraSSConfig(exclude_modules=["wte"])).coverage()
-    assert tied.partial and tied.level == logging.WARNING
+    config = GraSSConfig(target_modules=r".*", exclude_modules=["wte"])
+    tied = GradientComputer(tiny_gpt2(VOCAB, tie=True), config).coverage()
+    assert tied.partial and tied.level == logging.INFO
 
 
 class WithScale(nn.Module):

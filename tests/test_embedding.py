@@ -32,6 +32,7 @@ from hf_grass.precondition.warmup import WarmupCovariances, fit_eigen_masks, mod
 from hf_grass.testing import random_token_examples, tiny_gpt2, tiny_llama
 
 VOCAB, WIDTH = 30, 10
+EVERY = r".*"  # embeddings are targets only when named: name every weight
 
 
 def one_hot_case(seed: int = 0) -> tuple[OneHot, torch.Tensor]:
@@ -147,7 +148,7 @@ def test_warm_up_sums_of_one_hot_sides(max_width: int) -> None:
     adds the embedding's output gradients to its inputs; the position embedding's input sum is its
     position counts. All over the real tokens of a left-padded batch."""
     model = tiny_gpt2(40, tie=True).double()
-    computer = GradientComputer(model, GraSSConfig(proj_dim=16))
+    computer = GradientComputer(model, GraSSConfig(proj_dim=16, target_modules=EVERY))
     batch = collate(random_token_examples(3, 40, seed=4), padding_side="left")
     real = batch["attention_mask"].bool()
     sums = WarmupCovariances(module_widths(computer.compressors), max_width=max_width)
@@ -180,7 +181,7 @@ def test_default_configuration_matches_autograd(family: str, max_width: int) -> 
     8192). Rows and curvature-space gradients equal the compressors' explicit maps of autograd's
     per-example gradients."""
     model = (tiny_gpt2(40, tie=True) if family == "gpt2-tied" else tiny_llama(40)).double()
-    computer = GradientComputer(model, GraSSConfig())
+    computer = GradientComputer(model, GraSSConfig(target_modules=EVERY))
     examples = random_token_examples(3, 40, seed=11)
     batch = collate(examples, padding_side="left")
     sums = WarmupCovariances(module_widths(computer.compressors), max_width=max_width)
@@ -216,9 +217,9 @@ def test_default_configuration_matches_autograd(family: str, max_width: int) -> 
 def test_excluding_the_tied_embedding_leaves_its_use_out() -> None:
     """The rows then miss the embedding's use, which is not negligible (the oracle test is not vacuous)."""
     model = tiny_gpt2(40, tie=True).double()
-    both = GradientComputer(model, GraSSConfig(compressor="random", proj_dim=16))
+    both = GradientComputer(model, GraSSConfig(compressor="random", proj_dim=16, target_modules=EVERY))
     head_only = GradientComputer(
-        model, GraSSConfig(compressor="random", proj_dim=16, exclude_modules=["wte"])
+        model, GraSSConfig(compressor="random", proj_dim=16, target_modules=EVERY, exclude_modules=["wte"])
     )
     assert next(t for t in head_only.targets if t.name == "lm_head").tied is None
     batch = collate(random_token_examples(2, 40, seed=3))
@@ -241,7 +242,8 @@ def test_padding_idx_gets_no_gradient() -> None:
     assert model.model.embed_tokens.padding_idx == 0
     examples = [{"input_ids": [5, 0, 7, 9, 0, 4]}, {"input_ids": [8, 6, 0]}]
     # a dense map: it sees the padding row's column (a mask may not keep it)
-    check_against_autograd(model, GraSSConfig(compressor="random", proj_dim=16), examples, "right")
+    config = GraSSConfig(compressor="random", proj_dim=16, target_modules=["embed_tokens", "lm_head"])
+    check_against_autograd(model, config, examples, "right")
 
 
 def test_batch_shared_position_ids_are_refused() -> None:
@@ -251,7 +253,7 @@ def test_batch_shared_position_ids_are_refused() -> None:
         return per_example_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
 
     model = tiny_gpt2(40)
-    computer = GradientComputer(model, GraSSConfig(proj_dim=16), per_example_loss=loss)
+    computer = GradientComputer(model, GraSSConfig(proj_dim=16, target_modules=EVERY), per_example_loss=loss)
     batch = collate(random_token_examples(2, 40, seed=1, lo=6, hi=7))
     with computer.session(), pytest.raises(ValueError, match=r"transformer\.wpe.*exclude_modules"):
         computer.compute(batch)
@@ -280,12 +282,34 @@ def test_queries_capture_the_tied_use_as_the_cache_did(tmp_path: Path) -> None:
     """The manifest records the tied use (``"tied"`` in lm_head's entry); queries of a cache without
     it (written before hf_grass captured that use) leave it out, so both sides agree."""
     model = tiny_gpt2(40, tie=True)
-    computer = GradientComputer(model, GraSSConfig(proj_dim=16))
+    computer = GradientComputer(model, GraSSConfig(proj_dim=16, target_modules=EVERY))
     path = AttributionPass(
-        computer, ExampleSource(random_token_examples(3, 40)), tmp_path / "c", Batching(3, disable_progress=True)
+        computer,
+        ExampleSource(random_token_examples(3, 40)),
+        tmp_path / "c",
+        Batching(3, disable_progress=True),
     ).run()
     modules = GradientCache(path).modules
     assert next(m for m in modules if m["name"] == "lm_head")["tied"] == "transformer.wte"
     assert next(t for t in cache_targets(model, modules) if t.name == "lm_head").tied is model.transformer.wte
     older = [{k: v for k, v in m.items() if k != "tied"} for m in modules]
     assert next(t for t in cache_targets(model, older) if t.name == "lm_head").tied is None
+
+
+def test_embeddings_are_opt_in() -> None:
+    """By default no embedding use is attributed (they lowered bench-dev's rankings, docs/benchmarks.md):
+    a tied output layer keeps its own use only; naming the embeddings attributes them."""
+    model = tiny_gpt2(40, tie=True)
+    default = find_target_modules(model)
+    assert not any(t.kind == "embedding" for t in default)
+    assert next(t for t in default if t.name == "lm_head").tied is None
+    named = find_target_modules(model, ["c_attn", "wte", "wpe"])
+    assert [t.name for t in named] == [
+        "transformer.wpe",
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.1.attn.c_attn",
+        "lm_head",
+    ]
+    assert named[-1].tied is model.transformer.wte  # the tied parameter is named after its output layer
+    line = GradientComputer(model, GraSSConfig(proj_dim=16)).coverage().line()
+    assert "transformer.wpe.weight" in line and "its use by transformer.wte is left out" in line

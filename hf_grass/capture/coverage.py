@@ -27,7 +27,9 @@ from hf_grass.capture.targets import candidates, is_lora_model
 # reasons that only say what the configuration chose; any other reason is worth a warning
 NOT_TARGETED = "not targeted (target_modules / exclude_modules)"
 ELEMENTWISE = "an elementwise scale or shift, not a linear map of its input"
-_EXPECTED = (NOT_TARGETED, ELEMENTWISE)
+# embeddings are opt-in (capture.targets.default_targets)
+EMBEDDING_DEFAULT = "embeddings are attributed only when target_modules names them"
+_EXPECTED = (NOT_TARGETED, ELEMENTWISE, EMBEDDING_DEFAULT)
 NAMES_SHOWN = 3  # parameter names shown per reason in the line (the manifest keeps up to 20)
 
 
@@ -56,10 +58,11 @@ class Coverage:
 
     @property
     def level(self) -> int:
-        """``logging.INFO`` when everything left out is elementwise or excluded by the
-        configuration, ``logging.WARNING`` when hf_grass could not capture something."""
+        """``logging.INFO`` when everything left out is elementwise, excluded by the configuration
+        or an embedding (opt-in), ``logging.WARNING`` when hf_grass could not capture something."""
         expected = all(any(g.reason.endswith(e) for e in _EXPECTED) for g in self.left_out)
-        return logging.INFO if expected and not self.partial else logging.WARNING
+        expected = expected and all(p.endswith(f"({EMBEDDING_DEFAULT})") for p in self.partial)
+        return logging.INFO if expected else logging.WARNING
 
     def line(self) -> str:
         what = (
@@ -137,9 +140,10 @@ def coverage(model: nn.Module, targets: list[TargetModule]) -> Coverage:
         group.numel += numel - held
     partial = [f"{t.name}.weight: {found.untied[t.name]}" for t in targets if t.name in found.untied]
     partial += [
-        f"{t.name}.weight: its use by {found.aliases[t.name][-1]} is left out (exclude_modules)"
-        for t in targets if t.kind == "linear" and t.tied is None and t.name in found.aliases
-    ]  # fmt: skip
+        f"{t.name}.weight: its use by {found.aliases[t.name][-1]} is left out ({EMBEDDING_DEFAULT})"
+        for t in targets
+        if t.kind == "linear" and t.tied is None and t.name in found.aliases
+    ]
     left = sorted(groups.values(), key=lambda g: -g.numel)
     return Coverage(trainable, attributed, left, partial, frozen)
 
@@ -152,11 +156,11 @@ def _reason(owner: nn.Module | None, name: str, refused: dict[str, str], candida
     kind = type(owner).__name__ if owner is not None else "?"
     if name in refused:
         return f"{kind}: {refused[name]}"
+    if candidate and lora:
+        return f"{kind}: trainable, but a LoRA model's default targets are its LoRA layers"
     if candidate:
         return (
-            f"{kind}: trainable, but a LoRA model's default targets are its LoRA layers"
-            if lora
-            else f"{kind}: {NOT_TARGETED}"
+            f"{kind}: {EMBEDDING_DEFAULT}" if isinstance(owner, nn.Embedding) else f"{kind}: {NOT_TARGETED}"
         )
     if "norm" in kind.lower():
         return f"{kind}: {ELEMENTWISE}"

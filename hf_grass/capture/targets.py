@@ -124,6 +124,18 @@ def candidates(model: nn.Module) -> Candidates:
     return Candidates(targets, aliases, refused, untied)
 
 
+def default_targets(pool: list[TargetModule]) -> list[TargetModule]:
+    """The default of a model that is not a LoRA model: every target but the embeddings' uses (the
+    ``nn.Embedding`` targets and a tied output layer's second use). Their gradients lowered the
+    rankings on bench-dev under the default EK-FAC (docs/benchmarks.md, "Every parameter"), so they
+    are attributed only when ``target_modules`` names them."""
+    return [
+        dataclasses.replace(t, tied=None, tied_name=None) if t.tied is not None else t
+        for t in pool
+        if t.kind != "embedding"
+    ]
+
+
 def _matches(name: str, spec: list[str] | str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
@@ -137,15 +149,19 @@ def find_target_modules(
 ) -> list[TargetModule]:
     """The weights to capture, in ``model.named_modules()`` order.
 
-    Default: every ``nn.Linear`` and ``Conv1D`` (lm_head included, with the use of its tied input
-    embedding), every ``nn.Embedding``, and the experts and routers of MoE layers; for a PEFT LoRA
-    model only the LoRA A/B layers, since the base model is frozen. No match raises a ``ValueError``
-    that lists the candidate names; so do MoE experts whose implementation cannot be captured.
+    Default: every ``nn.Linear`` and ``Conv1D`` (lm_head included), and the experts and routers of
+    MoE layers; for a PEFT LoRA model only the LoRA A/B layers, since the base model is frozen.
+    Embeddings (``nn.Embedding``, and the input embedding's use of a tied output layer) are
+    attributed when ``target_modules`` names them (``default_targets`` says why); ``r".*"`` names
+    every weight hf_grass can capture. No match raises a ``ValueError`` that lists the candidate
+    names; so do MoE experts whose implementation cannot be captured.
     """
     found = candidates(model)
     pool = found.targets
     if target_modules is None:
-        chosen = [t for t in pool if _LORA_NAME.search(t.name)] if is_lora_model(model) else list(pool)
+        chosen = (
+            [t for t in pool if _LORA_NAME.search(t.name)] if is_lora_model(model) else default_targets(pool)
+        )
     else:
         chosen = [t for t in pool if any(_matches(n, target_modules) for n in found.names(t))]
         if not chosen:
