@@ -17,6 +17,9 @@ embedding's output gradient ``dE_s`` on the input (hidden) side. Both uses are c
 target named after the output layer: the embedding's hook adds ``(x = dE, delta = OneHot(ids))`` to
 it, so its factor space holds the parameter's whole gradient, cross terms included. (Two targets,
 one per use, would drop the cross terms of the parameter's inner products.)
+
+Embeddings are opt-in targets (``targets.default_targets``: they lowered bench-dev's rankings under
+the default EK-FAC); naming the input embedding in ``target_modules`` selects the tied pair.
 """
 
 from __future__ import annotations
