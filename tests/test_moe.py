@@ -66,6 +66,10 @@ def test_unsupported_implementations_and_settings_are_refused() -> None:
     model.model.layers[1].mlp.experts._is_expert_parallel = True
     with pytest.raises(ValueError, match="expert parallelism"):
         find_target_modules(model)
+    model.model.layers[1].mlp.experts._is_expert_parallel = False
+    model.model.layers[0].mlp.experts.down_proj.ds_id = 7  # what a DeepSpeed ZeRO-3 partition carries
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        find_target_modules(model)
 
 
 def test_switching_the_implementation_after_targeting_is_refused() -> None:

@@ -86,6 +86,9 @@ def experts_problem(module: nn.Module) -> str | None:
         )
     if getattr(module, "_is_expert_parallel", False):
         return "expert parallelism shards the experts across processes; attribute without it"
+    if hasattr(module.down_proj, "ds_id"):
+        # the backward recomputes the experts, and ZeRO-3 has released their weights by then
+        return "DeepSpeed ZeRO-3 partitions the experts' weights, which the capture recomputes in the backward; use ZeRO-2"
     return None
 
 
@@ -209,7 +212,7 @@ class RouterHooks:
             return
         hidden = _first_tensor(args, kwargs, "hidden_states").detach()
         logits = output if isinstance(output, torch.Tensor) else output[0]
-        if not self.checked:
+        if not self.checked and not hasattr(module.weight, "ds_id"):  # (a ZeRO-3 weight is released here)
             weight = module.weight.detach().to(logits.dtype)
             bias = module.bias.detach().to(logits.dtype) if self.target.bias else None
             ref = F.linear(hidden.reshape(-1, hidden.shape[-1]).to(logits.dtype), weight, bias)
