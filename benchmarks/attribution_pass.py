@@ -13,7 +13,8 @@ One batch of random token ids (B x T, every token supervised) goes through a GPT
   gradients and covariances, then ``StatsAccumulator.update``, rows cast to fp16.
 - ``ekfac warm-up k=K``: the covariance-only pass over the first ``ekfac_sample_size`` examples.
 
-Targets are the library default (every Linear / Conv1D, ``lm_head`` included). Variants are timed
+Targets are the library default (every Linear / Conv1D, ``lm_head`` with its tied embedding's use, and the
+position embedding; before the embeddings were captured, the Linear / Conv1D layers only). Variants are timed
 round robin (``benchmarks._common.time_interleaved``); one extra call of each factgrass variant
 times the capture hooks. Measured numbers, with their commands, are in docs/benchmarks.md.
 

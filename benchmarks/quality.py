@@ -62,10 +62,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "identity cache": {"preconditioner": "identity"},
     "cosine (preconditioned norms)": {"cosine": True},
     "v0.1 default (proj_dim=1024)": {"proj_dim": 1024, "dtype": "float16", "damping": 0.1},
+    # embeddings (opt-in): GPT-2's wpe and its tied wte's use of the lm_head weight, each and both
+    "embeddings (every weight)": {"target_modules": ".*"},
+    "+ the tied wte's use": {"target_modules": ".*", "exclude_modules": ["wpe"]},
+    "+ wpe": {"target_modules": ".*", "exclude_modules": ["wte"]},
+    "kfac, embeddings": {"target_modules": ".*", "preconditioner": "kfac"},
 }
 GRIDS = {
     "default": ["default"],
     "full": list(CONFIGS),
+    "embeddings": ["default", "embeddings (every weight)", "+ the tied wte's use", "+ wpe", "kfac",
+                   "kfac, embeddings"],  # fmt: skip
     "damping": ["default", "damping=0.001", "damping=0.003", "damping=0.01", "kfac", "kfac damping=0.003",
                 "kfac damping=0.01", "warm-up 64 examples", "warm-up 64, damping=0.003"],  # fmt: skip
     "report": ["default", "ekfac_sample_size=1024 (no token cap)", "damping=0.01", "damping=0.1", "kfac",

@@ -25,9 +25,10 @@ from torch import nn
 
 from hf_grass.attribution import Batching, BatchRunner, example_source
 from hf_grass.cache.reader import GradientCache, open_cache
-from hf_grass.capture.engine import GradientComputer
+from hf_grass.capture.engine import GradientComputer, unwrap_model
 from hf_grass.capture.fingerprint import weights_fingerprint
 from hf_grass.capture.loss import PerExampleLoss, loss_name
+from hf_grass.capture.targets import cache_targets
 from hf_grass.data import ExampleSource, padded_batches
 from hf_grass.distributed import Distributed, current_distributed
 from hf_grass.precondition import preconditioner_class
@@ -94,7 +95,7 @@ class Attributor:
         # rebuild the exact compressors of the cache (same config, same module names -> same seeds)
         self.computer = GradientComputer(
             model, cfg.replace(target_modules=self.cache.module_names, exclude_modules=None),
-            per_example_loss=per_example_loss,
+            targets=cache_targets(unwrap_model(model), self.cache.modules), per_example_loss=per_example_loss,
         )  # fmt: skip
         self._check_model(check_model)
         self.basis = cache_eigenbasis(self.cache)  # K-FAC caches: the whitening of their train rows

@@ -1,7 +1,7 @@
 """Tiny offline stand-ins for the tests, the docs' figures, the examples, the benchmarks and the demo.
 
 Nothing here comes from the Hugging Face Hub: a word-level tokenizer built with ``tokenizers``,
-GPT-2 and Llama models of a few thousand parameters built from a config with a fixed seed, and the
+GPT-2, Llama and mixture-of-experts models of a few thousand parameters built from a config with a fixed seed, and the
 planted-facts corpus (made-up facts such as "the capital of kazori is telvas" among filler text).
 One home for them, so a test and the figure that shows the same setup cannot drift apart.
 
@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 # The special tokens take the first ids, in this order, in every tokenizer built here; the tiny
 # models' configs name the same ids.
@@ -80,9 +87,11 @@ def tiny_gpt2(
     return GPT2LMHeadModel(GPT2Config(**{**fields, **overrides}))
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(
+    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, tie: bool = False
+) -> LlamaForCausalLM:
     """A Llama of ``layers`` blocks of width ``hidden`` (2 heads), weights drawn after
-    ``torch.manual_seed(seed)``."""
+    ``torch.manual_seed(seed)``; ``tie``: input and output embeddings share one weight (SmolLM2)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         num_hidden_layers=layers,
@@ -95,9 +104,51 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg)
+
+
+MOE_FAMILIES = ("mixtral", "olmoe", "qwen3_moe")
+
+
+def tiny_moe(
+    family: str, vocab_size: int, seed: int = 0, hidden: int = 16, experts: int = 4, implementation: str | None = None
+) -> PreTrainedModel:
+    """A 2-layer mixture-of-experts LM of ``family`` (Mixtral, OLMoE or Qwen3-MoE: transformers 5's
+    3-D expert weights), ``experts`` experts of which 2 per token, weights drawn after
+    ``torch.manual_seed(seed)``; ``implementation`` sets ``experts_implementation`` (default:
+    transformers' own choice, ``grouped_mm`` on a CPU)."""
+    import transformers
+
+    names = {
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": experts}),
+        "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": experts}),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": experts, "moe_intermediate_size": 12}),
+    }
+    if family not in names:
+        raise ValueError(f"family must be one of {', '.join(MOE_FAMILIES)}, got {family!r}")
+    config_name, model_name, fields = names[family]
+    cfg = getattr(transformers, config_name)(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+        **fields,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg)
+    if implementation is not None:
+        model.set_experts_implementation(implementation)
+    return model
 
 
 def random_token_examples(n: int, vocab_size: int, lo: int = 3, hi: int = 12, seed: int = 0) -> list[dict]:

@@ -25,8 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
 # gpu_suite's --dry-run runs in tests/test_gpu_suite.py
-TESTED = {"attribution_pass", "batched", "compress", "during_pass", "gpu_kernels", "gpu_suite", "index", "lds",
-          "quality", "query", "real_model", "real_rows", "selection"}  # fmt: skip
+TESTED = {"attribution_pass", "batched", "compress", "coverage", "during_pass", "gpu_kernels", "gpu_suite", "index",
+          "lds", "quality", "query", "real_model", "real_rows", "selection"}  # fmt: skip
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -54,6 +54,19 @@ def finite(*values: Any) -> bool:
 
 def test_every_benchmark_script_has_a_smoke_test() -> None:
     assert SCRIPTS == TESTED, f"add a smoke test for {sorted(SCRIPTS - TESTED)}"
+
+
+def test_coverage(tmp_path: Path) -> None:
+    report = smoke("coverage", tmp_path)
+    for name, entry in report["models"].items():
+        assert finite(entry["cost"], entry["with"]["cpu_s"], entry["without"]["bytes_per_document"]), name
+        assert entry["with"]["coverage"].startswith("attributing ")
+        # leaving the embedding or the experts out lowers the fraction; the tied embedding's use is one
+        # of the lm_head weight's two uses, so the fraction stays and the line says "partly"
+        if name == "llama-tied":
+            assert "partly" in entry["without"]["coverage"]
+        else:
+            assert entry["with"]["fraction"] > entry["without"]["fraction"]
 
 
 def test_compress(tmp_path: Path) -> None:

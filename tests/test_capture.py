@@ -1,4 +1,9 @@
-"""Capture oracle: batched, padded hooks vs per-example autograd with batch size 1."""
+"""Capture oracle: batched, padded hooks vs per-example autograd with batch size 1.
+
+Every kind of target meets the same oracle: Linear and Conv1D, LoRA A/B, nn.Embedding (one-hot
+inputs), the output layer of tied embeddings (both uses of the one parameter), and the experts and
+routers of transformers-5 MoE layers (each expert's slice of the 3-D weights).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from hf_grass.capture import CaptureRequest, GradientComputer, find_target_modul
 from hf_grass.config import GraSSConfig
 from hf_grass.data import collate
 from hf_grass.precondition.warmup import WarmupCovariances, module_widths
-from hf_grass.testing import random_token_examples, tiny_gpt2, tiny_llama
+from hf_grass.testing import MOE_FAMILIES, random_token_examples, tiny_gpt2, tiny_llama, tiny_moe
 
 RTOL = 1e-4
 VOCAB = 40
+EVERY = r".*"  # every weight hf_grass can capture: embeddings (opt-in) too
 
 
 def autograd_gradient(model: nn.Module, target, example: dict, reduction: str = "sum") -> torch.Tensor:
@@ -26,14 +32,21 @@ def autograd_gradient(model: nn.Module, target, example: dict, reduction: str = 
     logits = model(input_ids=ids).logits
     loss = per_example_loss(logits, ids, reduction).sum()
     loss.backward()
-    weight = target.module.weight.grad
-    g = weight.T if target.transposed else weight
+    weight = target.weight_parameter
+    # an expert that no token of the example reached gets no gradient at all
+    g = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+    g = g if target.index is None else g[target.index]  # an expert: its slice of the 3-D weight
+    g = g.T if target.transposed else g
     if target.bias:
-        g = torch.cat([g, target.module.bias.grad[:, None]], dim=1)
+        bias = target.bias_parameter
+        b = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        g = torch.cat([g, (b if target.index is None else b[target.index])[:, None]], dim=1)
     return g
 
 
-def check_against_autograd(model: nn.Module, config: GraSSConfig, examples: list[dict], side: str) -> None:
+def check_against_autograd(
+    model: nn.Module, config: GraSSConfig, examples: list[dict], side: str
+) -> GradientComputer:
     computer = GradientComputer(model, config)
     batch = collate(examples, pad_token_id=0, padding_side=side)
     with computer.session():
@@ -49,13 +62,14 @@ def check_against_autograd(model: nn.Module, config: GraSSConfig, examples: list
             torch.testing.assert_close(
                 rows[i, start:stop], expected, rtol=RTOL, atol=RTOL * expected.abs().max().item()
             )
+    return computer
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("compressor", ["random", "factgrass", "logra"])
 def test_gpt2_conv1d_matches_autograd(side: str, compressor: str) -> None:
     model = tiny_gpt2(VOCAB).double()
-    config = GraSSConfig(compressor=compressor, proj_dim=16)
+    config = GraSSConfig(compressor=compressor, proj_dim=16, target_modules=EVERY)
     check_against_autograd(model, config, random_token_examples(4, VOCAB, seed=1), side)
 
 
@@ -63,8 +77,52 @@ def test_gpt2_conv1d_matches_autograd(side: str, compressor: str) -> None:
 @pytest.mark.parametrize("compressor", ["sjlt", "grass", "factgrass"])
 def test_llama_linear_matches_autograd(side: str, compressor: str) -> None:
     model = tiny_llama(VOCAB).double()
+    config = GraSSConfig(compressor=compressor, proj_dim=16, target_modules=EVERY)
+    computer = check_against_autograd(model, config, random_token_examples(4, VOCAB, seed=2), side)
+    kinds = {t.name: t.kind for t in computer.targets}
+    assert kinds["model.embed_tokens"] == "embedding" and kinds["lm_head"] == "linear"
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("compressor", ["random", "factgrass", "logra"])
+def test_tied_embeddings_match_autograd(side: str, compressor: str) -> None:
+    """GPT-2 with tied input/output embeddings: the one parameter's gradient has both uses."""
+    model = tiny_gpt2(VOCAB, tie=True).double()
+    config = GraSSConfig(compressor=compressor, proj_dim=16, target_modules=EVERY)
+    computer = check_against_autograd(model, config, random_token_examples(4, VOCAB, seed=6), side)
+    head = next(t for t in computer.targets if t.name == "lm_head")
+    assert head.tied is model.transformer.wte and "transformer.wte" not in computer.module_names
+    assert "transformer.wpe" in computer.module_names  # the position embedding is a target of its own
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_experts_match_autograd(family: str, side: str) -> None:
+    """Each expert's slice of the 3-D weights, and the router, of Mixtral / OLMoE / Qwen3-MoE
+    (float64 needs the eager experts: torch's grouped_mm has no float64 CPU kernel)."""
+    model = tiny_moe(family, VOCAB, implementation="eager").double()
+    config = GraSSConfig(compressor="factgrass", proj_dim=16, target_modules=EVERY)
+    computer = check_against_autograd(model, config, random_token_examples(4, VOCAB, seed=7), side)
+    kinds = [t.kind for t in computer.targets]
+    assert kinds.count("expert") == 2 * 2 * 4 and kinds.count("router") == 2  # layers x (up, down) x experts
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_moe_implementations_match_autograd(implementation: str) -> None:
+    """The implementation transformers picks on a CPU (grouped_mm, float32 only) and batched_mm."""
+    model = tiny_moe("mixtral", VOCAB, implementation=implementation)
+    model = model if implementation == "grouped_mm" else model.double()
+    check_against_autograd(
+        model, GraSSConfig(compressor="factgrass", proj_dim=16), random_token_examples(3, VOCAB, seed=8), "left"
+    )
+    assert tiny_moe("mixtral", VOCAB).config._experts_implementation == "grouped_mm"  # the CPU default
+
+
+@pytest.mark.parametrize("compressor", ["random", "logra", "grass"])
+def test_moe_other_compressors_match_autograd(compressor: str) -> None:
+    model = tiny_moe("qwen3_moe", VOCAB, implementation="eager").double()
     config = GraSSConfig(compressor=compressor, proj_dim=16)
-    check_against_autograd(model, config, random_token_examples(4, VOCAB, seed=2), side)
+    check_against_autograd(model, config, random_token_examples(3, VOCAB, seed=9), "right")
 
 
 def test_mean_reduction_matches_autograd() -> None:

@@ -36,6 +36,8 @@ def module_entries(computer: GradientComputer) -> list[dict[str, Any]]:
         }
         if c.factorised:
             entry.update(m_in=c.m_in, m_out=c.m_out)  # type: ignore[attr-defined]
+        if t.tied_name is not None:  # its rows hold the tied input embedding's use too
+            entry["tied"] = t.tied_name
         entries.append(entry)
     return entries
 

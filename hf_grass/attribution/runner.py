@@ -68,7 +68,12 @@ class AttributionPass(BatchRunner):
     ):
         super().__init__(computer, source, batching, dist)
         self.cache_dir = Path(cache_dir)
-        self.model_info = model_info or model_fingerprint(computer.model, computer.targets)
+        self.model_info = dict(model_info or model_fingerprint(computer.model, computer.targets))
+        # never silent about what the scores cannot see: logged, and recorded in the manifest
+        cover = computer.coverage()
+        self.model_info["coverage"] = cover.as_dict()
+        if self.dist.rank == 0:
+            logger.log(cover.level, "Gradient cache %s: %s", self.cache_dir, cover.line())
         self.specs = module_specs(computer)
         self.preconditioner = preconditioner_class(self.config.preconditioner)
 

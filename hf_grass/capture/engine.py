@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hf_grass import kernels
+from hf_grass.capture.coverage import Coverage, coverage
 from hf_grass.capture.hooks import CaptureRequest, GradientCapture
 from hf_grass.capture.loss import PerExampleLoss, check_losses, model_logits, per_example_loss
 from hf_grass.capture.targets import CHECKPOINT_WRAPPED, TargetModule, find_target_modules
@@ -100,7 +101,7 @@ def _factor_space_fits(config: GraSSConfig, targets: list[TargetModule]) -> bool
 
 def target_device(target: TargetModule) -> torch.device:
     """The device a target module computes on (its weight's), where its compressor must live."""
-    device = target.module.weight.device
+    device = target.weight_parameter.device
     if device.type == "meta":
         raise ValueError(
             f"module {target.name!r} has its weight on the meta device (offloaded to the CPU or disk by "
@@ -131,6 +132,12 @@ def _require_grad(module: nn.Module, inputs: tuple, output: object) -> None:
     constant = isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad
     if constant and torch.is_grad_enabled():
         output.requires_grad_(True)  # type: ignore[union-attr]
+
+
+def _batch_size(batch: Mapping[str, torch.Tensor]) -> int | None:
+    """The number of examples in a batch (its tensors' first dimension)."""
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _forward_signature(model: nn.Module) -> inspect.Signature:
@@ -278,6 +285,12 @@ class GradientComputer:
         rows = torch.cat([m.rows + start for m, (start, _) in zip(maps, self.offsets.values())], dim=1)
         return SJLTMap(rows, torch.cat([m.signs for m in maps], dim=1), self.row_dim)
 
+
+    def coverage(self) -> Coverage:
+        """What fraction of the model's trainable parameters the targets attribute, and what is left
+        out and why (``capture.coverage``; call it outside ``session()``, which freezes them all)."""
+        return coverage(self.model, self.targets)
+
     @contextlib.contextmanager
     def session(self) -> Iterator[GradientComputer]:
         """Attribution mode: eval, parameters frozen, input embeddings' output requiring grad, hooks
@@ -360,6 +373,7 @@ class GradientComputer:
         capture.request = request
         mask = batch.get("attention_mask")
         capture.token_mask = mask.to(self.device).bool() if mask is not None else None
+        capture.batch_size = _batch_size(batch)
         with torch.enable_grad():
             # the phase tells the hooks a forward from a recompute in the backward (checkpointing)
             capture.phase = "forward"
@@ -408,6 +422,11 @@ class GradientComputer:
                         comp.m_in,
                         device=self.device,  # type: ignore[attr-defined]
                     )
+        if request.curvature_grads:  # likewise for the hashed modules (e.g. MoE experts no token reached)
+            for name, comp in self.compressors.items():
+                if getattr(comp, "hashed", False) and name not in result.curvature_grads:
+                    shape = comp.curvature_shape  # type: ignore[attr-defined]
+                    result.curvature_grads[name] = torch.zeros(batch_size, *shape, device=self.device)
         capture.reset()
         return result
 

@@ -27,7 +27,7 @@ def model_fingerprint(model: nn.Module, targets: list[TargetModule]) -> dict[str
     digest = hashlib.sha256()
     shapes = hashlib.sha256()
     for t in targets:
-        digest.update(_weight_head(t.module.weight))
+        digest.update(_weight_head(t))
         shapes.update(f"{t.name}:{t.d_out}x{t.d_in}:{t.bias};".encode())
     return {
         "class": type(model).__name__,
@@ -43,14 +43,16 @@ def weights_fingerprint(model: nn.Module, targets: list[TargetModule]) -> str:
     return model_fingerprint(model, targets)["weights_sha256"]
 
 
-def _weight_head(weight: torch.Tensor) -> bytes:
-    """The first 4096 values of a weight as float64 bytes (gathered when ZeRO-3 partitions it)."""
+def _weight_head(target: TargetModule) -> bytes:
+    """The first 4096 values of a target's weight (an expert's: its slice) as float64 bytes (gathered
+    when ZeRO-3 partitions it)."""
+    weight = target.weight_parameter
     if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partition: gather the full weight briefly
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([weight]):
-            return _head_bytes(weight)
-    return _head_bytes(weight)
+            return _head_bytes(target.weight_of(weight))
+    return _head_bytes(target.weight_of(weight))
 
 
 def _head_bytes(weight: torch.Tensor) -> bytes:

@@ -8,7 +8,10 @@ the forward's output is returned unchanged (or, when it does not require grad, a
 that does, so that the backward reaches this module even with every parameter frozen).
 
 A module called several times in one forward adds up its contributions, which is exact because the
-gradient is a sum over calls and every compressor is linear.
+gradient is a sum over calls and every compressor is linear. The targets that are not a module's
+own input and output (embeddings and their tied use, MoE experts and routers) have their hooks in
+``capture/embedding.py`` and ``capture/experts.py``, which hand each use's factors to ``contribute``.
+
 
 Every call is counted (``CallCounts``), so that a forward whose gradient never reached the hooks, or
 reached them twice, raises instead of giving a silently wrong row. Activation checkpointing is what
@@ -27,8 +30,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from hf_grass.capture import embedding, experts
 from hf_grass.capture.targets import TargetModule
 from hf_grass.compressors.base import Compressor, FactorisedCompressor
+from hf_grass.kernels.onehot import OneHot
 from hf_grass.precondition.warmup import WarmupCovariances
 
 
@@ -94,8 +99,9 @@ class CaptureState:
 class GradientCapture:
     """Context manager that installs the capture hooks on the target modules.
 
-    Set ``request`` and ``token_mask`` (``[B, T]`` bool, the tokens whose inputs count in the
-    covariances) before each forward, read ``state`` after the backward, and ``reset()`` in between.
+    Set ``request``, ``token_mask`` (``[B, T]`` bool, the tokens whose inputs count in the
+    covariances) and ``batch_size`` (how MoE layers split their flattened tokens into examples)
+    before each forward, read ``state`` after the backward, and ``reset()`` in between.
     """
 
     def __init__(self, targets: list[TargetModule], compressors: dict[str, Compressor]):
@@ -103,6 +109,7 @@ class GradientCapture:
         self.compressors = compressors
         self.request = CaptureRequest()
         self.token_mask: torch.Tensor | None = None
+        self.batch_size: int | None = None
         self.state = CaptureState()
         self._handles: list[RemovableHandle] = []
         # "forward" / "backward" while GradientComputer.compute runs a step; None otherwise (e.g.
@@ -116,8 +123,10 @@ class GradientCapture:
         if self._handles:
             raise RuntimeError("GradientCapture is already attached")
         for target in self.targets:
-            hook = functools.partial(self._forward_hook, target)
-            self._handles.append(target.module.register_forward_hook(hook))
+            if target.kind == "linear":
+                hook = functools.partial(self._forward_hook, target)
+                self._handles.append(target.module.register_forward_hook(hook))
+        self._handles += embedding.install(self, self.targets) + experts.install(self, self.targets)
         return self
 
     def detach(self) -> None:
@@ -203,11 +212,22 @@ class GradientCapture:
     def _backward_hook(self, target: TargetModule, x: torch.Tensor, delta: torch.Tensor) -> None:
         if self.phase is not None:
             self._count(target.name).backward += 1
-        x3, d3 = as_3d(x), as_3d(delta)
+        self.contribute(target, as_3d(x), as_3d(delta), self.token_mask)
+
+    def contribute(
+        self,
+        target: TargetModule,
+        x3: torch.Tensor | OneHot,
+        d3: torch.Tensor | OneHot,
+        token_mask: torch.Tensor | None,
+    ) -> None:
+        """Add one use's factors, inputs ``[B, T, d_in(-1)]`` and output gradients ``[B, T, d_out]``
+        (either may be one-hot), to what ``request`` asks of ``target``; ``token_mask`` ``[B, T]``
+        marks the tokens that count in the covariances."""
         compressor = self.compressors[target.name]
         request, state = self.request, self.state
         if request.full_covariances is not None:
-            request.full_covariances.add(target.name, x3, d3, self.token_mask)
+            request.full_covariances.add(target.name, x3, d3, token_mask)
         factor_grad = None
         if request.factor_grads or request.covariances or request.curvature_grads:
             if not isinstance(compressor, FactorisedCompressor):
@@ -221,7 +241,7 @@ class GradientCapture:
             if (request.factor_grads and factor_grad is None) or request.covariances:
                 xs, ds = compressor.factors(x3, d3)
                 if request.covariances:
-                    self._add_covariances(target.name, xs, ds)
+                    self._add_covariances(target.name, xs, ds, token_mask)
                 if request.factor_grads and factor_grad is None:
                     factor_grad = torch.bmm(ds.transpose(1, 2), xs)
                     _accumulate(state.factor_grads, target.name, factor_grad)
@@ -232,15 +252,17 @@ class GradientCapture:
                 rows = compressor.compress(x3, d3)
             _accumulate(state.rows, target.name, rows)
 
-    def _real_tokens(self, t: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``[B, T, d]`` -> ``[tokens, d]``: padding positions carry inputs but are not data."""
-        mask = self.token_mask
         if mask is not None and mask.shape == t.shape[:2]:
             return t[mask]
         return t.reshape(-1, t.shape[-1])
 
-    def _add_covariances(self, name: str, xs: torch.Tensor, ds: torch.Tensor) -> None:
-        xs, ds = self._real_tokens(xs), self._real_tokens(ds)
+    def _add_covariances(
+        self, name: str, xs: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
+        xs, ds = self._real_tokens(xs, mask), self._real_tokens(ds, mask)
         _accumulate(self.state.cov_in, name, (xs.T @ xs).to(torch.float64))
         _accumulate(self.state.cov_out, name, (ds.T @ ds).to(torch.float64))
         self.state.tokens[name] = self.state.tokens.get(name, 0) + xs.shape[0]

@@ -9,6 +9,10 @@ Bias convention: a module with bias has the bias gradient as the last column of 
 gets a trailing 1). ``d_in`` is then the width *including* that column and ``bias=True``;
 ``compress(x, delta)`` takes ``x`` *without* the column (``d_in - 1`` wide) and adds it implicitly,
 while ``compress_gradient(g)`` takes the full ``[B, d_out, d_in]`` gradient.
+
+One-hot factors: either factor of ``compress`` may be a ``kernels.onehot.OneHot`` (an embedding's
+token ids, or the vocabulary side of a tied embedding's use), which factorised compressors never
+build; the others build it with the gradient.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from hf_grass.kernels import SJLTMap
+from hf_grass.kernels.onehot import OneHot
 from hf_grass.kernels.reference import accumulation_dtype
 from hf_grass.seeding import make_generator
 
@@ -192,9 +197,11 @@ class Compressor(ABC):
             return x
         return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], dim=-1)
 
-    def outer(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The materialised per-example gradient ``[B, d_out, d_in]`` (accumulation dtype)."""
+    def outer(self, x: torch.Tensor | OneHot, delta: torch.Tensor | OneHot) -> torch.Tensor:
+        """The materialised per-example gradient ``[B, d_out, d_in]`` (accumulation dtype); a one-hot
+        factor (an embedding's ids) is built here, as this gradient is built anyway."""
         acc = accumulation_dtype(x, delta)
+        x, delta = (t.dense() if isinstance(t, OneHot) else t for t in (x, delta))
         return torch.bmm(delta.to(acc).transpose(1, 2), self.with_bias_column(x).to(acc))
 
     def __repr__(self) -> str:

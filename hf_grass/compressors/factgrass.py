@@ -35,6 +35,7 @@ from hf_grass.compressors.base import (
 from hf_grass.compressors.factor_maps import FactorMap, HashMap
 from hf_grass.compressors.sjlt import check_sjlt_settings, make_sjlt
 from hf_grass.kernels import SJLTMap
+from hf_grass.kernels.onehot import OneHot
 from hf_grass.kernels.reference import accumulation_dtype, gather_columns, projection_dtype, take_columns
 from hf_grass.seeding import sample_without_replacement
 
@@ -101,6 +102,14 @@ class FactGraSSCompressor(FactorisedCompressor):
         """Whether a side is hashed: its curvature is then known per coordinate, not per bucket."""
         return any(m is not None and m.hashed for m in (self.map_in, self.map_out))
 
+    @property
+    def curvature_shape(self) -> tuple[int, int]:
+        """``(c_out, c_in)`` of ``curvature_gradient``: a hashed side's own width, else the factor's."""
+        return (
+            self.d_out if isinstance(self.map_out, HashMap) else self.m_out,
+            self.d_in if isinstance(self.map_in, HashMap) else self.m_in,
+        )
+
     def set_maps(self, map_in: FactorMap, map_out: FactorMap) -> None:
         """Take the masks in a fitted basis: ``map_in`` / ``map_out`` (``factor_maps``) map each side
         to its ``m_in`` / ``m_out`` factor coordinates (the input map's last row is the bias's)."""
@@ -121,6 +130,7 @@ class FactGraSSCompressor(FactorisedCompressor):
     def factors(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         acc = accumulation_dtype(x, delta)
         if self.map_in is not None and self.map_out is not None:
+            # (a one-hot side, an embedding's ids, gathers rows of its map: OneHot.__matmul__)
             # the products in the model's dtype where that is bfloat16 (``projection_dtype``), the
             # small factors in the accumulation dtype
             prec = projection_dtype(x, delta)
@@ -148,7 +158,12 @@ class FactGraSSCompressor(FactorisedCompressor):
         """``sum_t delta^c_t x^c_t^T`` of ``curvature_factors`` -> ``[B, c_out, c_in]`` in the
         accumulation dtype (the product in ``projection_dtype``)."""
         xs, ds = self.curvature_factors(x, delta)
-        return torch.bmm(ds.transpose(1, 2), xs).to(accumulation_dtype(x, delta))
+        acc = accumulation_dtype(x, delta)
+        if isinstance(xs, OneHot):  # an embedding's vocabulary side: an index_add of the tokens
+            return xs.outer_sum(ds).transpose(1, 2).to(acc)
+        if isinstance(ds, OneHot):
+            return ds.outer_sum(xs).to(acc)
+        return torch.bmm(ds.transpose(1, 2), xs).to(acc)
 
     def to_factor_space(self, gp: torch.Tensor, query: bool = False) -> torch.Tensor:
         """Curvature-space gradients ``[B, c_out, c_in]`` -> factor space ``[B, m_out, m_in]``: each
@@ -170,7 +185,7 @@ class FactGraSSCompressor(FactorisedCompressor):
         return m_in, m_out
 
     def compress(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        if self.has_maps:  # projections instead of gathers: no fused kernel
+        if self.has_maps or isinstance(x, OneHot) or isinstance(delta, OneHot):  # no fused kernel
             return self.project_factor(self.factor_gradient(x, delta))
         # factor path: gather + outer-product sum + SJLT (Triton on CUDA), scale applied once at the end
         self._check_factors(x, delta)

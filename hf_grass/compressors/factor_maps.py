@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_grass.kernels.onehot import OneHot
+
 
 @dataclass
 class EigenMap:
@@ -43,10 +45,12 @@ class EigenMap:
     def to(self, device: torch.device | str) -> EigenMap:
         return EigenMap(self.vectors.to(device), self.scale)
 
-    def apply(self, t: torch.Tensor, bias: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def apply(
+        self, t: torch.Tensor | OneHot, bias: bool = False, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """``t [..., d(-1)] -> [..., m]``, the product in ``t``'s dtype and the result in ``dtype``
         (default ``t``'s); ``bias``: ``t`` lacks the trailing column of ones, which maps to the last
-        row of ``vectors``."""
+        row of ``vectors``. A one-hot ``t`` (an embedding's ids) gathers rows of ``vectors``."""
         vec = self.vectors.to(t.dtype)
         out = (t @ vec[: t.shape[-1]]).to(dtype or t.dtype)
         if bias:
@@ -87,11 +91,16 @@ class HashMap:
         return self.signs / self.whiten if query else self.signs * self.whiten
 
     def apply(
-        self, t: torch.Tensor, bias: bool = False, dtype: torch.dtype | None = None, query: bool = False
+        self, t: torch.Tensor | OneHot, bias: bool = False, dtype: torch.dtype | None = None, query: bool = False
     ) -> torch.Tensor:
         """``t [..., d(-1)] -> [..., m]`` bucket sums in ``dtype`` (default ``t``'s; train weights
-        unless ``query``)."""
+        unless ``query``); a one-hot ``t`` (an embedding's ids) puts each token's weight in its id's
+        bucket, a gather."""
         t = t.to(dtype or t.dtype)
+        if isinstance(t, OneHot):
+            if bias:
+                raise ValueError("a one-hot factor has no bias column")
+            return t.scatter(self.buckets, self.weights(query), self.m)
         if bias:
             t = torch.cat([t, torch.ones(*t.shape[:-1], 1, dtype=t.dtype, device=t.device)], dim=-1)
         return self.to_buckets(t, dim=-1, query=query)

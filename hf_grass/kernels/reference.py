@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_grass.kernels.onehot import OneHot
+
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -138,8 +140,11 @@ def gather_columns(x: torch.Tensor, idx: torch.Tensor, bias_index: int | None) -
     return torch.cat([body, ones], dim=-1)
 
 
-def take_columns(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[..., idx]`` via ``index_select`` on a 2-D view: ~3x faster than advanced indexing on CPU."""
+def take_columns(x: torch.Tensor | OneHot, idx: torch.Tensor) -> torch.Tensor:
+    """``x[..., idx]`` via ``index_select`` on a 2-D view: ~3x faster than advanced indexing on CPU.
+    A one-hot ``x`` (an embedding's ids) compares its ids with ``idx`` instead."""
+    if isinstance(x, OneHot):
+        return x.take_columns(idx)
     flat = x.reshape(-1, x.shape[-1]).index_select(1, idx)
     return flat.view(*x.shape[:-1], idx.numel())
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from hf_grass.compressors.factor_maps import EigenMap, FactorMap, HashMap, eigen_scale
+from hf_grass.kernels.onehot import OneHot
 from hf_grass.precondition import linalg
 from hf_grass.precondition.eigenbasis import Eigenbasis, ModuleBasis, damped_kfac, normalise_whitening
 from hf_grass.precondition.statistics import ModuleSpec, Statistics
@@ -80,16 +81,24 @@ class WarmupCovariances:
         self.examples += examples
         self._batch_inputs = {}
 
-    def add(self, name: str, x: torch.Tensor, delta: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        """One module's inputs ``[B, T, d_in(-1)]`` and output gradients ``[B, T, d_out]`` of this batch."""
+    def add(
+        self, name: str, x: torch.Tensor | OneHot, delta: torch.Tensor | OneHot, token_mask: torch.Tensor | None
+    ) -> None:
+        """One module's inputs ``[B, T, d_in(-1)]`` and output gradients ``[B, T, d_out]`` of this batch.
+
+        Either side may be one-hot (``OneHot``: an embedding's ids, or the vocabulary side of a tied
+        embedding's use): its sum is the diagonal of token counts, never a ``[tokens, width]`` matrix.
+        """
         _, _, bias = self.widths[name]
-        storage = (x.data_ptr(), tuple(x.shape), x.stride(), bias)
-        found = self._batch_inputs.get(storage)
+        # one-hot ids are read by no other module as an input: never shared
+        storage = None if isinstance(x, OneHot) else (x.data_ptr(), tuple(x.shape), x.stride(), bias)
+        found = None if storage is None else self._batch_inputs.get(storage)
         x_real = _real_tokens(x, token_mask)
         if found is None:
             key = self.input_of.setdefault(name, name)
             self._add_to(self.inputs, key, _covariance(x_real, bias, self.max_width))
-            self._batch_inputs[storage] = (key, x)
+            if storage is not None:
+                self._batch_inputs[storage] = (key, x)
         else:  # the same input as an earlier module of this batch: its sum already holds it
             shared = found[0]
             key = self.input_of.setdefault(name, shared)
@@ -98,7 +107,8 @@ class WarmupCovariances:
                     f"module {name!r} read the input of {shared!r} in one warm-up batch and its own in another"
                 )
         self._add_to(self.outputs, name, _covariance(_real_tokens(delta, token_mask), False, self.max_width))
-        self.tokens[name] = self.tokens.get(name, 0) + x_real.shape[0]
+        tokens = x_real.ids.numel() if isinstance(x_real, OneHot) else x_real.shape[0]
+        self.tokens[name] = self.tokens.get(name, 0) + tokens
 
     def _add_to(self, store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
         if key in store:
@@ -118,17 +128,25 @@ class WarmupCovariances:
         return sum(t.numel() * t.element_size() for t in (*self.inputs.values(), *self.outputs.values()))
 
 
-def _real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _real_tokens(t: torch.Tensor | OneHot, mask: torch.Tensor | None) -> torch.Tensor | OneHot:
     """``[B, T, d]`` -> ``[tokens, d]``: padding positions carry inputs but are not data."""
+    if isinstance(t, OneHot):
+        return OneHot(t.select(mask)[None], t.width, t.dtype)  # [1, tokens, width]
     if mask is not None and mask.shape == t.shape[:2]:
         return t[mask]
     return t.reshape(-1, t.shape[-1])
 
 
-def _covariance(t: torch.Tensor, bias: bool, max_width: int) -> torch.Tensor:
+def _covariance(t: torch.Tensor | OneHot, bias: bool, max_width: int) -> torch.Tensor:
     """``t^T t`` (with a trailing column of ones when ``bias``), or its diagonal for a side wider
     than ``max_width``, in the input's precision (float32 for a float32 or half model: twice as fast
-    as float64, and a batch's sum loses nothing that matters to an eigenbasis)."""
+    as float64, and a batch's sum loses nothing that matters to an eigenbasis). One-hot rows: the
+    diagonal matrix (or vector) of token counts."""
+    if isinstance(t, OneHot):
+        if bias:
+            raise ValueError("a one-hot factor has no bias column")
+        counts = t.counts()
+        return counts if t.width > max_width else torch.diag(counts)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     t = t.to(acc)
     if bias:  # the gradient's input has a trailing 1 (DESIGN.md §2)
