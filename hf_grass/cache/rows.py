@@ -96,6 +96,9 @@ def gather_rows(
     """``[len(positions), dim]`` float32 rows at the given row positions (any order, repeats allowed);
     with ``key="norms"`` the rows' stored exact norms ``[len(positions), 2]`` instead.
 
+    Memory: the selected rows in their storage format, and the float32 result they are decoded into
+    once (sorted unique positions, what the two-stage lookup asks for, are decoded as they are read).
+
     ``shard_tensors(s)``: the stored (memory-mapped) tensors of shard position ``s``; only the
     selected rows are copied out of it. ``offsets``: ``[n_shards + 1]`` first row position of each
     shard (cumulative row counts).
@@ -118,24 +121,25 @@ def gather_rows(
     for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), unique.shape[0]]):
         s = int(shard_of[lo])
         local = unique[lo:hi] - bounds[s]
-        for key, tensor in shard_tensors(s).items():
-            if key == "indices":
+        for name, tensor in shard_tensors(s).items():
+            if name == "indices" or (key != "grads" and name != key):  # norms: only those are read
                 continue
             arr = _numpy(tensor)
-            if key not in stage:
-                stage[key] = np.empty((unique.shape[0], *arr.shape[1:]), dtype=arr.dtype)
-                kinds[key] = tensor.dtype
-            np.take(arr, local, axis=0, out=stage[key][lo:hi])
+            if name not in stage:
+                stage[name] = np.empty((unique.shape[0], *arr.shape[1:]), dtype=arr.dtype)
+                kinds[name] = tensor.dtype
+            np.take(arr, local, axis=0, out=stage[name][lo:hi])
+    inverse = inverse.reshape(-1)
+    if unique.shape[0] != inverse.shape[0] or not np.array_equal(unique, positions.numpy()):
+        # repeats or another order: expanded while still in the storage format (int8: 1 byte a number)
+        stage = {name: arr[inverse] for name, arr in stage.items()}
     stored = {name: _torch(arr, kinds[name]) for name, arr in stage.items()}
     if key != "grads":
         if key not in stored:
             raise ValueError(f"the shards store no {key!r}")
-        out = torch.empty(positions.shape[0], *stored[key].shape[1:], dtype=torch.float32)
-        torch.index_select(stored[key].to(torch.float32), 0, torch.from_numpy(inverse.reshape(-1)), out=out)
-        return out
-    rows = rows_to_float32(stored)
-    torch.index_select(rows, 0, torch.from_numpy(inverse.reshape(-1)), out=out)
-    return out
+        return stored[key].to(torch.float32)
+    # one decode, straight into the result: no float32 copy of the unique rows beside it
+    return rows_to_float32(stored, out=out)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -12,6 +12,18 @@ from hf_grass.cache.reader import GradientCache
 from hf_grass.scoring.options import Search
 from hf_grass.scoring.streaming import Normalisation, ScanResult, TopK, block_scores, check_k, scan
 
+# The rows of one batch of candidates, gathered and decoded to float32 at once: at most this many
+# bytes (2^15 candidate rows of 31,744 numbers, copied twice as float32, took 8-9 GB).
+CANDIDATE_BYTES = 256 << 20
+
+
+def query_batch_size(dim: int, per_query: int, row_bytes: int = 0) -> int:
+    """Queries per candidate gather: their ``per_query`` candidate rows of ``dim`` float32 numbers
+    (plus ``row_bytes`` each in the storage format) fit in ``CANDIDATE_BYTES`` (at least 1, at
+    most 256 queries)."""
+    rows = CANDIDATE_BYTES // (4 * max(dim, 1) + row_bytes)
+    return max(1, min(256, rows // max(per_query, 1)))
+
 
 def default_candidates(k: int) -> int:
     """Candidates re-scored per list by default: 300 for k <= 10 (benchmarks/index.py: at 10^6 real
@@ -99,11 +111,11 @@ def two_stage(
 
     Highest-score candidates are the index's maximum inner products with ``q``; lowest-score ones are
     its maximum inner products with ``-q`` (the most negative scores), a second search of the same
-    index. The index's shortlist (the rows of largest norm, ``hf_grass.cache.index``) is a
-    candidate of every query, scored from its float32 copy. BM25 candidates join both lists. Rows
-    are read once per query batch for the union of its candidates (``GradientCache.rows_at``: only
-    those rows, only those shards); the batch (default) holds at most ``2^15`` candidate rows, so
-    memory is bounded by the candidates, not by the cache or the number of queries.
+    index. The index's shortlist (the rows of largest norm, ``hf_grass.cache.index``) adds its
+    best ``n`` per list. BM25 candidates join both lists. Rows are read once per query batch for the
+    union of its candidates (``GradientCache.rows_at``: only those rows, only those shards, decoded
+    once); a batch (default) holds at most ``CANDIDATE_BYTES`` of candidate rows, so memory is
+    bounded by the row width and the candidates, not by the cache or the number of queries.
     """
     search = search or Search()
     index, lexical = sources.index, sources.lexical
@@ -112,17 +124,17 @@ def two_stage(
     if n < k:
         raise ValueError(f"candidates={n} must be at least k={k}")
     wanted = [largest for largest, on in ((True, top), (False, bottom)) if on]
-    count = (index is not None) + (lexical is not None)
-    # the index's rows of the largest norms, candidates of every query
-    shortlisted = getattr(index, "shortlist_mask", None)
-    query_batch = search.query_batch or max(1, min(256, (1 << 15) // (n * len(wanted) * count)))
+    # candidate lists per query and list: the index's, its shortlist's, BM25's
+    count = (index is not None) * (1 + (getattr(index, "shortlist_vectors", None) is not None)) + (lexical is not None)
+    per_query = n * len(wanted) * count
+    query_batch = search.query_batch or query_batch_size(cache.dim, per_query, cache.dtype.itemsize)
     parts: dict[bool, list[TopK]] = {largest: [] for largest in wanted}
     for lo in range(0, queries.shape[0], query_batch):
         q = queries[lo : lo + query_batch]
         found: dict[bool, list[torch.Tensor]] = {largest: [] for largest in wanted}
         if index is not None:
             signed = torch.cat([q if largest else -q for largest in wanted])
-            hits = index.search(signed, n, search.params)
+            hits = index.candidates(signed, n, search.params)
             for i, largest in enumerate(wanted):
                 found[largest].append(hits[i * q.shape[0] : (i + 1) * q.shape[0]])
         if lexical is not None:
@@ -131,26 +143,18 @@ def two_stage(
             for largest in wanted:
                 found[largest].append(hits)
         cand = {largest: _dedupe(torch.cat(found[largest], dim=1)) for largest in wanted}
-        if shortlisted is not None:  # scored below from the index's own float32 copy
-            cand = {largest: c.masked_fill(shortlisted[c.clamp(min=0)] & (c >= 0), -1) for largest, c in cand.items()}
         union = torch.unique(torch.cat([c[c >= 0] for c in cand.values()]))
         rows = cache.rows_at(union)
         sub = norms.select(slice(lo, lo + query_batch)) if norms is not None else None
         stored = cache.norms_at(union) if sub is not None and sub.geometry != "vectors" else None
         exact = block_scores(q, rows, sub, stored)  # [b, |union|]
-        extra = None
-        if shortlisted is not None:
-            extra_norms = cache.norms_at(index.shortlist_positions) if stored is not None else None
-            extra = block_scores(q, index.shortlist_rows, sub, extra_norms)
+        del rows
         for largest in wanted:
             c = cand[largest]
             cols = torch.searchsorted(union, c.clamp(min=0))
             scores = exact.gather(1, cols.clamp(max=max(union.numel() - 1, 0)))
             fill = float("-inf") if largest else float("inf")
             scores = scores.masked_fill(c < 0, fill)
-            if extra is not None:
-                scores = torch.cat([scores, extra], dim=1)
-                c = torch.cat([c, index.shortlist_positions.unsqueeze(0).expand(c.shape[0], -1)], dim=1)
             values, pos = scores.topk(min(k, c.shape[1]), dim=1, largest=largest, sorted=True)
             positions = c.gather(1, pos)
             short = (positions < 0).any(dim=1)
