@@ -6,8 +6,10 @@ same size and width (the worst case: no structure for an index to use), written 
 ``CacheWriter``. One thread everywhere (torch and FAISS).
 
 1. **Choice** on the first ``--choice-rows`` rows (hard-linked prefix of the real cache): ``flat``,
-   ``ivfpq`` and ``hnsw`` built with the library defaults; build time, index bytes, recall@10 of the
-   two-stage lookup (helpful and harmful lists) against the exact scan, median latency of one query.
+   ``ivfpq`` and ``hnsw`` built with the library defaults (rows wider than 1024 are indexed as their
+   1024-wide projection; then also ``ivfpq`` of the rows themselves, ``projection=0``); build time,
+   index bytes, recall@10 of the two-stage lookup (helpful and harmful lists) against the exact
+   scan, median latency of one query and the peak RSS of the lookups.
 2. **Targets** at the full size with the chosen kind (``--kind``, default ``ivfpq``): recall@10 ≥
    0.95, median latency ≤ 100 ms and ≥ 50× faster than the exact scan, index RAM ≤ 10 % of the
    cache, over a sweep of ``candidates`` (rows re-scored per list) and ``nprobe``; and the same
@@ -44,19 +46,29 @@ from safetensors.torch import load_file
 
 from benchmarks._common import cpu_name, emit_report, parse_with_smoke
 from benchmarks.query import prefix_cache
+from hf_grass.cache.index import DEFAULT_PROJECTION
 from hf_grass.cache.reader import GradientCache
-from hf_grass.cache.writer import CacheWriter
+from hf_grass.cache.writer import CacheWriter, encode_rows
 from hf_grass.scoring import Search, lookup, scan
 
 K = 10
 SMOKE = {"choice_rows": 512, "queries": 8, "latency_queries": 2, "exact_repeats": 1, "quick": True}
 
 
-def rss_mb() -> float:
+def status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    return status_mb("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def cache_bytes(cache: GradientCache) -> int:
@@ -64,7 +76,7 @@ def cache_bytes(cache: GradientCache) -> int:
 
 
 def random_cache(path: Path, like: GradientCache) -> GradientCache:
-    """Standard-normal fp16 rows, as many and as wide as ``like``'s, same config and shard size."""
+    """Standard-normal rows, as many and as wide as ``like``'s, same config (storage dtype) and shard size."""
     if (path / "manifest.json").is_file():
         return GradientCache(path)
     header = {
@@ -79,8 +91,9 @@ def random_cache(path: Path, like: GradientCache) -> GradientCache:
     writer = CacheWriter(path, like.config, header)
     for shard, first in enumerate(range(0, like.num_rows, size)):
         idx = list(range(first, min(first + size, like.num_rows)))
-        rows = torch.randn(len(idx), like.dim, generator=gen).half()
-        writer.commit_shard(shard, idx, rows, [{"index": i, "text": None, "id": None} for i in idx], [], None)
+        rows, scales = encode_rows(torch.randn(len(idx), like.dim, generator=gen), like.dtype)
+        docs = [{"index": i, "text": None, "id": None} for i in idx]
+        writer.commit_shard(shard, idx, rows, docs, [], None, scales=scales)
     writer.finish(complete=True)
     writer.close()
     return GradientCache(path)
@@ -111,16 +124,23 @@ def evaluate(
                 "latency_s": [],
             }
         )
+    gc.collect()
+    before = rss_mb()
+    reset_peak_rss()
     for i in range(latency_queries):  # interleaved, one query at a time
         q = queries[i % queries.shape[0] : i % queries.shape[0] + 1]
         for s, row in zip(settings, out):
             start = time.perf_counter()
             lookup(cache, q, K, top=True, bottom=True, search=Search("index", s["candidates"], s["params"]))
             row["latency_s"].append(time.perf_counter() - start)
+    # the lookups' peak RSS over the RSS before them (the index loaded, the pages of the shards they
+    # read included: memory-mapped pages count once touched)
+    peak = status_mb("VmHWM") - before
     exact_median = statistics.median(exact_latency)
     for row in out:
         row["median_latency_ms"] = statistics.median(row["latency_s"]) * 1e3
         row["x_faster_than_exact"] = exact_median / statistics.median(row["latency_s"])
+        row["lookups_peak_rss_increase_mb"] = peak
         del row["latency_s"]
     return out
 
@@ -143,6 +163,8 @@ def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
     start = time.perf_counter()
     entry = cache.build_index(kind, rebuild=True, **kw)
     label = kind + ("" if entry["shortlist_rows"] else " (no shortlist)")
+    if entry.get("projection") is None and cache.dim > DEFAULT_PROJECTION:
+        label += " (full width)"
     seconds = time.perf_counter() - start
     gc.collect()
     before = rss_mb()
@@ -152,6 +174,7 @@ def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
     info = {
         "kind": label,
         "factory": entry["factory"],
+        "projection": entry.get("projection"),
         "shortlist_rows": entry["shortlist_rows"],
         "build_s": seconds,
         "index_bytes": entry["bytes"],
@@ -160,8 +183,10 @@ def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
         "default_search": entry["search"],
     }
     info["index_fraction_of_cache"] = info["index_bytes"] / info["cache_bytes"]
-    print(f"  built {label} ({entry['factory']}) in {seconds:.0f}s: {entry['bytes'] / 1e6:.1f} MB "
-          f"({100 * info['index_fraction_of_cache']:.1f}% of the cache)", flush=True)  # fmt: skip
+    width = (entry.get("projection") or {}).get("width", cache.dim)
+    print(f"  built {label} ({entry['factory']} over {width} numbers per row) in {seconds:.0f}s: "
+          f"{entry['bytes'] / 1e6:.1f} MB ({100 * info['index_fraction_of_cache']:.1f}% of the cache), "
+          f"+{info['rss_increase_mb']:.0f} MB RSS loaded", flush=True)  # fmt: skip
     return info
 
 
@@ -270,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(prefix_dir, ignore_errors=True)
         prefix_cache(full.path, prefix_dir, args.choice_rows)
         kinds = [("flat", {}), ("ivfpq", {}), ("hnsw", {}), ("ivfpq", {"shortlist": 0.0})]
+        if full.dim > DEFAULT_PROJECTION:  # wide rows: the index of the rows themselves, for comparison
+            kinds.append(("ivfpq", {"projection": 0}))
         report["choice"] = section("choice", GradientCache(prefix_dir), queries, kinds, args)
         shutil.rmtree(prefix_dir, ignore_errors=True)
     full_kinds = [(args.kind, {}), (args.kind, {"shortlist": 0.0})]

@@ -24,8 +24,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
-TESTED = {"attribution_pass", "batched", "compress", "during_pass", "gpu_kernels", "index", "lds", "quality",
-          "query", "real_model", "real_rows"}  # fmt: skip
+# gpu_suite's --dry-run is tests/test_gpu_suite.py
+TESTED = {"attribution_pass", "batched", "compress", "during_pass", "gpu_kernels", "gpu_suite", "index", "lds",
+          "quality", "query", "real_model", "real_rows", "warmup_memory"}  # fmt: skip
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -121,6 +122,17 @@ def test_batched(rows_dir: Path, tmp_path: Path) -> None:
     assert report["settings"]["rows"] == 1024 and report["settings"]["n_query"] == 16
     assert finite(report["stream_x_mm"], *report["rows_per_s"].values())
     assert len(report["rss"]) == 2 and all(finite(r["increase_mb"], r["seconds"]) for r in report["rss"])
+
+
+def test_warmup_memory(tmp_path: Path) -> None:
+    report = smoke("warmup_memory", tmp_path)  # a tiny Llama whose MLP and vocabulary are hashed
+    run = report["run"]
+    assert run["sums_measured_over_predicted"] == 1.0  # the memory model counts the sums' bytes exactly
+    basis, written = run["model"]["warmup"]["basis"], run["measured"]["eigenbasis_file"]
+    assert basis <= written <= 1.05 * basis  # the eigenbasis file: the model's bytes and a header
+    assert finite(run["host_increase_measured"], run["host_increase_predicted"], run["main_increase_measured"])
+    assert set(report["tables"]) == {"Llama-3.1-8B", "SmolLM2-135M"}
+    assert all(finite(*t["warmup"].values(), *t["main"].values()) for t in report["tables"].values())
 
 
 def test_lds(tmp_path: Path) -> None:
