@@ -221,19 +221,22 @@ def section(
 def diagnose(cache: GradientCache, queries: torch.Tensor, rows: int) -> dict[str, Any]:
     """Why the rows are hard for an index: norm tail, where the queries' energy lies, how extreme the
     top and bottom scores are (on the first ``rows`` rows)."""
-    x = torch.cat([b.rows.clone() for b in cache.iter_row_blocks(1 << 14, shards=list(range(len(cache.shards))))
+    rows = min(rows, (1 << 30) // (4 * cache.dim))  # at most 1 GB of float32 rows (8456 of 31,744)
+    x = torch.cat([b.rows.clone() for b in cache.iter_row_blocks(1 << 12, shards=list(range(len(cache.shards))))
                    if b.start < rows])[:rows]  # fmt: skip
     norms = x.norm(dim=1)
     scores = queries @ x.T
     top, bottom = scores.topk(K, dim=1).indices, scores.topk(K, dim=1, largest=False).indices
     heavy = torch.zeros(x.shape[0], dtype=torch.bool)
     heavy[norms.topk(max(1, x.shape[0] // 100)).indices] = True
-    _, sv, vh = torch.linalg.svd(x[:20000], full_matrices=False)
+    svd_rows = min(20000, (1 << 28) // (4 * cache.dim))  # the principal directions of the first rows
+    _, sv, vh = torch.linalg.svd(x[:svd_rows], full_matrices=False)
     energy = sv**2 / (sv**2).sum()
     qn = queries / queries.norm(dim=1, keepdim=True)
     cos = scores / (queries.norm(dim=1, keepdim=True) * norms)
     out = {
         "rows": x.shape[0],
+        "svd_rows": min(svd_rows, x.shape[0]),
         "norm_max_over_median": float(norms.max() / norms.median()),
         "top10_in_largest_1pct_norms": float(heavy[top].float().mean()),
         "bottom10_in_largest_1pct_norms": float(heavy[bottom].float().mean()),
