@@ -62,9 +62,14 @@ def status_kb(key: str) -> int:
     return -1
 
 
-def reset_hwm() -> None:
-    """Reset this process's peak RSS (``VmHWM``) to the current RSS (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
+def reset_hwm() -> bool:
+    """Reset this process's peak RSS (``VmHWM``, and ``ru_maxrss`` with it) to the current RSS
+    (Linux >= 4.0); False where that is not allowed (the phases' peaks are then cumulative)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def maxrss() -> int:
@@ -113,7 +118,10 @@ def build_model(shape: LlamaShape, device: str, dtype: str):  # noqa: ANN201 - t
         tie_word_embeddings=False,
     )
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=getattr(torch, dtype), attn_implementation="sdpa")
     return model.to(device).eval()
 
 
@@ -134,7 +142,7 @@ def child(shape_name: str, examples: int, seq: int, batch_size: int, device: str
     data = random_token_examples(examples, shape.vocab, lo=seq, hi=seq + 1)
     # every example in the warm-up sample; the main pass then covers the same examples
     config = GraSSConfig(ekfac_sample_size=examples, warmup_tokens=examples * seq, batch_size=batch_size)
-    out: dict[str, Any] = {"rss_model": status_kb("VmRSS") * 1024, "device_model": gpu.now()}
+    out: dict[str, Any] = {"rss_model": status_kb("VmRSS") * 1024, "device_model": gpu.now(), "hwm_reset": reset_hwm()}
 
     computer = GradientComputer(model, config)
     ids = torch.tensor([ex["input_ids"] for ex in data[:batch_size]])
@@ -144,6 +152,7 @@ def child(shape_name: str, examples: int, seq: int, batch_size: int, device: str
     del computer
     out["baseline_peak"] = maxrss()
     out["device_baseline_peak"] = gpu.peak()
+    print(f"baseline: {out}", file=sys.stderr, flush=True)
 
     phases: dict[str, dict[str, float]] = {}
     real_fit, real_warmup = runner_module.fit_eigen_masks, runner_module.AttributionPass.warmup
@@ -153,12 +162,14 @@ def child(shape_name: str, examples: int, seq: int, batch_size: int, device: str
         phases["accumulate"] = {"hwm": status_kb("VmHWM") * 1024, "maxrss": maxrss(), "sums": sums.nbytes(),
                                 "device_peak": gpu.peak(), "seconds": time.perf_counter() - begin[0]}  # fmt: skip
         out["input_keys"] = len(sums.inputs)
+        print(f"accumulated: {phases['accumulate']}", file=sys.stderr, flush=True)
         reset_hwm()
         gpu.reset()
         start = time.perf_counter()
         basis = real_fit(*args, **kwargs)
         phases["fit"] = {"hwm": status_kb("VmHWM") * 1024, "device_peak": gpu.peak(),
                          "seconds": time.perf_counter() - start}  # fmt: skip
+        print(f"fitted: {phases['fit']}", file=sys.stderr, flush=True)
         return basis
 
     def warmup(self: Any, writer: Any) -> Any:
@@ -206,9 +217,11 @@ def predict(shape: LlamaShape, batch: int, seq: int, act_bytes: int, gpu: bool) 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.warmup_memory", "--child", args.shape, str(args.examples),
            str(args.seq), str(args.batch_size), args.device, args.dtype]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    # the child's stderr passes through: its phases show as they end (a long GPU run that times out
+    # still says how far it got)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"the measuring subprocess failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"the measuring subprocess failed (exit {proc.returncode}; its errors are above)")
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     shape, gpu = SHAPES[args.shape], args.device.startswith("cuda")
     act_bytes = 2 if args.dtype in ("bfloat16", "float16") else 4
