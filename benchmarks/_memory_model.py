@@ -27,6 +27,7 @@ class LlamaShape:
     heads: int
     kv_heads: int
     vocab: int
+    tied: bool = False  # lm_head shares the embedding's weight (still a captured module)
 
     @property
     def kv_width(self) -> int:
@@ -34,14 +35,14 @@ class LlamaShape:
 
     @property
     def params(self) -> int:
-        """Parameters, untied embeddings (the norms' weights left out: negligible)."""
+        """Parameters (the norms' weights left out: negligible)."""
         h, i, kv = self.hidden, self.intermediate, self.kv_width
         per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
-        return self.layers * per_layer + 2 * self.vocab * h
+        return self.layers * per_layer + (1 if self.tied else 2) * self.vocab * h
 
 
 LLAMA_8B = LlamaShape("Llama-3.1-8B", 4096, 14336, 32, 32, 8, 128256)
-SMOLLM2 = LlamaShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152)
+SMOLLM2 = LlamaShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, tied=True)
 # the benchmark's CPU model: the shape of a Llama block at 1/2 the width of Llama-8B, with an MLP
 # wider than FULL_COVARIANCE_MAX_WIDTH (hashed sides) and a 32k vocabulary
 WIDE_CPU = LlamaShape("wide CPU Llama (benchmark)", 2048, 8704, 4, 16, 4, 32000)
@@ -114,8 +115,10 @@ def warmup_bytes(linears: list[Linear], batch_tokens: int, act_bytes: int = 4) -
       batch, its float64 copy (``12 d^2``); a diagonal side, a chunk of tokens of at most
       ``DIAGONAL_CHUNK_BYTES`` in float32 and its square;
     - ``fit_transient``: the eigendecomposition of the widest full side on the sums' device: its
-      float32 copy, the symmetrised matrix, the vectors, the solver's workspace (~``2 d^2`` floats),
-      the float64 vectors the solver's caller gets (``eigh_psd``) and their float32 copy (~``24 d^2``);
+      float32 copy, the symmetrised matrix, the vectors, the float64 vectors the solver's caller
+      gets (``eigh_psd``) and their float32 copy, and the solver's workspace: ``24 d^2`` counted
+      with LAPACK's workspace, 38.8 ``d^2`` measured with cuSOLVER's (0.65 GB at d = 4096 on an
+      H200, docs/howto/memory.md), so ``40 d^2``;
     - ``basis``: the eigenbasis file (host RAM): per side an ``EigenMap`` ``[d, m]`` float32 or a
       ``HashMap`` (int64 bucket, float32 sign and weight per coordinate), per module the whitening
       ``[m_out, m_in]`` and the eigenvalues ``[c_in] + [c_out]`` in float64.
@@ -137,7 +140,7 @@ def warmup_bytes(linears: list[Linear], batch_tokens: int, act_bytes: int = 4) -
     return {
         "sums": sums,
         "hook_transient": max(hook_full, hook_diag),
-        "fit_transient": 24 * widest_full**2,
+        "fit_transient": 40 * widest_full**2,
         "basis": basis,
     }
 

@@ -7,7 +7,8 @@ same size and width (the worst case: no structure for an index to use), written 
 
 1. **Choice** on the first ``--choice-rows`` rows (hard-linked prefix of the real cache): ``flat``,
    ``ivfpq`` and ``hnsw`` built with the library defaults (rows wider than 1024 are indexed as their
-   1024-wide projection; then also ``ivfpq`` of the rows themselves, ``projection=0``); build time,
+   1024-wide projection; then also ``ivfpq`` of the rows themselves, ``projection=0``, and of a
+   projection without principal directions, ``principal=0``); build time,
    index bytes, recall@10 of the two-stage lookup (helpful and harmful lists) against the exact
    scan, median latency of one query and the peak RSS of the lookups.
 2. **Targets** at the full size with the chosen kind (``--kind``, default ``ivfpq``): recall@10 ≥
@@ -165,6 +166,8 @@ def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
     label = kind + ("" if entry["shortlist_rows"] else " (no shortlist)")
     if entry.get("projection") is None and cache.dim > DEFAULT_PROJECTION:
         label += " (full width)"
+    elif entry.get("projection") and not entry["projection"]["principal"]:
+        label += " (no principal directions)"
     seconds = time.perf_counter() - start
     gc.collect()
     before = rss_mb()
@@ -298,8 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(prefix_dir, ignore_errors=True)
         prefix_cache(full.path, prefix_dir, args.choice_rows)
         kinds = [("flat", {}), ("ivfpq", {}), ("hnsw", {}), ("ivfpq", {"shortlist": 0.0})]
-        if full.dim > DEFAULT_PROJECTION:  # wide rows: the index of the rows themselves, for comparison
-            kinds.append(("ivfpq", {"projection": 0}))
+        if full.dim > DEFAULT_PROJECTION:  # wide rows: the rows themselves, and a projection without
+            kinds += [("ivfpq", {"projection": 0}), ("ivfpq", {"principal": 0})]  # principal directions
         report["choice"] = section("choice", GradientCache(prefix_dir), queries, kinds, args)
         shutil.rmtree(prefix_dir, ignore_errors=True)
     full_kinds = [(args.kind, {}), (args.kind, {"shortlist": 0.0})]

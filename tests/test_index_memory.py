@@ -15,7 +15,8 @@ from test_index import DIM, assert_same_lists, queries, write_cache
 import hf_grass.cache.index_build as index_build
 import hf_grass.cache.rows as rows_module
 from hf_grass.cache import CacheError, GradientCache
-from hf_grass.cache.index import IndexSettings, RowProjection, index_vectors
+from hf_grass.cache.index import IndexSettings, index_vectors
+from hf_grass.cache.projection import RowProjection, principal_directions
 from hf_grass.scoring import Search, lookup, scan
 
 # the module (hf_grass.scoring exports a function of the same name)
@@ -27,27 +28,48 @@ def cache(tmp_path: Path) -> GradientCache:
     return write_cache(tmp_path / "cache")
 
 
-def test_the_projection_is_an_unbiased_sparse_jl_map() -> None:
-    proj = RowProjection.drawn(DIM, 8, seed=3)
-    dense = proj.apply(torch.eye(DIM)).T.double()  # [8, DIM]: column j is where coordinate j goes
-    assert torch.equal((dense != 0).sum(0), torch.ones(DIM, dtype=torch.long))  # one +-1 per coordinate
-    assert torch.equal(dense.abs().sum(0), torch.ones(DIM, dtype=torch.float64))
-    assert torch.equal(RowProjection.drawn(DIM, 8, seed=3).buckets, proj.buckets)  # the seed fixes it
-    x = torch.randn(5, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+def test_the_projection_is_an_unbiased_estimate_of_inner_products() -> None:
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(DIM, 3, generator=gen)).Q  # 3 orthonormal directions
+    proj = RowProjection.drawn(basis, 10, seed=3)
+    assert proj.principal == 3 and proj.residual_width == 7
+    dense = proj.apply(torch.eye(DIM)).T.double()  # [10, DIM]: the map as a matrix
+    # brute force: [V^T ; S (I - V V^T)] with S the explicit sparse map (one +-1 per coordinate)
+    sketch = RowProjection.drawn(torch.zeros(DIM, 0), 7, seed=3).apply(torch.eye(DIM)).T.double()
+    assert torch.equal((sketch != 0).sum(0), torch.ones(DIM, dtype=torch.long))
+    v = basis.double()
+    want = torch.cat([v.T, sketch @ (torch.eye(DIM, dtype=torch.float64) - v @ v.T)])
+    torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(5, DIM, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(proj.apply(x).double(), x @ dense.T, rtol=1e-5, atol=1e-5)
-    # E[P^T P] = I over seeds: the diagonal is 1 exactly, the rest (+-1 where two coordinates share
-    # a bucket, with random signs) averages to 0
-    maps = [RowProjection.drawn(DIM, 8, seed=s).apply(torch.eye(DIM)).double() for s in range(400)]
+    # E[P^T P] = V V^T + (I - V V^T) E[S^T S] (I - V V^T) = I over the seeds of S
+    maps = [RowProjection.drawn(basis, 10, seed=s).apply(torch.eye(DIM)).double() for s in range(400)]
     gram = sum(m @ m.T for m in maps) / len(maps)
-    assert torch.equal(torch.diagonal(gram), torch.ones(DIM, dtype=torch.float64))
-    assert (gram - torch.eye(DIM, dtype=torch.float64)).abs().max() < 0.2
+    assert (gram - torch.eye(DIM, dtype=torch.float64)).abs().max() < 0.15
+    with pytest.raises(ValueError, match="do not leave room"):
+        RowProjection.drawn(basis, 3, seed=0)
+
+
+def test_principal_directions_span_the_top_singular_vectors() -> None:
+    gen = torch.Generator().manual_seed(1)
+    # rows with 4 strong directions and a weak rest, as gradient rows are
+    strong = torch.linalg.qr(torch.randn(DIM, 4, generator=gen)).Q
+    sample = torch.randn(300, 4, generator=gen) * torch.tensor([40.0, 30, 20, 10]) @ strong.T
+    sample += 0.1 * torch.randn(300, DIM, generator=gen)
+    got = principal_directions(sample, 4, seed=0)
+    torch.testing.assert_close(got.T @ got, torch.eye(4), rtol=0, atol=1e-5)  # orthonormal
+    want = torch.linalg.svd(sample, full_matrices=False).Vh[:4].T
+    torch.testing.assert_close(got @ got.T, want @ want.T, rtol=0, atol=1e-4)  # the same subspace
+    assert torch.equal(principal_directions(sample, 4, seed=0), got)  # seeded: the same bits
 
 
 def test_a_projected_index_reranks_exactly(cache: GradientCache) -> None:
-    entry = cache.build_index("flat", projection=8)
-    assert entry["projection"] == {"method": "sjlt", "dim": DIM, "width": 8, "seed": 0}
+    entry = cache.build_index("flat", projection=8)  # 4 principal directions (at most half), 4 sketched
+    assert entry["projection"] == {"method": "pca+sjlt", "dim": DIM, "width": 8, "principal": 4, "seed": 0}
+    assert [f.get("role") for f in entry["files"]] == [None, "shortlist", "projection"]
     index = cache.index()
     assert index is not None and index.index.d == 8 and index.projection is not None
+    assert index.projection.principal == 4
     # the index and its shortlist hold the projected rows (brute force: the dense map on every row)
     rows = cache.load()
     want = index_vectors(rows[index.shortlist_positions], index.projection, cosine=False)
@@ -90,7 +112,8 @@ def test_the_training_sample_and_the_reads_are_bounded_in_bytes(
     entry = cache.build_index("ivfpq", projection=width, nlist=4, pq_m=4, train_bytes=4 * width * 120)
     # the training sample: 120 rows of 12 float32 numbers (not 64 * nlist = 256); then the shortlist
     assert vectors == [120, 4] and entry["rows"] == cache.num_rows
-    assert sum(reads) == 124 and max(reads) <= 50  # full rows are read 50 at a time
+    # the sample the principal directions come from: train_bytes of full rows (40 of 36 numbers)
+    assert sum(reads) == 40 + 120 + 4 and max(reads) <= 50  # full rows are read 50 at a time
     with pytest.raises(ValueError, match="fewer than the 8 inverted lists; raise train_bytes"):
         cache.build_index("ivfpq", projection=width, nlist=8, pq_m=4, train_bytes=4 * width * 5, rebuild=True)
     with pytest.raises(TypeError, match=r"unknown index settings \['nprobe'\]; known: \["):
@@ -138,10 +161,11 @@ def test_gathered_rows_are_decoded_once(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_a_missing_or_damaged_index_leaves_the_exact_scan(cache: GradientCache) -> None:
-    entry = cache.build_index("ivfpq")
+    entry = cache.build_index("ivfpq", projection=8)  # three files: FAISS, shortlist, projection
+    assert len(entry["files"]) == 3
     q = queries()
     exact = scan(cache, q, 3, top=True, bottom=True)
-    for victim in entry["files"]:  # the FAISS file, then the shortlist
+    for victim in entry["files"]:
         path = cache.path / victim["file"]
         good = path.read_bytes()
         path.write_bytes(good[:-4] + bytes(b ^ 0xFF for b in good[-4:]))

@@ -14,10 +14,12 @@ inner-product metric):
 Which is the default was chosen by measurement (``benchmarks/index.py``, docs/benchmarks.md).
 
 **The projection.** Rows wider than ``DEFAULT_PROJECTION`` (1024; the default row is 31,744 wide)
-are not indexed as they are: the index holds a seeded sparse JL projection of each row
-(``RowProjection``: every coordinate adds ``+-x_j`` to one of 1024 buckets, an unbiased estimate of
-inner products), and queries are projected by the same map. The index, its training sample and its
-shortlist then do not grow with the row budget; the exact re-rank reads the full rows.
+are not indexed as they are: the index holds a projection of each row to 1024 numbers, the rows'
+256 principal directions kept exactly and a seeded sparse JL map of the rest
+(``hf_grass.cache.projection``: an unbiased estimate of inner products, whose error scales with
+what the principal directions leave), and queries are projected by the same map. The index, its
+training sample and its shortlist then do not grow with the row budget; the exact re-rank reads
+the full rows.
 
 **The norm shortlist.** Gradient rows have heavy-tailed norms (on the benchmark's real rows the
 largest norm is 29x the median) and the rows of largest norm take a large share of every query's
@@ -34,8 +36,9 @@ built for and ``load_index`` refuses the other kind.
 
 **Storage.** ``index/faiss-<kind>-<sha256[:12]>.index`` (``faiss.serialize_index`` bytes, written
 atomically) and ``index/shortlist-<sha256[:12]>.safetensors`` (``positions``, ``vectors``), listed
-in the manifest under ``"index"`` with their sha256, the projection and the shard checksums it was
-built from. An index built from other shards than the cache now holds is *stale* and refused.
+in the manifest under ``"index"`` with their sha256, and ``index/projection-<sha256[:12]>.safetensors``
+(``basis``, the principal directions) when the rows are projected; the entry records the projection
+and the shard checksums the index was built from. An index built from other shards than the cache now holds is *stale* and refused.
 
 **Checked when loaded.** The index is optional: opening a cache does not read or hash its files,
 so a missing or damaged index leaves the exact scan working; ``load_index`` checks the sha256 of
@@ -58,14 +61,15 @@ import torch
 
 from hf_grass.cache.files import CacheError, atomic_write_json, mmap_tensors, sha256_bytes, sha256_file
 from hf_grass.cache.manifest import MANIFEST, load_json, safe_path
-from hf_grass.kernels import reference
-from hf_grass.seeding import make_generator
+from hf_grass.cache.projection import METHOD, RowProjection
 
 INDEX_DIR = "index"
 BUILD_DIR = f"{INDEX_DIR}/.build"
 KINDS = ("ivfpq", "hnsw", "flat")
 DEFAULT_SHORTLIST = 0.01  # of the rows, by norm (benchmarks/index.py)
 DEFAULT_PROJECTION = 1024  # index width of wider rows (benchmarks/index.py at the default 31,744)
+DEFAULT_PRINCIPAL = 256  # of them, the rows' principal directions kept exactly (cache/projection.py)
+PRINCIPAL_ROWS = 8192  # rows sampled to find those directions (at most train_bytes of them)
 # The rows sampled to train an index are held as float32 vectors of the index's width: at most this
 # many bytes (64 * nlist rows of 31,744 float32 numbers would be 8 GB at 10^6 documents).
 DEFAULT_TRAIN_BYTES = 1 << 30
@@ -125,9 +129,10 @@ class IndexSettings:
         factory: a FAISS ``index_factory`` string (inner-product metric).
         cosine: index unit-normalised rows, for cosine scores (default: the cache's ``cosine``).
         nlist, pq_m, hnsw_m: ``ivfpq`` lists and bytes per row, ``hnsw`` links per node.
-        projection: the index's width: rows wider than it are indexed as a seeded sparse JL
-            projection to this many numbers (default ``DEFAULT_PROJECTION`` = 1024; 0: the rows as
-            they are, as wide as the cache's).
+        projection: the index's width: rows wider than it are indexed as their projection to this
+            many numbers (default ``DEFAULT_PROJECTION`` = 1024; 0: the rows as they are).
+        principal: of those numbers, the rows' principal directions kept exactly (default 256;
+            0: a sparse JL map alone).
         shortlist: the fraction of rows with the largest norms kept beside the index and searched
             exactly for every query (default 0.01; 0 for a cosine index, whose rows all have norm 1).
         train_rows: rows sampled (seeded) to train the index (default ``64 * nlist``, max 2^17).
@@ -143,6 +148,7 @@ class IndexSettings:
     pq_m: int | None = None
     hnsw_m: int = 32
     projection: int | None = None
+    principal: int = DEFAULT_PRINCIPAL
     shortlist: float | None = None
     train_rows: int | None = None
     train_bytes: int = DEFAULT_TRAIN_BYTES
@@ -160,6 +166,8 @@ class IndexSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.projection is not None and (not isinstance(self.projection, int) or self.projection < 0):
             raise ValueError(f"projection must be an int >= 0 (0: no projection), got {self.projection!r}")
+        if not isinstance(self.principal, int) or self.principal < 0:
+            raise ValueError(f"principal must be an int >= 0, got {self.principal!r}")
         if not isinstance(self.train_bytes, int) or self.train_bytes <= 0:
             raise ValueError(f"train_bytes must be a positive int, got {self.train_bytes!r}")
 
@@ -220,38 +228,20 @@ def default_search(index: Any) -> dict[str, int]:
 # ---- the index's space --------------------------------------------------------------------------
 
 
-@dataclass
-class RowProjection:
-    """A seeded sparse JL map ``R^dim -> R^width`` (an SJLT with one non-zero per coordinate):
-    coordinate ``j`` adds ``signs[j] * x_j`` to bucket ``buckets[j]``. ``E <Px, Py> = <x, y>``."""
-
-    buckets: torch.Tensor  # [1, dim] int64 in [0, width)
-    signs: torch.Tensor  # [1, dim] float32, +-1
-    width: int
-
-    @classmethod
-    def drawn(cls, dim: int, width: int, seed: int) -> RowProjection:
-        gen = make_generator(seed, "index", "projection")
-        buckets = torch.randint(0, width, (1, dim), generator=gen)
-        signs = torch.randint(0, 2, (1, dim), generator=gen).to(torch.float32).mul_(2).sub_(1)
-        return cls(buckets, signs, width)
-
-    def entry(self, seed: int) -> dict[str, Any]:
-        return {"method": "sjlt", "dim": int(self.buckets.shape[1]), "width": self.width, "seed": seed}
-
-    def apply(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[n, dim]`` -> ``[n, width]`` float32."""
-        return reference.sjlt_project(rows.to(torch.float32), self.buckets, self.signs, self.width)
-
-
-def projection_of(entry: dict[str, Any]) -> RowProjection | None:
-    """The projection an index entry records (None: the index holds the rows as they are)."""
+def load_projection(cache: Any, entry: dict[str, Any]) -> RowProjection | None:
+    """The projection an index entry records (None: the index holds the rows as they are), its
+    principal directions read from the index's ``projection`` file (checked)."""
     spec = entry.get("projection")
     if not spec:
         return None
-    if spec.get("method") != "sjlt":
-        raise CacheError(f"unknown index projection {spec!r}; rebuild the index (hf-grass index CACHE --rebuild)")
-    return RowProjection.drawn(int(spec["dim"]), int(spec["width"]), int(spec["seed"]))
+    files = [f for f in entry["files"] if f.get("role") == "projection"]
+    if spec.get("method") != METHOD or not files:
+        raise CacheError(f"unknown index projection {spec!r}; rebuild the index (hf-grass index {cache.path} --rebuild)")
+    path = _checked_path(cache, files[0])
+    if sha256_file(path) != files[0]["sha256"]:
+        raise CacheError(_damaged(cache, files[0]))
+    basis = mmap_tensors(path)["basis"].clone()
+    return RowProjection.drawn(basis, int(spec["width"]), int(spec["seed"]))
 
 
 def index_vectors(rows: torch.Tensor, projection: RowProjection | None, cosine: bool) -> torch.Tensor:
@@ -328,7 +318,7 @@ def load_index(cache: Any) -> FaissIndex | None:
         raise CacheError(_damaged(cache, entry["files"][0]))
     index = faiss_module().deserialize_index(np.frombuffer(data, dtype=np.uint8))
     del data
-    projection = projection_of(entry)
+    projection = load_projection(cache, entry)
     width = cache.dim if projection is None else projection.width
     if index.ntotal != cache.num_rows or index.d != width:
         name = entry["files"][0]["file"]

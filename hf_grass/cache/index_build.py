@@ -32,9 +32,9 @@ from hf_grass.cache.index import (
     BUILD_DIR,
     DEFAULT_SHORTLIST,
     INDEX_DIR,
+    PRINCIPAL_ROWS,
     READ_BYTES,
     IndexSettings,
-    RowProjection,
     default_factory,
     default_search,
     faiss_module,
@@ -44,6 +44,7 @@ from hf_grass.cache.index import (
     update_manifest,
 )
 from hf_grass.cache.manifest import load_json
+from hf_grass.cache.projection import METHOD, RowProjection, principal_directions
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -87,6 +88,7 @@ def build_index(
         start = time.perf_counter()
         index, next_shard, top = job.resume()
         if index is None:
+            job.fit_projection()
             index = faiss.index_factory(job.width, job.plan["factory"], faiss.METRIC_INNER_PRODUCT)
             _no_polysemous_training(index, faiss)
             if not index.is_trained:
@@ -128,7 +130,10 @@ def _plan(cache: Any, settings: IndexSettings) -> dict[str, Any]:
     cosine = bool(cache.config.cosine if settings.cosine is None else settings.cosine)
     shortlist = settings.shortlist if settings.shortlist is not None else (0.0 if cosine else DEFAULT_SHORTLIST)
     width = settings.width(cache.dim)
-    projection = None if width == cache.dim else RowProjection.drawn(cache.dim, width, settings.seed).entry(settings.seed)
+    projection = None
+    if width != cache.dim:  # the basis is fitted in the build; the manifest records this and its file
+        principal = min(settings.principal, width // 2)
+        projection = {"method": METHOD, "dim": cache.dim, "width": width, "principal": principal, "seed": settings.seed}
     return {
         "label": "custom" if settings.factory else settings.kind,  # names the file
         "factory": default_factory(settings, cache.num_rows, width),
@@ -176,11 +181,34 @@ class _Build:
 
     def __post_init__(self) -> None:
         spec = self.plan["projection"]
-        self.projection = None if spec is None else RowProjection.drawn(spec["dim"], spec["width"], spec["seed"])
-        self.width = self.cache.dim if self.projection is None else self.projection.width
+        self.projection: RowProjection | None = None  # fitted (fit_projection) or resumed
+        self.width = self.cache.dim if spec is None else spec["width"]
         self.root = Path(self.cache.path)
         # full rows per read: READ_BYTES of float32 (528 rows of 31,744 numbers)
         self.read_rows = max(1, READ_BYTES // (4 * self.cache.dim))
+
+    def sample(self, size: int, salt: int = 0) -> torch.Tensor:
+        """``size`` distinct row positions drawn from the seed, sorted."""
+        rng = np.random.default_rng([self.plan["seed"], salt])
+        return torch.from_numpy(np.sort(rng.choice(self.cache.num_rows, size=size, replace=False)))
+
+    def fit_projection(self) -> None:
+        """The principal directions of a sample of the rows (at most ``PRINCIPAL_ROWS`` of them and
+        ``train_bytes`` of float32 full rows), and the projection they make."""
+        spec = self.plan["projection"]
+        if spec is None:
+            return
+        size = min(self.cache.num_rows, PRINCIPAL_ROWS, max(1, self.plan["train_bytes"] // (4 * self.cache.dim)))
+        positions = self.sample(size, salt=1)
+        rows = torch.empty(size, self.cache.dim, dtype=torch.float32)
+        for lo in range(0, size, self.read_rows):
+            part = positions[lo : lo + self.read_rows]
+            rows[lo : lo + part.shape[0]] = self.cache.rows_at(part)
+        if self.progress:
+            print(f"hf-grass: {spec['principal']} principal directions of {size} sampled rows", flush=True)
+        basis = principal_directions(rows, spec["principal"], spec["seed"])
+        del rows
+        self.projection = RowProjection.drawn(basis, spec["width"], spec["seed"])
 
     def vectors(self, positions: torch.Tensor) -> torch.Tensor:
         """The index's vectors of the rows at ``positions``, read a chunk at a time."""
@@ -204,10 +232,9 @@ class _Build:
                 f"train_bytes={self.plan['train_bytes']} holds {want} training rows of {self.width} numbers, "
                 f"fewer than the {nlist} inverted lists; raise train_bytes or lower nlist"
             )
-        positions = np.sort(np.random.default_rng(self.plan["seed"]).choice(n, size=want, replace=False))
         if self.progress:
             print(f"hf-grass: training the index on {want} sampled rows", flush=True)
-        index.train(np.ascontiguousarray(self.vectors(torch.from_numpy(positions)).numpy()))
+        index.train(np.ascontiguousarray(self.vectors(self.sample(want)).numpy()))
 
     def add_rows(self, index: Any, first: int, top: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Add the rows of shards ``first ..`` in row order (FAISS ids = row positions); keeps the
@@ -248,6 +275,12 @@ class _Build:
             atomic_write_bytes(self.root / short, blob)
             files.append({"file": short, "sha256": sha256_bytes(blob), "role": "shortlist"})
             total += len(blob)
+        if self.projection is not None:
+            blob = safetensors_save({"basis": self.projection.basis})
+            rel = f"{INDEX_DIR}/projection-{sha256_bytes(blob)[:12]}.safetensors"
+            atomic_write_bytes(self.root / rel, blob)
+            files.append({"file": rel, "sha256": sha256_bytes(blob), "role": "projection"})
+            total += len(blob)
         return files, total
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -256,22 +289,26 @@ class _Build:
         """The checkpointed partial index of this plan, the next shard to add and the running norm
         shortlist (None, 0, empty if there is no usable checkpoint)."""
         build = self.root / BUILD_DIR
-        state_path, index_path, short_path = build / "state.json", build / "partial.index", build / "shortlist.st"
-        if not state_path.is_file() or not index_path.is_file() or not short_path.is_file():
+        paths = [build / name for name in ("state.json", "partial.index", "shortlist.st", "projection.st")]
+        if not all(path.is_file() for path in paths):
             return None, 0, _empty_shortlist()
         try:
-            state = load_json(state_path)
-            data, short = index_path.read_bytes(), short_path.read_bytes()
+            state = load_json(paths[0])
+            data, short, basis = (path.read_bytes() for path in paths[1:])
             if (
                 state.get("plan") != self.plan
                 or sha256_bytes(data) != state.get("sha256")
                 or sha256_bytes(short) != state.get("shortlist_sha256")
+                or sha256_bytes(basis) != state.get("projection_sha256")
             ):
                 logger.warning("Discarding an index checkpoint of other settings or shards in %s.", self.root)
                 return None, 0, _empty_shortlist()
             index = faiss_module().deserialize_index(np.frombuffer(data, dtype=np.uint8))
             top = safetensors_load(short)
-        except (CacheError, OSError, RuntimeError, ValueError):
+            spec = self.plan["projection"]
+            if spec is not None:
+                self.projection = RowProjection.drawn(safetensors_load(basis)["basis"], spec["width"], spec["seed"])
+        except (CacheError, OSError, RuntimeError, ValueError, KeyError):
             return None, 0, _empty_shortlist()
         logger.info("Resuming the index build of %s at shard %d.", self.root, state["next_shard"])
         return index, int(state["next_shard"]), top
@@ -279,13 +316,16 @@ class _Build:
     def checkpoint(self, index: Any, next_shard: int, top: dict[str, torch.Tensor]) -> None:
         data = faiss_module().serialize_index(index).tobytes()
         short = safetensors_save(top)
+        basis = safetensors_save({"basis": self.projection.basis if self.projection is not None else torch.empty(0)})
         atomic_write_bytes(self.root / BUILD_DIR / "partial.index", data)
         atomic_write_bytes(self.root / BUILD_DIR / "shortlist.st", short)
+        atomic_write_bytes(self.root / BUILD_DIR / "projection.st", basis)
         state = {
             "plan": self.plan,
             "next_shard": next_shard,
             "ntotal": int(index.ntotal),
             "sha256": sha256_bytes(data),
             "shortlist_sha256": sha256_bytes(short),
+            "projection_sha256": sha256_bytes(basis),
         }
         atomic_write_json(self.root / BUILD_DIR / "state.json", state)
