@@ -159,7 +159,8 @@ def main_pass_bytes(linears: list[Linear], batch: int, seq: int, row_dim: int = 
       (the per-coordinate moments need them), held until the batch's statistics are added;
     - ``hashed_transient``: the largest per-module temporaries of a hashed module: its output
       gradient in float32 (``[B, T, d_out]``) in the hook, the float64 square in the update;
-    - ``rows``: the batch's float32 rows.
+    - ``rows``: the batch's float32 rows;
+    - ``checkpoint``: the moments serialised with each shard (host memory, while it is written).
     """
     ekfac = sum(8 * curvature(lin.d_out) * curvature(lin.d_in) for lin in linears)
     factor = sum(12 * kept(lin.d_out) * kept(lin.d_in) for lin in linears) * batch
@@ -176,6 +177,7 @@ def main_pass_bytes(linears: list[Linear], batch: int, seq: int, row_dim: int = 
         "curvature_grads": curv,
         "hashed_transient": transient,
         "rows": 4 * batch * row_dim,
+        "checkpoint": ekfac,
     }
 
 

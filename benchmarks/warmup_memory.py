@@ -231,7 +231,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     peak = max(phases["accumulate"]["hwm"], phases["fit"]["hwm"], phases["warmup"]["maxrss"])
     host = peak - got["baseline_peak"]
     main = model["main"]
-    main_predicted = main["ekfac"] + main["factor_grads"] + main["curvature_grads"] + main["hashed_transient"]
+    main_predicted = sum(main[k] for k in ("ekfac", "factor_grads", "curvature_grads", "hashed_transient"))
+    main_predicted += 0 if gpu else main["checkpoint"]  # on the CPU the moments and their copy share the host
     result: dict[str, Any] = {
         "shape": shape.__dict__,
         "params": shape.params,
@@ -261,7 +262,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
               f"accumulate {fmt(phases['accumulate']['device_peak'])}, fit {fmt(phases['fit']['device_peak'])}, "
               f"main pass {fmt(phases['main']['device_peak'])}")  # fmt: skip
     print(f"  main pass peak RSS over the baseline: measured {fmt(result['main_increase_measured'])}, "
-          f"predicted {fmt(main_predicted)} (statistics, a batch's gradients, a hashed module's temporaries)")
+          f"counted {fmt(main_predicted)} (statistics, a batch's gradients, a hashed module's temporaries)")
     print(f"  phases: accumulate {phases['accumulate']['seconds']:.0f} s, peak RSS {fmt(phases['accumulate']['hwm'])}; "
           f"fit {phases['fit']['seconds']:.0f} s, peak RSS {fmt(phases['fit']['hwm'])}; main pass peak RSS "
           f"{fmt(phases['main']['hwm'])}; eigenbasis file {fmt(got['eigenbasis_file'])} "

@@ -123,23 +123,32 @@ def test_the_training_sample_and_the_reads_are_bounded_in_bytes(
 def test_two_stage_batches_are_sized_from_the_row_width(
     cache: GradientCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert two_stage_module.query_batch_size(31744, 300 * 2 * 2, 1) == 1  # 2^15 rows would be 8 GB
-    assert two_stage_module.query_batch_size(1024, 300 * 2 * 2, 2) == 54
+    # int8 rows of 31,744 (and a scale and two norms): 7 queries of 1200 candidate rows in 256 MiB
+    assert two_stage_module.query_batch_size(31744 + 12, 300 * 2 * 2) == 7
+    assert two_stage_module.query_batch_size(2 * 1024 + 12, 300 * 2 * 2) == 108
     cache.build_index("flat")
     q = queries(12, seed=4)
     want = lookup(cache, q, 5, top=True, bottom=True, search=Search("index", 40))
     gathered: list[int] = []
-    real = GradientCache.rows_at
+    decoded: list[int] = []
+    real, real_decode = GradientCache.stored_at, two_stage_module.rows_to_float32
 
     def counting(self, positions):  # noqa: ANN001, ANN202
         gathered.append(int(positions.numel()))
         return real(self, positions)
 
-    monkeypatch.setattr(GradientCache, "rows_at", counting)
-    # room for 2 queries' candidates: 40 per list, 2 lists, index and shortlist
-    monkeypatch.setattr(two_stage_module, "CANDIDATE_BYTES", 2 * 160 * (4 * DIM + 2))
+    def decode(stored, out=None):  # noqa: ANN001, ANN202
+        decoded.append(out.data_ptr())
+        return real_decode(stored, out)
+
+    monkeypatch.setattr(GradientCache, "stored_at", counting)
+    monkeypatch.setattr(two_stage_module, "rows_to_float32", decode)
+    monkeypatch.setattr(two_stage_module, "chunk_rows", lambda n_query, dim: 16)
+    # room for 2 queries' candidates: 40 per list, 2 lists, index and shortlist (fp16 rows)
+    monkeypatch.setattr(two_stage_module, "CANDIDATE_BYTES", 2 * 160 * (2 * DIM + 12))
     got = lookup(cache, q, 5, top=True, bottom=True, search=Search("index", 40))
     assert len(gathered) == 6 and max(gathered) <= 2 * 160
+    assert len(decoded) == sum(-(-g // 16) for g in gathered)  # blocks of 16 rows, decoded once each
     assert_same_lists(got, want)
 
 

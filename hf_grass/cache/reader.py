@@ -266,6 +266,12 @@ class GradientCache:
         those rows (a lazily pulled cache downloads only the shards holding them)."""
         return row_io.gather_rows(self._mapped, self.row_offsets, positions, self.dim)
 
+    def stored_at(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows at these positions as stored (``grads``, and ``scales`` / ``norms`` when
+        present; decode blocks of them with ``hf_grass.cache.rows.rows_to_float32``): one byte a
+        number for int8 rows, where ``rows_at`` makes four."""
+        return row_io.gather_stored(self._mapped, self.row_offsets, positions)
+
     def norms_at(self, positions: torch.Tensor) -> torch.Tensor:
         """``[n, 2]`` float32: the exact gradient and preconditioned norms of the rows at these
         positions (stored by the pass; for unit-normalised scores)."""
