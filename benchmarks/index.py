@@ -11,7 +11,7 @@ same size and width (the worst case: no structure for an index to use), written 
    projection without principal directions, ``principal=0``); build time,
    index bytes, recall@10 of the two-stage lookup (helpful and harmful lists) against the exact
    scan, median latency of one query and the peak RSS of the lookups.
-2. **Targets** at the full size with the chosen kind (``--kind``, default ``ivfpq``): recall@10 ≥
+2. **Targets** at the full size with the chosen kind (``--kind``, default ``auto``): recall@10 ≥
    0.95, median latency ≤ 100 ms and ≥ 50× faster than the exact scan, index RAM ≤ 10 % of the
    cache, over a sweep of ``candidates`` (rows re-scored per list) and ``nprobe``; and the same
    index without its norm shortlist (``shortlist=0``), side by side.
@@ -168,7 +168,7 @@ def exact_reference(cache: GradientCache, queries: torch.Tensor, repeats: int) -
 def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
     start = time.perf_counter()
     entry = cache.build_index(kind, rebuild=True, **kw)
-    label = kind + ("" if entry["shortlist_rows"] else " (no shortlist)")
+    label = entry["kind"] + ("" if entry["shortlist_rows"] else " (no shortlist)")
     if entry.get("projection") is None and cache.dim > DEFAULT_PROJECTION:
         label += " (full width)"
     elif entry.get("projection") and not entry["projection"]["principal"]:
@@ -198,13 +198,13 @@ def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
     return info
 
 
-def sweep(kind: str, quick: bool) -> list[dict[str, Any]]:
+def sweep(factory: str, quick: bool) -> list[dict[str, Any]]:
     cands = [300, 1000]
-    if kind == "ivfpq":
+    if factory.startswith("IVF"):
         probes = [16, 64] if quick else [64, 128, 256]
         return [{"candidates": c, "params": {"nprobe": p}} for p in probes for c in cands]
-    if kind == "hnsw":
-        return [{"candidates": c, "params": {"efSearch": e}} for e in ([256] if quick else [128, 512]) for c in cands]
+    if factory.startswith("HNSW"):
+        return [{"candidates": c, "params": {"efSearch": e}} for e in ([512] if quick else [128, 512]) for c in cands]
     return [{"candidates": c, "params": None} for c in cands[:1]]
 
 
@@ -217,7 +217,8 @@ def section(
                               "exact_median_latency_ms": statistics.median(exact_times) * 1e3, "kinds": []}  # fmt: skip
     for kind, kw in kinds:
         info = build(cache, kind, **kw)
-        info["settings"] = evaluate(cache, queries, exact, sweep(kind, args.quick), args.latency_queries, exact_times)
+        info["settings"] = evaluate(cache, queries, exact, sweep(info["factory"], args.quick), args.latency_queries,
+                                    exact_times)  # fmt: skip
         for row in info["settings"]:
             print(f"    {kind} candidates={row['candidates']} {row['params']}: recall@10 top "
                   f"{row['recall_top']:.3f} bottom {row['recall_bottom']:.3f}, "
@@ -278,11 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows-dir", type=Path, required=True, help="output folder of benchmarks.real_rows")
     parser.add_argument("--work", type=Path, default=None, help="where the prefix and random caches go")
     parser.add_argument("--choice-rows", type=int, default=100_000)
-    parser.add_argument("--kind", default="ivfpq", help="the kind measured at full size (default ivfpq)")
+    parser.add_argument("--kind", default="auto", help="the kind measured at full size (default: the library's, auto)")
     parser.add_argument("--queries", type=int, default=100, help="queries for recall (default 100)")
     parser.add_argument("--latency-queries", type=int, default=30)
     parser.add_argument("--exact-repeats", type=int, default=5)
     parser.add_argument("--skip-random", action="store_true")
+    parser.add_argument("--choice-kinds", default=None,
+                        help="only these kinds in the choice section, comma-separated (e.g. hnsw-sq8,flat)")  # fmt: skip
     parser.add_argument("--diagnose-only", action="store_true", help="only the diagnosis of the real rows")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -307,9 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.choice_rows < full.num_rows:
         shutil.rmtree(prefix_dir, ignore_errors=True)
         prefix_cache(full.path, prefix_dir, args.choice_rows)
-        kinds = [("flat", {}), ("ivfpq", {}), ("hnsw", {}), ("ivfpq", {"shortlist": 0.0})]
+        kinds = [("flat", {}), ("ivfpq", {}), ("hnsw-sq8", {}), ("hnsw", {}), ("ivfpq", {"shortlist": 0.0})]
         if full.dim > DEFAULT_PROJECTION:  # wide rows: the rows themselves, and a projection without
             kinds += [("ivfpq", {"projection": 0}), ("ivfpq", {"principal": 0})]  # principal directions
+        if args.choice_kinds:
+            kinds = [(k, kw) for k, kw in kinds if k in args.choice_kinds.split(",") and not kw]
         report["choice"] = section("choice", GradientCache(prefix_dir), queries, kinds, args)
         shutil.rmtree(prefix_dir, ignore_errors=True)
     full_kinds = [(args.kind, {}), (args.kind, {"shortlist": 0.0})]

@@ -107,7 +107,8 @@ def test_real_rows(rows_dir: Path) -> None:
 def test_index(rows_dir: Path, tmp_path: Path) -> None:
     report = smoke("index", tmp_path, "--rows-dir", str(rows_dir), "--work", str(tmp_path / "work"))
     assert all(finite(v) for v in report["diagnosis"].values())
-    assert {k["kind"] for k in report["choice"]["kinds"]} == {"flat", "ivfpq", "hnsw", "ivfpq (no shortlist)"}
+    kinds = {k["kind"] for k in report["choice"]["kinds"]}
+    assert kinds == {"flat", "ivfpq", "hnsw-sq8", "hnsw", "ivfpq (no shortlist)"}
     for section in ("choice", "real", "random"):
         for kind in report[section]["kinds"]:
             assert finite(kind["build_s"], kind["index_bytes"], kind["index_fraction_of_cache"])

@@ -82,8 +82,12 @@ def test_a_projected_index_reranks_exactly(cache: GradientCache) -> None:
     dense = scan(cache, q, top=False, dense=True).dense
     for lists in (few.top, few.bottom):
         torch.testing.assert_close(lists.scores, dense.gather(1, lists.indices), rtol=1e-5, atol=1e-5)
-    # rows no wider than the projection are indexed as they are; projection=0 never projects
+    # the default kind of projected rows: a graph over 8-bit vectors, re-ranked exactly
+    assert cache.build_index(projection=8)["factory"] == "HNSW32,SQ8"
+    assert_same_lists(lookup(cache, q, 7, top=True, bottom=True, search=Search("index", cache.num_rows)), exact)
+    # rows no wider than the projection are indexed as they are (auto: IVF-PQ); projection=0 never projects
     assert IndexSettings().width(1024) == 1024 and IndexSettings().width(31744) == 1024
+    assert IndexSettings().resolved_kind(1024) == "ivfpq" and IndexSettings().resolved_kind(31744) == "hnsw-sq8"
     assert IndexSettings(projection=0).width(31744) == 31744
     assert cache.build_index("flat", projection=0, rebuild=True)["projection"] is None
 

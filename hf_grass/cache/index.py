@@ -5,13 +5,20 @@ two-stage lookup (``hf_grass.scoring``) takes candidates from it and re-scores t
 cache rows, so the reported scores never come from the index. Kinds (FAISS factory strings,
 inner-product metric):
 
-- ``ivfpq`` (default): ``IVF{nlist},PQ{m}``, an inverted file over product-quantised codes:
-  ``m`` bytes per row (``width / 16`` by default), ``nprobe`` lists scanned;
+- ``auto`` (default): ``hnsw-sq8`` for projected rows (wider than ``DEFAULT_PROJECTION``: the
+  default 31,744-wide row), ``ivfpq`` for rows indexed as they are;
+- ``ivfpq``: ``IVF{nlist},PQ{m}``, an inverted file over product-quantised codes: ``m`` bytes per
+  row (``width / 16`` by default), ``nprobe`` lists scanned;
+- ``hnsw-sq8``: ``HNSW{M},SQ8``, a graph over the vectors stored as 8-bit scalars (one byte a
+  number: 1 KB a row at width 1024, 3 % of an int8 row of 31,744);
 - ``hnsw``: ``HNSW{M},Flat``, a graph over the float32 vectors;
 - ``flat``: ``Flat``, the exact inner product in FAISS (the baseline; as large as a float32 copy);
 - any other FAISS factory string with ``factory=``.
 
-Which is the default was chosen by measurement (``benchmarks/index.py``, docs/benchmarks.md).
+The defaults were chosen by measurement (``benchmarks/index.py``, docs/benchmarks.md): on
+1024-wide fp16 rows, IVF-PQ met every target at 10^6 rows; on the projections of 31,744-wide rows,
+product quantisation lost too much of scores that differ by little (recall@10 0.87 at 300
+candidates, 2 x 10^4 rows) where the graph over 8-bit vectors kept 0.98.
 
 **The projection.** Rows wider than ``DEFAULT_PROJECTION`` (1024; the default row is 31,744 wide)
 are not indexed as they are: the index holds a projection of each row to 1024 numbers, the rows'
@@ -65,7 +72,7 @@ from hf_grass.cache.projection import METHOD, RowProjection
 
 INDEX_DIR = "index"
 BUILD_DIR = f"{INDEX_DIR}/.build"
-KINDS = ("ivfpq", "hnsw", "flat")
+KINDS = ("auto", "ivfpq", "hnsw-sq8", "hnsw", "flat")
 DEFAULT_SHORTLIST = 0.01  # of the rows, by norm (benchmarks/index.py)
 DEFAULT_PROJECTION = 1024  # index width of wider rows (benchmarks/index.py at the default 31,744)
 DEFAULT_PRINCIPAL = 256  # of them, the rows' principal directions kept exactly (cache/projection.py)
@@ -125,7 +132,8 @@ class IndexSettings:
     """What an index is built as (``build_index(cache, kind, **fields)`` takes these fields).
 
     Args:
-        kind: ``ivfpq``, ``hnsw`` or ``flat`` (module docstring), ignored with ``factory``.
+        kind: ``auto``, ``ivfpq``, ``hnsw-sq8``, ``hnsw`` or ``flat`` (module docstring), ignored
+            with ``factory``.
         factory: a FAISS ``index_factory`` string (inner-product metric).
         cosine: index unit-normalised rows, for cosine scores (default: the cache's ``cosine``).
         nlist, pq_m, hnsw_m: ``ivfpq`` lists and bytes per row, ``hnsw`` links per node.
@@ -141,7 +149,7 @@ class IndexSettings:
         seed: the seed of the training sample and of the projection.
     """
 
-    kind: str = "ivfpq"
+    kind: str = "auto"
     factory: str | None = None
     cosine: bool | None = None
     nlist: int | None = None
@@ -185,6 +193,12 @@ class IndexSettings:
         target = DEFAULT_PROJECTION if self.projection is None else self.projection
         return dim if target == 0 or dim <= target else target
 
+    def resolved_kind(self, dim: int) -> str:
+        """The kind for rows of ``dim`` numbers (``auto``: the measured default of their width)."""
+        if self.kind != "auto":
+            return self.kind
+        return "hnsw-sq8" if self.width(dim) < dim else "ivfpq"
+
 
 def _divisor_near(dim: int, target: int) -> int:
     """The divisor of ``dim`` closest to ``target`` (PQ needs ``dim % m == 0``)."""
@@ -192,14 +206,14 @@ def _divisor_near(dim: int, target: int) -> int:
     return min(divisors, key=lambda d: (abs(d - target), d))
 
 
-def default_factory(settings: IndexSettings, rows: int, width: int) -> str:
-    """The FAISS factory string of ``settings`` for ``rows`` vectors of ``width`` numbers."""
+def default_factory(settings: IndexSettings, kind: str, rows: int, width: int) -> str:
+    """The FAISS factory string of ``settings`` (of ``kind``) for ``rows`` vectors of ``width`` numbers."""
     if settings.factory:
         return settings.factory
-    if settings.kind == "flat":
+    if kind == "flat":
         return "Flat"
-    if settings.kind == "hnsw":
-        return f"HNSW{settings.hnsw_m},Flat"
+    if kind in ("hnsw", "hnsw-sq8"):
+        return f"HNSW{settings.hnsw_m},{'SQ8' if kind == 'hnsw-sq8' else 'Flat'}"
     nlist = settings.nlist
     if nlist is None:  # about sqrt(rows) lists, a power of two, with >= 64 training rows per list
         nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(rows)))))
@@ -221,7 +235,9 @@ def default_search(index: Any) -> dict[str, int]:
         # target (benchmarks/index.py); nprobe=128 gains recall for 7 ms more per query
         return {"nprobe": max(1, min(ivf.nlist, max(64, ivf.nlist // 16)))}
     if hasattr(index, "hnsw"):
-        return {"efSearch": 256}
+        # 512: on the projections of the default rows, recall@10 (helpful) 0.96 at 256, 0.98 at 512
+        # for 1 ms more (benchmarks/index.py)
+        return {"efSearch": 512}
     return {}
 
 

@@ -51,7 +51,7 @@ logger = logging.getLogger("transformers.hf_grass")
 
 def build_index(
     cache: Any,
-    kind: str = "ivfpq",
+    kind: str = "auto",
     *,
     rebuild: bool = False,
     checkpoint_rows: int = 1 << 18,
@@ -62,7 +62,7 @@ def build_index(
     """Build (or resume building) the cache's FAISS index; returns its manifest entry.
 
     Args:
-        kind: ``ivfpq``, ``hnsw`` or ``flat``; ``fields`` are the other ``IndexSettings``
+        kind: ``auto``, ``ivfpq``, ``hnsw-sq8``, ``hnsw`` or ``flat``; ``fields`` are the other ``IndexSettings``
             (``factory``, ``cosine``, ``nlist``, ``pq_m``, ``hnsw_m``, ``projection``, ``shortlist``,
             ``train_rows``, ``train_bytes``, ``search``, ``seed``).
         rebuild: build anew even if a current index of these settings exists.
@@ -134,9 +134,10 @@ def _plan(cache: Any, settings: IndexSettings) -> dict[str, Any]:
     if width != cache.dim:  # the basis is fitted in the build; the manifest records this and its file
         principal = min(settings.principal, width // 2)
         projection = {"method": METHOD, "dim": cache.dim, "width": width, "principal": principal, "seed": settings.seed}
+    kind = settings.resolved_kind(cache.dim)
     return {
-        "label": "custom" if settings.factory else settings.kind,  # names the file
-        "factory": default_factory(settings, cache.num_rows, width),
+        "label": "custom" if settings.factory else kind,  # names the file
+        "factory": default_factory(settings, kind, cache.num_rows, width),
         "cosine": cosine,
         "seed": settings.seed,
         "projection": projection,

@@ -357,7 +357,7 @@ class GradientCache:
 
     # ---- indexes --------------------------------------------------------------------------------
 
-    def build_index(self, kind: str = "ivfpq", **kwargs: Any) -> dict[str, Any]:
+    def build_index(self, kind: str = "auto", **kwargs: Any) -> dict[str, Any]:
         """Build (or resume building) the FAISS index of the rows, stored in the cache; returns its
         manifest entry. ``kwargs``: the fields of ``hf_grass.cache.index.IndexSettings`` and the
         options of ``hf_grass.cache.index_build.build_index`` (``rebuild``, ``threads``, ...)."""

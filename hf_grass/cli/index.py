@@ -15,7 +15,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     if not is_local(args.cache):
         raise UsageError(f"{args.cache!r} is a Hub repo id; pull it first ({PROG} pull), then index the folder")
-    if args.factory and args.kind != "ivfpq":
+    if args.factory and args.kind != "auto":
         raise UsageError("give either --kind or --factory, not both")
     cache = open_cache_arg(args.cache)
     entries = {}
@@ -61,7 +61,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "interruption.",
     )
     p.add_argument("cache", metavar="CACHE", help="gradient cache directory")
-    p.add_argument("--kind", choices=["ivfpq", "hnsw", "flat"], default="ivfpq", help="default: ivfpq")
+    p.add_argument(
+        "--kind",
+        choices=["auto", "ivfpq", "hnsw-sq8", "hnsw", "flat"],
+        default="auto",
+        help="default: auto (hnsw-sq8 for rows wider than 1024, which are projected; else ivfpq)",
+    )
     p.add_argument("--factory", help="a FAISS index_factory string instead of --kind (e.g. IVF4096,PQ64)")
     p.add_argument(
         "--cosine",
