@@ -203,8 +203,8 @@ def sweep(factory: str, quick: bool) -> list[dict[str, Any]]:
     if factory.startswith("IVF"):
         probes = [16, 64] if quick else [64, 128, 256]
         return [{"candidates": c, "params": {"nprobe": p}} for p in probes for c in cands]
-    if factory.startswith("HNSW"):
-        return [{"candidates": c, "params": {"efSearch": e}} for e in ([512] if quick else [128, 512]) for c in cands]
+    if factory.startswith("HNSW"):  # more candidates than efSearch finds add nothing: 300
+        return [{"candidates": 300, "params": {"efSearch": e}} for e in ([512] if quick else [512, 2048, 4096])]
     return [{"candidates": c, "params": None} for c in cands[:1]]
 
 
