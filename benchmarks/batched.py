@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rss-fractions", type=float, nargs="*", default=[0.25, 0.5, 1.0])
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--mm-max-gb", type=float, default=None,
+                        help="cap on the float32 rows of the in-RAM product (default: what is free; a "
+                        "shared machine may want less)")  # fmt: skip
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parse_with_smoke(parser, argv, SMOKE)
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     nq, n, dim = queries.shape[0], cache.num_rows, cache.dim
     # rows for the in-RAM product: all, if rows + output (+ 2 GB to spare) fit in what is free
     fit = int((mem_available() - (2 << 30)) // (4 * (dim + nq)))
+    if args.mm_max_gb is not None:
+        fit = min(fit, int(args.mm_max_gb * 1e9 // (4 * dim)))
     mm_rows = min(n, max(1, fit))
     print(f"{nq} queries x {n} rows x {dim}; in-RAM product over {mm_rows} rows", flush=True)
     rows32 = torch.empty(mm_rows, dim)
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if cache.manifest.get("index"):
         calls["two-stage (index)"] = lambda: lookup(cache, queries, args.k, search="index", top=True, bottom=True)
+        lookup(cache, queries[:1], args.k, search="index")  # load the index before the timing
     timed = time_interleaved(calls, args.repeats, warmup=0, progress=True)
     ram.clear()  # free the in-RAM copy before the RSS subprocesses
     med = {name: statistics.median(ts) for name, ts in timed.wall.items()}

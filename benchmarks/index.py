@@ -6,9 +6,12 @@ same size and width (the worst case: no structure for an index to use), written 
 ``CacheWriter``. One thread everywhere (torch and FAISS).
 
 1. **Choice** on the first ``--choice-rows`` rows (hard-linked prefix of the real cache): ``flat``,
-   ``ivfpq`` and ``hnsw`` built with the library defaults; build time, index bytes, recall@10 of the
-   two-stage lookup (helpful and harmful lists) against the exact scan, median latency of one query.
-2. **Targets** at the full size with the chosen kind (``--kind``, default ``ivfpq``): recall@10 ≥
+   ``ivfpq`` and ``hnsw`` built with the library defaults (rows wider than 1024 are indexed as their
+   1024-wide projection; then also ``ivfpq`` of the rows themselves, ``projection=0``, and of a
+   projection without principal directions, ``principal=0``); build time,
+   index bytes, recall@10 of the two-stage lookup (helpful and harmful lists) against the exact
+   scan, median latency of one query and the peak RSS of the lookups.
+2. **Targets** at the full size with the chosen kind (``--kind``, default ``auto``): recall@10 ≥
    0.95, median latency ≤ 100 ms and ≥ 50× faster than the exact scan, index RAM ≤ 10 % of the
    cache, over a sweep of ``candidates`` (rows re-scored per list) and ``nprobe``; and the same
    index without its norm shortlist (``shortlist=0``), side by side.
@@ -44,19 +47,29 @@ from safetensors.torch import load_file
 
 from benchmarks._common import cpu_name, emit_report, parse_with_smoke
 from benchmarks.query import prefix_cache
+from hf_grass.cache.index import DEFAULT_PROJECTION
 from hf_grass.cache.reader import GradientCache
-from hf_grass.cache.writer import CacheWriter, ShardContent
+from hf_grass.cache.writer import CacheWriter, ShardContent, encode_rows
 from hf_grass.scoring import Search, lookup, scan
 
 K = 10
 SMOKE = {"choice_rows": 512, "queries": 8, "latency_queries": 2, "exact_repeats": 1, "quick": True}
 
 
-def rss_mb() -> float:
+def status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    return status_mb("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def cache_bytes(cache: GradientCache) -> int:
@@ -64,7 +77,7 @@ def cache_bytes(cache: GradientCache) -> int:
 
 
 def random_cache(path: Path, like: GradientCache) -> GradientCache:
-    """Standard-normal fp16 rows, as many and as wide as ``like``'s, same config and shard size."""
+    """Standard-normal rows, as many and as wide as ``like``'s, same config (storage dtype) and shard size."""
     if (path / "manifest.json").is_file():
         return GradientCache(path)
     header = {
@@ -80,8 +93,9 @@ def random_cache(path: Path, like: GradientCache) -> GradientCache:
     writer = CacheWriter(path, like.config, header)
     for shard, first in enumerate(range(0, like.num_rows, size)):
         idx = list(range(first, min(first + size, like.num_rows)))
-        rows = torch.randn(len(idx), like.dim, generator=gen).half()
-        writer.commit_shard(shard, ShardContent(idx, rows, [{"index": i, "text": None, "id": None} for i in idx]))
+        rows, scales = encode_rows(torch.randn(len(idx), like.dim, generator=gen), like.dtype)
+        docs = [{"index": i, "text": None, "id": None} for i in idx]
+        writer.commit_shard(shard, ShardContent(idx, rows, docs, scales=scales))
     writer.finish(complete=True)
     writer.close()
     return GradientCache(path)
@@ -110,19 +124,31 @@ def evaluate(
                 "recall_top": recall(got.top.indices, exact.top.indices),
                 "recall_bottom": recall(got.bottom.indices, exact.bottom.indices),
                 "latency_s": [],
+                "cpu_s": [],
             }
         )
+    gc.collect()
+    before = rss_mb()
+    reset_peak_rss()
     for i in range(latency_queries):  # interleaved, one query at a time
         q = queries[i % queries.shape[0] : i % queries.shape[0] + 1]
         for s, row in zip(settings, out):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             lookup(cache, q, K, top=True, bottom=True, search=Search("index", s["candidates"], s["params"]))
             row["latency_s"].append(time.perf_counter() - start)
+            row["cpu_s"].append(time.process_time() - start_cpu)
+    # the lookups' peak RSS over the RSS before them (the index loaded, the pages of the shards they
+    # read included: memory-mapped pages count once touched)
+    peak = status_mb("VmHWM") - before
     exact_median = statistics.median(exact_latency)
     for row in out:
         row["median_latency_ms"] = statistics.median(row["latency_s"]) * 1e3
         row["x_faster_than_exact"] = exact_median / statistics.median(row["latency_s"])
-        del row["latency_s"]
+        # this process's CPU time per lookup: on a shared machine the wall clock also counts the time
+        # other processes held the core (and page-cache misses)
+        row["median_cpu_ms"] = statistics.median(row["cpu_s"]) * 1e3
+        row["lookups_peak_rss_increase_mb"] = peak
+        del row["latency_s"], row["cpu_s"]
     return out
 
 
@@ -143,7 +169,11 @@ def exact_reference(cache: GradientCache, queries: torch.Tensor, repeats: int) -
 def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
     start = time.perf_counter()
     entry = cache.build_index(kind, rebuild=True, **kw)
-    label = kind + ("" if entry["shortlist_rows"] else " (no shortlist)")
+    label = entry["kind"] + ("" if entry["shortlist_rows"] else " (no shortlist)")
+    if entry.get("projection") is None and cache.dim > DEFAULT_PROJECTION:
+        label += " (full width)"
+    elif entry.get("projection") and not entry["projection"]["principal"]:
+        label += " (no principal directions)"
     seconds = time.perf_counter() - start
     gc.collect()
     before = rss_mb()
@@ -153,6 +183,7 @@ def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
     info = {
         "kind": label,
         "factory": entry["factory"],
+        "projection": entry.get("projection"),
         "shortlist_rows": entry["shortlist_rows"],
         "build_s": seconds,
         "index_bytes": entry["bytes"],
@@ -161,18 +192,20 @@ def build(cache: GradientCache, kind: str, **kw: Any) -> dict[str, Any]:
         "default_search": entry["search"],
     }
     info["index_fraction_of_cache"] = info["index_bytes"] / info["cache_bytes"]
-    print(f"  built {label} ({entry['factory']}) in {seconds:.0f}s: {entry['bytes'] / 1e6:.1f} MB "
-          f"({100 * info['index_fraction_of_cache']:.1f}% of the cache)", flush=True)  # fmt: skip
+    width = (entry.get("projection") or {}).get("width", cache.dim)
+    print(f"  built {label} ({entry['factory']} over {width} numbers per row) in {seconds:.0f}s: "
+          f"{entry['bytes'] / 1e6:.1f} MB ({100 * info['index_fraction_of_cache']:.1f}% of the cache), "
+          f"+{info['rss_increase_mb']:.0f} MB RSS loaded", flush=True)  # fmt: skip
     return info
 
 
-def sweep(kind: str, quick: bool) -> list[dict[str, Any]]:
+def sweep(factory: str, quick: bool) -> list[dict[str, Any]]:
     cands = [300, 1000]
-    if kind == "ivfpq":
+    if factory.startswith("IVF"):
         probes = [16, 64] if quick else [64, 128, 256]
         return [{"candidates": c, "params": {"nprobe": p}} for p in probes for c in cands]
-    if kind == "hnsw":
-        return [{"candidates": c, "params": {"efSearch": e}} for e in ([256] if quick else [128, 512]) for c in cands]
+    if factory.startswith("HNSW"):  # more candidates than efSearch finds add nothing: 300
+        return [{"candidates": 300, "params": {"efSearch": e}} for e in ([512] if quick else [512, 2048, 4096])]
     return [{"candidates": c, "params": None} for c in cands[:1]]
 
 
@@ -185,11 +218,14 @@ def section(
                               "exact_median_latency_ms": statistics.median(exact_times) * 1e3, "kinds": []}  # fmt: skip
     for kind, kw in kinds:
         info = build(cache, kind, **kw)
-        info["settings"] = evaluate(cache, queries, exact, sweep(kind, args.quick), args.latency_queries, exact_times)
+        info["settings"] = evaluate(cache, queries, exact, sweep(info["factory"], args.quick), args.latency_queries,
+                                    exact_times)  # fmt: skip
         for row in info["settings"]:
             print(f"    {kind} candidates={row['candidates']} {row['params']}: recall@10 top "
                   f"{row['recall_top']:.3f} bottom {row['recall_bottom']:.3f}, "
-                  f"{row['median_latency_ms']:.1f} ms ({row['x_faster_than_exact']:.0f}x)", flush=True)  # fmt: skip
+                  f"{row['median_latency_ms']:.1f} ms (cpu {row['median_cpu_ms']:.1f} ms, "
+                  f"{row['x_faster_than_exact']:.0f}x), peak RSS +{row['lookups_peak_rss_increase_mb']:.0f} MB",
+                  flush=True)  # fmt: skip
         result["kinds"].append(info)
     return result
 
@@ -197,19 +233,22 @@ def section(
 def diagnose(cache: GradientCache, queries: torch.Tensor, rows: int) -> dict[str, Any]:
     """Why the rows are hard for an index: norm tail, where the queries' energy lies, how extreme the
     top and bottom scores are (on the first ``rows`` rows)."""
-    x = torch.cat([b.rows.clone() for b in cache.iter_row_blocks(1 << 14, shards=list(range(len(cache.shards))))
+    rows = min(rows, (1 << 30) // (4 * cache.dim))  # at most 1 GB of float32 rows (8456 of 31,744)
+    x = torch.cat([b.rows.clone() for b in cache.iter_row_blocks(1 << 12, shards=list(range(len(cache.shards))))
                    if b.start < rows])[:rows]  # fmt: skip
     norms = x.norm(dim=1)
     scores = queries @ x.T
     top, bottom = scores.topk(K, dim=1).indices, scores.topk(K, dim=1, largest=False).indices
     heavy = torch.zeros(x.shape[0], dtype=torch.bool)
     heavy[norms.topk(max(1, x.shape[0] // 100)).indices] = True
-    _, sv, vh = torch.linalg.svd(x[:20000], full_matrices=False)
+    svd_rows = min(20000, (1 << 28) // (4 * cache.dim))  # the principal directions of the first rows
+    _, sv, vh = torch.linalg.svd(x[:svd_rows], full_matrices=False)
     energy = sv**2 / (sv**2).sum()
     qn = queries / queries.norm(dim=1, keepdim=True)
     cos = scores / (queries.norm(dim=1, keepdim=True) * norms)
     out = {
         "rows": x.shape[0],
+        "svd_rows": min(svd_rows, x.shape[0]),
         "norm_max_over_median": float(norms.max() / norms.median()),
         "top10_in_largest_1pct_norms": float(heavy[top].float().mean()),
         "bottom10_in_largest_1pct_norms": float(heavy[bottom].float().mean()),
@@ -241,11 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows-dir", type=Path, required=True, help="output folder of benchmarks.real_rows")
     parser.add_argument("--work", type=Path, default=None, help="where the prefix and random caches go")
     parser.add_argument("--choice-rows", type=int, default=100_000)
-    parser.add_argument("--kind", default="ivfpq", help="the kind measured at full size (default ivfpq)")
+    parser.add_argument("--kind", default="auto", help="the kind measured at full size (default: the library's, auto)")
     parser.add_argument("--queries", type=int, default=100, help="queries for recall (default 100)")
     parser.add_argument("--latency-queries", type=int, default=30)
     parser.add_argument("--exact-repeats", type=int, default=5)
     parser.add_argument("--skip-random", action="store_true")
+    parser.add_argument("--choice-kinds", default=None,
+                        help="only these kinds in the choice section, comma-separated (e.g. hnsw-sq8,flat)")  # fmt: skip
     parser.add_argument("--diagnose-only", action="store_true", help="only the diagnosis of the real rows")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
@@ -270,7 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.choice_rows < full.num_rows:
         shutil.rmtree(prefix_dir, ignore_errors=True)
         prefix_cache(full.path, prefix_dir, args.choice_rows)
-        kinds = [("flat", {}), ("ivfpq", {}), ("hnsw", {}), ("ivfpq", {"shortlist": 0.0})]
+        kinds = [("flat", {}), ("ivfpq", {}), ("hnsw-sq8", {}), ("hnsw", {}), ("ivfpq", {"shortlist": 0.0})]
+        if full.dim > DEFAULT_PROJECTION:  # wide rows: the rows themselves, and a projection without
+            kinds += [("ivfpq", {"projection": 0}), ("ivfpq", {"principal": 0})]  # principal directions
+        if args.choice_kinds:
+            kinds = [(k, kw) for k, kw in kinds if k in args.choice_kinds.split(",") and not kw]
         report["choice"] = section("choice", GradientCache(prefix_dir), queries, kinds, args)
         shutil.rmtree(prefix_dir, ignore_errors=True)
     full_kinds = [(args.kind, {}), (args.kind, {"shortlist": 0.0})]

@@ -6,7 +6,8 @@ colours, numbers), so they share topics and words the way a corpus does; the tin
 on the first ``--train-docs`` of them for one epoch, which gives its gradients the structure of a
 trained model (a random model's gradients are close to noise). The pass is
 ``hf_grass.attribution.run_attribution_pass`` with FactGraSS (``--proj-dim`` per module, EK-FAC,
-fp16, ``lm_head`` left out), so the rows are exactly what a user's cache holds: whitened K-FAC rows.
+fp16, ``lm_head`` left out; or, with ``--default-config``, the default ``GraSSConfig``: 31,744-wide int8
+rows), so the rows are exactly what a user's cache holds: whitened K-FAC rows.
 The queries are ``--queries`` other generated documents (not in the cache), turned into query
 vectors by ``hf_grass.query.Attributor.query_vectors``: the preconditioned query gradients a
 ``find_influential`` call scores. They are saved in ``<out>/queries.safetensors`` beside the cache.
@@ -14,6 +15,7 @@ vectors by ``hf_grass.query.Attributor.query_vectors``: the preconditioned query
     python -m benchmarks.real_rows --out /tmp/rows1m --docs 1000000      # the full set
     python -m benchmarks.real_rows --out /tmp/rows20k --docs 20000       # a quick one
     python -m benchmarks.real_rows --out /tmp/rows-smoke --smoke         # 1024 rows of 256, for CI
+    python -m benchmarks.real_rows --out /tmp/rows100k --docs 100000 --default-config   # 31,744-wide int8 rows
 
 Resumable: the pass resumes from its last shard when run again with the same arguments.
 """
@@ -110,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=4096, help="rows per cache shard (default 4096)")
+    parser.add_argument(
+        "--default-config",
+        action="store_true",
+        help="the library's default GraSSConfig (31,744-wide int8 rows, lm_head included) instead of "
+        "--proj-dim per module in fp16",
+    )
     args = parse_with_smoke(parser, argv, SMOKE)
     torch.set_num_threads(1)
 
@@ -131,15 +139,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(model.state_dict(), model_file)
     train_s = time.perf_counter() - start
 
-    config = GraSSConfig(
-        compressor="factgrass",
-        proj_dim=args.proj_dim,
-        sparsify_factor=2,
-        exclude_modules=["lm_head"],
-        dtype="float16",
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-    )
+    if args.default_config:  # what a user's cache holds by default: the global layout, int8
+        config = GraSSConfig(shard_size=args.shard_size, batch_size=args.batch_size)
+    else:
+        config = GraSSConfig(
+            compressor="factgrass",
+            proj_dim=args.proj_dim,
+            sparsify_factor=2,
+            exclude_modules=["lm_head"],
+            dtype="float16",
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+        )
     docs = corpus(args.docs, seed=2)
     start = time.perf_counter()
     cache = run_attribution_pass(
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpu": cpu_name(),
         "threads": 1,
         "docs": args.docs,
+        "config": cache.config.to_dict(),
         "rows": cache.num_rows,
         "dim": cache.dim,
         "queries": int(queries.shape[0]),

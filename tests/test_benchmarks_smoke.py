@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
 # gpu_suite's --dry-run runs in tests/test_gpu_suite.py
 TESTED = {"attribution_pass", "batched", "compress", "coverage", "during_pass", "gpu_kernels", "gpu_suite", "index",
-          "lds", "quality", "query", "real_model", "real_rows", "selection"}  # fmt: skip
+          "lds", "quality", "query", "real_model", "real_rows", "selection", "warmup_memory"}  # fmt: skip
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -131,7 +131,8 @@ def test_real_rows(rows_dir: Path) -> None:
 def test_index(rows_dir: Path, tmp_path: Path) -> None:
     report = smoke("index", tmp_path, "--rows-dir", str(rows_dir), "--work", str(tmp_path / "work"))
     assert all(finite(v) for v in report["diagnosis"].values())
-    assert {k["kind"] for k in report["choice"]["kinds"]} == {"flat", "ivfpq", "hnsw", "ivfpq (no shortlist)"}
+    kinds = {k["kind"] for k in report["choice"]["kinds"]}
+    assert kinds == {"flat", "ivfpq", "hnsw-sq8", "hnsw", "ivfpq (no shortlist)"}
     for section in ("choice", "real", "random"):
         for kind in report[section]["kinds"]:
             assert finite(kind["build_s"], kind["index_bytes"], kind["index_fraction_of_cache"])
@@ -146,6 +147,17 @@ def test_batched(rows_dir: Path, tmp_path: Path) -> None:
     assert report["settings"]["rows"] == 1024 and report["settings"]["n_query"] == 16
     assert finite(report["stream_x_mm"], *report["rows_per_s"].values())
     assert len(report["rss"]) == 2 and all(finite(r["increase_mb"], r["seconds"]) for r in report["rss"])
+
+
+def test_warmup_memory(tmp_path: Path) -> None:
+    report = smoke("warmup_memory", tmp_path)  # a tiny Llama whose MLP and vocabulary are hashed
+    run = report["run"]
+    assert run["sums_measured_over_predicted"] == 1.0  # the memory model counts the sums' bytes exactly
+    basis, written = run["model"]["warmup"]["basis"], run["measured"]["eigenbasis_file"]
+    assert basis <= written <= 1.05 * basis  # the eigenbasis file: the model's bytes and a header
+    assert finite(run["host_increase_measured"], run["host_increase_predicted"], run["main_increase_measured"])
+    assert set(report["tables"]) == {"Llama-3.1-8B", "SmolLM2-135M"}
+    assert all(finite(*t["warmup"].values(), *t["main"].values()) for t in report["tables"].values())
 
 
 def test_lds(tmp_path: Path) -> None:

@@ -77,11 +77,12 @@ def test_index_round_trip(cache: GradientCache) -> None:
     assert path in [p for p, _ in again.files()]
     index = again.index()
     assert index is not None and index.index.ntotal == cache.num_rows
-    # the shortlist: the 1 % of rows with the largest norms, kept as float32 beside the index
+    # the shortlist: the 1 % of rows with the largest norms, kept beside the index as float32 vectors
+    # of its space (rows of 36 numbers are not projected: the vectors are the rows)
     assert entry["shortlist_rows"] == 4 and entry["files"][1]["role"] == "shortlist"
     rows = cache.load()
     assert index.shortlist_positions.tolist() == sorted(rows.norm(dim=1).topk(4).indices.tolist())
-    torch.testing.assert_close(index.shortlist_rows, rows[index.shortlist_positions])
+    torch.testing.assert_close(index.shortlist_vectors, rows[index.shortlist_positions])
     # building again with the same settings is a no-op; rebuild=True writes the same bytes
     assert again.build_index("ivfpq") == entry
     assert again.build_index("ivfpq", rebuild=True)["files"] == entry["files"]

@@ -253,10 +253,12 @@ class AttributionPass(BatchRunner):
                 damping = self.config.whitening_damping
                 if isinstance(sums, WarmupCovariances):
                     basis = fit_eigen_masks(self.computer.compressors, sums, damping)  # type: ignore[arg-type]
+                    sums.free()  # the capture's last request references them: free them before the main pass
                 else:
                     basis = fit_masked_basis(self.specs, sums.sums, damping)
                 del sums  # the covariances are not needed past the fit
                 save_tensors(path, basis.to_tensors())
+                del basis  # the file is read back below: one copy of the basis in host memory, not two
         writer.record_eigenbasis(sha256_file(path))
         # every rank uses rank 0's file, so the basis is bit-identical across processes
         return Eigenbasis.from_tensors({k: v.clone() for k, v in mmap_tensors(path).items()})

@@ -1,7 +1,10 @@
 """`GradientCache`: read a cache directory memory-mapped, shard by shard, and `open_cache`.
 
 Opening validates the manifest (schema, sizes, paths inside the directory) and each shard's header
-and size before any array is read; ``verify()`` also checks every file's sha256 first. ``open_cache``
+and size before any array is read; ``verify()`` also checks every file's sha256 first. The indexes
+are optional: an open (``verify=True`` included) does not check their files, which are checked when
+an index is loaded, so a missing or damaged index leaves the exact scan working; ``verify()`` called
+on its own checks them too. ``open_cache``
 (and ``GradientCache.from_pretrained``, the same function) opens a local folder or a Hub repo id and
 verifies both the same way. Nothing is unpickled.
 
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 
-from hf_grass.cache import hub, lexical
+from hf_grass.cache import hub, index_build, lexical
 from hf_grass.cache import index as faiss_index
 from hf_grass.cache import rows as row_io
 from hf_grass.cache.files import CacheError, mmap_tensors, read_header
@@ -41,8 +44,9 @@ class GradientCache:
 
     Args:
         path: the cache directory.
-        verify: also check the sha256 of every file now (files unchanged since an earlier
-            verification are not hashed again; sizes and headers are always checked).
+        verify: also check the sha256 of every data file now (files unchanged since an earlier
+            verification are not hashed again; sizes and headers are always checked). The index
+            files are checked when an index is loaded.
         source: how to name the cache in messages (a Hub download names its repo and revision).
     """
 
@@ -72,7 +76,7 @@ class GradientCache:
         counts = torch.tensor([0] + [s["rows"] for s in self.shards], dtype=torch.int64)
         self.row_offsets = counts.cumsum(0)  # first row position of each shard, then num_rows
         if verify:  # checksums first: nothing of an unverified file is parsed
-            self.verify()
+            self.verify(indexes=False)
         for pos, (shard, shard_path) in enumerate(zip(self.shards, self._shard_paths)):
             if self.remote is not None and not shard_path.is_file():
                 continue  # fetched (and checked) when first read
@@ -194,8 +198,8 @@ class GradientCache:
             raise CacheError(f"{path} has a missing or invalid 'norms' tensor; rebuild shard {shard['id']}")
         return True
 
-    def files(self) -> list[tuple[Path, str]]:
-        """Every data file with its expected sha256."""
+    def files(self, indexes: bool = True) -> list[tuple[Path, str]]:
+        """Every file with its expected sha256 (``indexes=False``: without the optional index files)."""
         out = []
         for shard, path in zip(self.shards, self._shard_paths):
             out.append((path, shard["sha256"]))
@@ -205,22 +209,25 @@ class GradientCache:
         if self.manifest.get("eigenbasis"):
             entry = self.manifest["eigenbasis"]
             out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
-        for entry in faiss_index.index_files(self.manifest):  # the FAISS and BM25 indexes, if built
-            out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
+        if indexes:
+            for entry in faiss_index.index_files(self.manifest):  # the FAISS and BM25 indexes, if built
+                out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
         return out
 
-    def verify(self, full: bool = False, remember: bool = True) -> None:
+    def verify(self, full: bool = False, remember: bool = True, indexes: bool = True) -> None:
         """Check every file against its sha256; raises ``CacheError`` naming the first bad file.
 
         Files whose size, mtime, ctime and inode match a recorded earlier verification are not
         hashed again, unless ``full``. With ``remember`` the result is recorded for the next time
-        (``hf_grass.cache.verification``).
+        (``hf_grass.cache.verification``). ``indexes=False``: the data files only (what opening a
+        cache checks; the optional index files are checked when loaded).
         """
 
         def not_fetched(rel: str, path: Path) -> bool:  # a lazy pull checks a file when it fetches it
             return self.remote is not None and not path.is_file() and self.remote.lazy(rel)
 
-        verify_files(self.path, self.files(), self.source, full=full, remember=remember, skip=not_fetched)
+        files = self.files(indexes=indexes)
+        verify_files(self.path, files, self.source, full=full, remember=remember, skip=not_fetched)
 
     # ---- data -----------------------------------------------------------------------------------
 
@@ -255,6 +262,12 @@ class GradientCache:
         """``[n, dim]`` float32 rows at these row positions (see ``hf_grass.cache.rows``): reads only
         those rows (a lazily pulled cache downloads only the shards holding them)."""
         return row_io.gather_rows(self._mapped, self.row_offsets, positions, self.dim)
+
+    def stored_at(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows at these positions as stored (``grads``, and ``scales`` / ``norms`` when
+        present; decode blocks of them with ``hf_grass.cache.rows.rows_to_float32``): one byte a
+        number for int8 rows, where ``rows_at`` makes four."""
+        return row_io.gather_stored(self._mapped, self.row_offsets, positions)
 
     def norms_at(self, positions: torch.Tensor) -> torch.Tensor:
         """``[n, 2]`` float32: the exact gradient and preconditioned norms of the rows at these
@@ -341,10 +354,11 @@ class GradientCache:
 
     # ---- indexes --------------------------------------------------------------------------------
 
-    def build_index(self, kind: str = "ivfpq", **kwargs: Any) -> dict[str, Any]:
+    def build_index(self, kind: str = "auto", **kwargs: Any) -> dict[str, Any]:
         """Build (or resume building) the FAISS index of the rows, stored in the cache; returns its
-        manifest entry. See ``hf_grass.cache.index.build_index`` for the options."""
-        entry = faiss_index.build_index(self, kind, **kwargs)
+        manifest entry. ``kwargs``: the fields of ``hf_grass.cache.index.IndexSettings`` and the
+        options of ``hf_grass.cache.index_build.build_index`` (``rebuild``, ``threads``, ...)."""
+        entry = index_build.build_index(self, kind, **kwargs)
         self.__dict__.pop("_faiss", None)
         return entry
 

@@ -96,16 +96,38 @@ def gather_rows(
     """``[len(positions), dim]`` float32 rows at the given row positions (any order, repeats allowed);
     with ``key="norms"`` the rows' stored exact norms ``[len(positions), 2]`` instead.
 
+    Memory: the selected rows in their storage format (``gather_stored``), and the float32 result
+    they are decoded into once.
+    """
+    positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+    if positions.numel() == 0:
+        return torch.empty(0, dim, dtype=torch.float32)
+    stored = gather_stored(shard_tensors, offsets, positions, keys=("norms",) if key != "grads" else None)
+    if key != "grads":
+        if key not in stored:
+            raise ValueError(f"the shards store no {key!r}")
+        return stored[key].to(torch.float32)
+    # one decode, straight into the result: no float32 copy of the rows beside it
+    return rows_to_float32(stored, out=torch.empty(positions.shape[0], dim, dtype=torch.float32))
+
+
+def gather_stored(
+    shard_tensors: Callable[[int], Mapping[str, torch.Tensor]],
+    offsets: torch.Tensor,
+    positions: torch.Tensor,
+    keys: tuple[str, ...] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The stored tensors (``grads``, and ``scales`` / ``norms`` when present) of the rows at the
+    given positions (any order, repeats allowed), still in the storage format: int8 rows cost one
+    byte a number here. ``keys``: only these tensors (default: all but ``indices``).
+
     ``shard_tensors(s)``: the stored (memory-mapped) tensors of shard position ``s``; only the
     selected rows are copied out of it. ``offsets``: ``[n_shards + 1]`` first row position of each
     shard (cumulative row counts).
     """
     positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
-    out = torch.empty(positions.shape[0], dim, dtype=torch.float32)
-    if positions.numel() == 0:
-        return out
     total = int(offsets[-1])
-    if int(positions.min()) < 0 or int(positions.max()) >= total:
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= total):
         raise IndexError(f"row positions must lie in [0, {total}); got {positions.min()}..{positions.max()}")
     # numpy bookkeeping and one take per shard: this runs per query in a two-stage lookup, where
     # per-shard torch calls cost more than the copies (~15 ms of a 30 ms lookup at 10^6 rows)
@@ -113,29 +135,23 @@ def gather_rows(
     bounds = offsets.numpy()
     shard_of = np.searchsorted(bounds, unique, side="right") - 1
     cuts = np.flatnonzero(np.diff(shard_of)) + 1
-    stage: dict[str, np.ndarray] = {}  # the selected rows, still in the storage format
+    stage: dict[str, np.ndarray] = {}
     kinds: dict[str, torch.dtype] = {}
     for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), unique.shape[0]]):
         s = int(shard_of[lo])
         local = unique[lo:hi] - bounds[s]
-        for key, tensor in shard_tensors(s).items():
-            if key == "indices":
+        for name, tensor in shard_tensors(s).items():
+            if name == "indices" or (keys is not None and name not in keys):
                 continue
             arr = _numpy(tensor)
-            if key not in stage:
-                stage[key] = np.empty((unique.shape[0], *arr.shape[1:]), dtype=arr.dtype)
-                kinds[key] = tensor.dtype
-            np.take(arr, local, axis=0, out=stage[key][lo:hi])
-    stored = {name: _torch(arr, kinds[name]) for name, arr in stage.items()}
-    if key != "grads":
-        if key not in stored:
-            raise ValueError(f"the shards store no {key!r}")
-        out = torch.empty(positions.shape[0], *stored[key].shape[1:], dtype=torch.float32)
-        torch.index_select(stored[key].to(torch.float32), 0, torch.from_numpy(inverse.reshape(-1)), out=out)
-        return out
-    rows = rows_to_float32(stored)
-    torch.index_select(rows, 0, torch.from_numpy(inverse.reshape(-1)), out=out)
-    return out
+            if name not in stage:
+                stage[name] = np.empty((unique.shape[0], *arr.shape[1:]), dtype=arr.dtype)
+                kinds[name] = tensor.dtype
+            np.take(arr, local, axis=0, out=stage[name][lo:hi])
+    inverse = inverse.reshape(-1)
+    if unique.shape[0] != inverse.shape[0] or not np.array_equal(unique, positions.numpy()):
+        stage = {name: arr[inverse] for name, arr in stage.items()}  # repeats or another order
+    return {name: _torch(arr, kinds[name]) for name, arr in stage.items()}
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -15,7 +15,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     if not is_local(args.cache):
         raise UsageError(f"{args.cache!r} is a Hub repo id; pull it first ({PROG} pull), then index the folder")
-    if args.factory and args.kind != "ivfpq":
+    if args.factory and args.kind != "auto":
         raise UsageError("give either --kind or --factory, not both")
     cache = open_cache_arg(args.cache)
     entries = {}
@@ -29,6 +29,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             nlist=args.nlist,
             pq_m=args.pq_m,
             train_rows=args.train_rows,
+            **({"projection": args.projection} if args.projection is not None else {}),
             search=search or None,
             rebuild=args.rebuild,
             threads=args.threads,
@@ -60,7 +61,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "interruption.",
     )
     p.add_argument("cache", metavar="CACHE", help="gradient cache directory")
-    p.add_argument("--kind", choices=["ivfpq", "hnsw", "flat"], default="ivfpq", help="default: ivfpq")
+    p.add_argument(
+        "--kind",
+        choices=["auto", "ivfpq", "hnsw-sq8", "hnsw", "flat"],
+        default="auto",
+        help="default: auto (hnsw-sq8 for rows wider than 1024, which are projected; else ivfpq)",
+    )
     p.add_argument("--factory", help="a FAISS index_factory string instead of --kind (e.g. IVF4096,PQ64)")
     p.add_argument(
         "--cosine",
@@ -73,6 +79,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--nprobe", type=positive_int, help="ivfpq: lists searched per query (stored default)")
     p.add_argument("--ef-search", type=positive_int, help="hnsw: search depth (stored default)")
     p.add_argument("--train-rows", type=positive_int, help="rows sampled to train the index")
+    p.add_argument(
+        "--projection",
+        type=int,
+        help="index a seeded sparse JL projection of each row to this many numbers (default 1024 for "
+        "wider rows; 0: the rows as they are)",
+    )
     p.add_argument("--threads", type=positive_int, help="FAISS threads (default: all cores)")
     p.add_argument("--rebuild", action="store_true", help="build anew even if a current index exists")
     p.add_argument("--bm25", action="store_true", help="also build the BM25 index of the documents' text")

@@ -93,10 +93,9 @@ class WarmupCovariances:
         # one-hot ids are read by no other module as an input: never shared
         storage = None if isinstance(x, OneHot) else (x.data_ptr(), tuple(x.shape), x.stride(), bias)
         found = None if storage is None else self._batch_inputs.get(storage)
-        x_real = _real_tokens(x, token_mask)
         if found is None:
             key = self.input_of.setdefault(name, name)
-            self._add_to(self.inputs, key, _covariance(x_real, bias, self.max_width))
+            self._add_to(self.inputs, key, _covariance(x, token_mask, bias, self.max_width))
             if storage is not None:
                 self._batch_inputs[storage] = (key, x)
         else:  # the same input as an earlier module of this batch: its sum already holds it
@@ -106,9 +105,8 @@ class WarmupCovariances:
                 raise RuntimeError(
                     f"module {name!r} read the input of {shared!r} in one warm-up batch and its own in another"
                 )
-        self._add_to(self.outputs, name, _covariance(_real_tokens(delta, token_mask), False, self.max_width))
-        tokens = x_real.ids.numel() if isinstance(x_real, OneHot) else x_real.shape[0]
-        self.tokens[name] = self.tokens.get(name, 0) + tokens
+        self._add_to(self.outputs, name, _covariance(delta, token_mask, False, self.max_width))
+        self.tokens[name] = self.tokens.get(name, 0) + _count_tokens(x, token_mask)
 
     def _add_to(self, store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
         if key in store:
@@ -127,6 +125,18 @@ class WarmupCovariances:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.inputs.values(), *self.outputs.values()))
 
+    def free(self) -> None:
+        """Drop the sums once the basis is fitted: the capture's last request still references this
+        object until the next batch, which would keep them beside the main pass's statistics."""
+        self.inputs.clear()
+        self.outputs.clear()
+
+
+# A wide side's squares are summed over chunks of tokens of at most this many float32 bytes: in one
+# piece, an lm_head's output gradients ([8192 tokens, 128256] for Llama-3.1-8B) would take 4.2 GB in
+# float32 and as much again squared, beside the sums.
+DIAGONAL_CHUNK_BYTES = 64 << 20
+
 
 def _real_tokens(t: torch.Tensor | OneHot, mask: torch.Tensor | None) -> torch.Tensor | OneHot:
     """``[B, T, d]`` -> ``[tokens, d]``: padding positions carry inputs but are not data."""
@@ -137,21 +147,46 @@ def _real_tokens(t: torch.Tensor | OneHot, mask: torch.Tensor | None) -> torch.T
     return t.reshape(-1, t.shape[-1])
 
 
-def _covariance(t: torch.Tensor | OneHot, bias: bool, max_width: int) -> torch.Tensor:
-    """``t^T t`` (with a trailing column of ones when ``bias``), or its diagonal for a side wider
-    than ``max_width``, in the input's precision (float32 for a float32 or half model: twice as fast
-    as float64, and a batch's sum loses nothing that matters to an eigenbasis). One-hot rows: the
-    diagonal matrix (or vector) of token counts."""
+def _count_tokens(t: torch.Tensor | OneHot, mask: torch.Tensor | None) -> int:
+    if isinstance(t, OneHot):
+        return t.select(mask).numel()
+    if mask is not None and mask.shape == t.shape[:2]:
+        return int(mask.sum())
+    return t.numel() // t.shape[-1]
+
+
+def _covariance(t: torch.Tensor | OneHot, mask: torch.Tensor | None, bias: bool, max_width: int) -> torch.Tensor:
+    """``t^T t`` over the real tokens of ``t [B, T, d]`` (with a trailing column of ones when
+    ``bias``), or its diagonal for a side wider than ``max_width``, in the input's precision (float32
+    for a float32 or half model: twice as fast as float64, and a batch's sum loses nothing that
+    matters to an eigenbasis). One-hot rows: the diagonal matrix (or vector) of token counts."""
     if isinstance(t, OneHot):
         if bias:
             raise ValueError("a one-hot factor has no bias column")
-        counts = t.counts()
+        counts = t.counts(mask)
         return counts if t.width > max_width else torch.diag(counts)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    t = t.to(acc)
+    if t.shape[-1] + bias > max_width:
+        return _diagonal(t, mask, bias, acc)
+    t = _real_tokens(t, mask).to(acc)
     if bias:  # the gradient's input has a trailing 1 (DESIGN.md §2)
         t = torch.cat([t, torch.ones(t.shape[0], 1, dtype=acc, device=t.device)], dim=1)
-    return gram(t) if t.shape[1] <= max_width else t.square().sum(0)
+    return gram(t)
+
+
+def _diagonal(t: torch.Tensor, mask: torch.Tensor | None, bias: bool, acc: torch.dtype) -> torch.Tensor:
+    """The diagonal of ``t^T t`` over the real tokens, summed over chunks of tokens
+    (``DIAGONAL_CHUNK_BYTES``), so no copy of the whole side is made."""
+    flat = t.reshape(-1, t.shape[-1])
+    keep = mask.reshape(-1) if mask is not None and mask.shape == t.shape[:2] else None
+    out = torch.zeros(flat.shape[1] + bias, dtype=acc, device=t.device)
+    step = max(1, DIAGONAL_CHUNK_BYTES // (4 * flat.shape[1]))
+    for lo in range(0, flat.shape[0], step):
+        part = flat[lo : lo + step] if keep is None else flat[lo : lo + step][keep[lo : lo + step]]
+        out[: flat.shape[1]] += part.to(acc).square().sum(0)
+        if bias:
+            out[-1] += part.shape[0]
+    return out
 
 
 # Column blocks of ``gram``: the products of the blocks on and above the diagonal, 10 of 16, ran in

@@ -9,8 +9,29 @@ from typing import Any
 import torch
 
 from hf_grass.cache.reader import GradientCache
+from hf_grass.cache.rows import rows_to_float32
 from hf_grass.scoring.options import Search
-from hf_grass.scoring.streaming import Normalisation, ScanResult, TopK, block_scores, check_k, scan
+from hf_grass.scoring.streaming import (
+    Normalisation,
+    ScanResult,
+    TopK,
+    block_scores,
+    check_k,
+    chunk_rows,
+    scan,
+)
+
+# The candidate rows of one batch of queries, gathered in their storage format: at most this many
+# bytes (2^15 candidate rows of 31,744 numbers, copied twice as float32, took 8-9 GB). They are
+# decoded a block at a time into one small float32 buffer.
+CANDIDATE_BYTES = 256 << 20
+
+
+def query_batch_size(row_bytes: int, per_query: int) -> int:
+    """Queries per candidate gather: their ``per_query`` candidate rows of ``row_bytes`` each (as
+    stored) fit in ``CANDIDATE_BYTES`` (at least 1, at most 256 queries)."""
+    rows = CANDIDATE_BYTES // max(row_bytes, 1)
+    return max(1, min(256, rows // max(per_query, 1)))
 
 
 def default_candidates(k: int) -> int:
@@ -99,11 +120,12 @@ def two_stage(
 
     Highest-score candidates are the index's maximum inner products with ``q``; lowest-score ones are
     its maximum inner products with ``-q`` (the most negative scores), a second search of the same
-    index. The index's shortlist (the rows of largest norm, ``hf_grass.cache.index``) is a
-    candidate of every query, scored from its float32 copy. BM25 candidates join both lists. Rows
-    are read once per query batch for the union of its candidates (``GradientCache.rows_at``: only
-    those rows, only those shards); the batch (default) holds at most ``2^15`` candidate rows, so
-    memory is bounded by the candidates, not by the cache or the number of queries.
+    index. The index's shortlist (the rows of largest norm, ``hf_grass.cache.index``) adds its
+    best ``n`` per list. BM25 candidates join both lists. Rows are read once per query batch for the
+    union of its candidates (``candidate_scores``: only those rows, only those shards, in their
+    storage format, decoded a block at a time); a batch (default) holds at most ``CANDIDATE_BYTES``
+    of candidate rows, so memory is bounded by the row width and the candidates, not by the cache
+    or the number of queries.
     """
     search = search or Search()
     index, lexical = sources.index, sources.lexical
@@ -112,17 +134,17 @@ def two_stage(
     if n < k:
         raise ValueError(f"candidates={n} must be at least k={k}")
     wanted = [largest for largest, on in ((True, top), (False, bottom)) if on]
-    count = (index is not None) + (lexical is not None)
-    # the index's rows of the largest norms, candidates of every query
-    shortlisted = getattr(index, "shortlist_mask", None)
-    query_batch = search.query_batch or max(1, min(256, (1 << 15) // (n * len(wanted) * count)))
+    # candidate lists per query and list: the index's, its shortlist's, BM25's
+    count = (index is not None) * (1 + (getattr(index, "shortlist_vectors", None) is not None)) + (lexical is not None)
+    row_bytes = cache.dim * cache.dtype.itemsize + 12  # the row, its int8 scale, its two norms
+    query_batch = search.query_batch or query_batch_size(row_bytes, n * len(wanted) * count)
     parts: dict[bool, list[TopK]] = {largest: [] for largest in wanted}
     for lo in range(0, queries.shape[0], query_batch):
         q = queries[lo : lo + query_batch]
         found: dict[bool, list[torch.Tensor]] = {largest: [] for largest in wanted}
         if index is not None:
             signed = torch.cat([q if largest else -q for largest in wanted])
-            hits = index.search(signed, n, search.params)
+            hits = index.candidates(signed, n, search.params)
             for i, largest in enumerate(wanted):
                 found[largest].append(hits[i * q.shape[0] : (i + 1) * q.shape[0]])
         if lexical is not None:
@@ -131,26 +153,15 @@ def two_stage(
             for largest in wanted:
                 found[largest].append(hits)
         cand = {largest: _dedupe(torch.cat(found[largest], dim=1)) for largest in wanted}
-        if shortlisted is not None:  # scored below from the index's own float32 copy
-            cand = {largest: c.masked_fill(shortlisted[c.clamp(min=0)] & (c >= 0), -1) for largest, c in cand.items()}
         union = torch.unique(torch.cat([c[c >= 0] for c in cand.values()]))
-        rows = cache.rows_at(union)
         sub = norms.select(slice(lo, lo + query_batch)) if norms is not None else None
-        stored = cache.norms_at(union) if sub is not None and sub.geometry != "vectors" else None
-        exact = block_scores(q, rows, sub, stored)  # [b, |union|]
-        extra = None
-        if shortlisted is not None:
-            extra_norms = cache.norms_at(index.shortlist_positions) if stored is not None else None
-            extra = block_scores(q, index.shortlist_rows, sub, extra_norms)
+        exact = candidate_scores(cache, q, union, sub)  # [b, |union|]
         for largest in wanted:
             c = cand[largest]
             cols = torch.searchsorted(union, c.clamp(min=0))
             scores = exact.gather(1, cols.clamp(max=max(union.numel() - 1, 0)))
             fill = float("-inf") if largest else float("inf")
             scores = scores.masked_fill(c < 0, fill)
-            if extra is not None:
-                scores = torch.cat([scores, extra], dim=1)
-                c = torch.cat([c, index.shortlist_positions.unsqueeze(0).expand(c.shape[0], -1)], dim=1)
             values, pos = scores.topk(min(k, c.shape[1]), dim=1, largest=largest, sorted=True)
             positions = c.gather(1, pos)
             short = (positions < 0).any(dim=1)
@@ -165,6 +176,28 @@ def two_stage(
     lists = {largest: TopK(torch.cat([p.scores for p in v]), torch.cat([p.indices for p in v]))
              for largest, v in parts.items()}  # fmt: skip
     return ScanResult(top=lists.get(True), bottom=lists.get(False), method=sources.method)
+
+
+def candidate_scores(
+    cache: GradientCache, queries: torch.Tensor, positions: torch.Tensor, norms: Normalisation | None
+) -> torch.Tensor:
+    """``[n_query, len(positions)]`` exact scores of the rows at ``positions``: gathered in their
+    storage format, then decoded a block at a time into one reused float32 buffer, the way the
+    exact scan reads (a fresh ``[n, dim]`` float32 tensor per query costs page faults, and four
+    bytes a number where int8 rows take one)."""
+    stored = cache.stored_at(positions)
+    row_norms = stored.pop("norms", None)
+    if norms is None or norms.geometry == "vectors":
+        row_norms = None
+    n = positions.shape[0]
+    out = torch.empty(queries.shape[0], n, dtype=torch.float32)
+    step = chunk_rows(queries.shape[0], cache.dim)
+    buf = torch.empty(min(step, n), cache.dim, dtype=torch.float32)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        rows = rows_to_float32({key: t[lo:hi] for key, t in stored.items()}, out=buf[: hi - lo])
+        out[:, lo:hi] = block_scores(queries, rows, norms, None if row_norms is None else row_norms[lo:hi])
+    return out
 
 
 def _dedupe(cand: torch.Tensor) -> torch.Tensor:
