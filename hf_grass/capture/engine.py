@@ -43,6 +43,8 @@ class BatchGradients:
     cov_in: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_in, m_in] float64 sums
     cov_out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_out, m_out] float64 sums
     tokens: dict[str, int] = field(default_factory=dict)
+    # name -> per-token factors (x' [B, T, m_in], delta' [B, T, m_out]) when asked (CaptureRequest.token_factors)
+    token_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -274,6 +276,7 @@ class GradientComputer:
             cov_in=state.cov_in,
             cov_out=state.cov_out,
             tokens=state.tokens,
+            token_factors=state.token_factors,
         )
         batch_size = losses.shape[0]
         if request.rows:
