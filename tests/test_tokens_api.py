@@ -191,7 +191,7 @@ def test_html_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
     text = "".join(parser.text)
     assert "<script>alert(1)</script> is" in text and "</b> &" in text and "x\"y" in text  # escaped, read back
     assert page.index("Most helpful") < page.index("Most harmful")
-    assert "rgba(46,160,67,1.00)" in page and "rgba(207,34,46,0.25)" in page  # shade = share of the largest
+    assert "rgba(46,160,67,1.00);color:#fff" in page and "rgba(207,34,46,0.25)" in page  # shade: share of the largest
     out = write_html(tmp_path / "r.html", [result, result])
     assert out.read_text(encoding="utf-8").count('class="result"') == 2
 
@@ -203,7 +203,7 @@ def test_terminal_highlighting_plain_and_coloured() -> None:
     assert "Token scores of the most helpful documents" in plain and "Token scores of the most harmful" in plain
     assert "re-run +2.50" in plain and "strongest: <b> +2.00" in plain
     coloured = format_token_result(result, color=True)
-    assert "\x1b[38;2;0;0;0;48;2;46;160;67m<b>\x1b[0m" in coloured  # the strongest token: full green
+    assert "\x1b[38;2;255;255;255;48;2;46;160;67m<b>\x1b[0m" in coloured  # the strongest token: full green
     long = TokenScores([f" w{i}" for i in range(300)], list(range(300)), [0.0] * 299 + [1.0], 1.0)
     shown = format_token_result(InfluenceResult("p", "c", [InfluentialDocument(0, 1.0, "", token_scores=long)]))
     assert "…" in shown and "[+ w299]" in shown and " w100" not in shown  # a window around the peak

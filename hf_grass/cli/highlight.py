@@ -25,6 +25,7 @@ from hf_grass.results import InfluenceResult, InfluentialDocument, TokenScores, 
 HELPFUL_RGB = (46, 160, 67)  # the shade of a token that pushes the score up
 HARMFUL_RGB = (207, 34, 46)  # and of one that pushes it down
 MARK_SHARE = 0.25  # the plain form marks the tokens of at least this share of the largest contribution
+LIGHT_TEXT = 0.55  # from this shade on, a token's letters are white (black ones drown in the colour)
 WINDOW = 80  # tokens of a document shown in a terminal (around its strongest token)
 
 
@@ -71,7 +72,8 @@ def _ansi(text: str, share: float, dim: bool) -> str:
     if strength < 0.05:
         return f"\x1b[2m{text}\x1b[0m" if dim else text
     r, g, b = _blend(HELPFUL_RGB if share > 0 else HARMFUL_RGB, strength)
-    return f"\x1b[38;2;0;0;0;48;2;{r};{g};{b}m{text}\x1b[0m"
+    ink = "255;255;255" if strength >= LIGHT_TEXT else "0;0;0"
+    return f"\x1b[38;2;{ink};48;2;{r};{g};{b}m{text}\x1b[0m"
 
 
 def _blend(rgb: tuple[int, int, int], strength: float) -> tuple[int, int, int]:
@@ -131,7 +133,8 @@ h1 { font-size: 1.4em; margin-bottom: .2em; } h2 { font-size: 1.15em; margin-top
 def _span(text: str, share: float, value: float, css_class: str = "") -> str:
     strength = min(abs(share), 1.0)
     rgb = HELPFUL_RGB if share > 0 else HARMFUL_RGB
-    style = f' style="background:rgba({rgb[0]},{rgb[1]},{rgb[2]},{strength:.2f})"' if strength >= 0.02 else ""
+    ink = ";color:#fff" if strength >= LIGHT_TEXT else ""
+    style = f' style="background:rgba({rgb[0]},{rgb[1]},{rgb[2]},{strength:.2f}){ink}"' if strength >= 0.02 else ""
     cls = f' class="{css_class}"' if css_class else ""
     return f'<span{cls}{style} title="{html.escape(format_score(value))}">{html.escape(text)}</span>'
 
