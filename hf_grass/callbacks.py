@@ -67,6 +67,7 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.args: TrainingArguments | None = None
+        self.dataset: Any = None  # what the caches were built from (token scores re-run its rows)
 
     # ---- events ---------------------------------------------------------------------------------
 
@@ -122,6 +123,7 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
                 "callbacks; give the Trainer a train_dataset"
             )
         self.model, self.tokenizer, self.args = model, kwargs.get("processing_class"), args
+        self.dataset = dataloader.dataset
         cache = run_attribution_pass(
             model,
             dataloader.dataset,
@@ -160,6 +162,9 @@ class GraSSCallback(AttributionLookups, TrainerCallback):
             per_example_loss=self.per_example_loss,
             **kwargs,
         )
+
+    def _cached_dataset(self) -> Any:
+        return self.dataset
 
     def cache_dirs(self) -> list[Path]:
         return [c.path for c in ([self.cache] if self.cache else []) + list(self.checkpoint_caches.values())]

@@ -112,18 +112,25 @@ class MultiCheckpointAttributor:
         prompt: str | list[dict[str, str]],
         k: int = 10,
         completion: str | None = None,
+        *,
+        tokens: bool = False,
+        train_dataset: Any = None,
         **generate_kwargs: Any,
     ) -> InfluenceResult:
         check_k(k, self.caches[-1].num_rows)
+        if tokens and len(self.caches) != 1:
+            raise ValueError(
+                f"token scores split one cache's scores, but these are summed over {len(self.caches)} checkpoints; "
+                "use Attributor(model, tokenizer, cache).find_influential(..., tokens=True) with one of them"
+            )
         # the completion comes from the current (final) model; its gradient is taken at every checkpoint
         prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, documents=self.caches[-1], **generate_kwargs
         )
         if len(self.caches) == 1:  # one read of the cache, streaming lists
             for weight, attributor in self._each():  # the query gradient at the cache's own weights
-                found = attributor.lookup(attributor.query_vectors([batch]), k, weight=weight)
-            assert found.top is not None and found.bottom is not None
-            return make_result(self.caches[0], prompt_text, text, found.top, found.bottom)
+                return attributor.result_for(prompt_text, text, batch, k, weight=weight, tokens=tokens,
+                                             train_dataset=train_dataset)  # fmt: skip
         total: torch.Tensor | None = None
         for weight, attributor in self._each():
             scores = attributor.scores(attributor.query_vectors([batch]), weight)
@@ -174,7 +181,21 @@ class AttributionLookups:
         prompt: str | list[dict[str, str]],
         k: int = 10,
         completion: str | None = None,
+        *,
+        tokens: bool = False,
+        train_dataset: Any = None,
         **generate_kwargs: Any,
     ) -> InfluenceResult:
-        """The top-k helpful and harmful training documents behind the model's completion of ``prompt``."""
-        return self._attributor().find_influential(prompt, k=k, completion=completion, **generate_kwargs)
+        """The top-k helpful and harmful training documents behind the model's completion of ``prompt``.
+
+        ``tokens``: also their token scores (``Attributor.find_influential``), the documents re-run
+        from ``train_dataset`` (default: the dataset this object built its cache from, else the
+        cache's text)."""
+        if tokens and train_dataset is None:
+            train_dataset = self._cached_dataset()
+        return self._attributor().find_influential(prompt, k=k, completion=completion, tokens=tokens,
+                                                   train_dataset=train_dataset, **generate_kwargs)  # fmt: skip
+
+    def _cached_dataset(self) -> Any:
+        """The dataset the cache in use was built from, when this object built it (else None)."""
+        return None

@@ -29,11 +29,18 @@ from hf_grass.capture.engine import GradientComputer, unwrap_model
 from hf_grass.capture.fingerprint import weights_fingerprint
 from hf_grass.capture.loss import PerExampleLoss, loss_name
 from hf_grass.capture.targets import cache_targets
-from hf_grass.data import ExampleSource, padded_batches
+from hf_grass.data import IGNORE_INDEX, ExampleSource, padded_batches
 from hf_grass.distributed import Distributed, current_distributed
 from hf_grass.precondition import preconditioner_class
 from hf_grass.prompts import encode_query, generate, render_prompt  # noqa: F401 - public names
-from hf_grass.results import InfluenceResult, ranked_result
+from hf_grass.results import (
+    InfluenceResult,
+    InfluentialDocument,
+    TokenScores,
+    format_score,
+    ranked_result,
+    snippet,
+)
 from hf_grass.scoring import (
     Normalisation,
     QueryVectors,
@@ -48,6 +55,7 @@ from hf_grass.scoring import (
     scan,
 )
 from hf_grass.scoring.during_pass import PassScores, score_during_pass
+from hf_grass.scoring.tokens import QueryTokens, check_factorised, document_tokens, query_tokens
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -222,6 +230,9 @@ class Attributor:
         k: int = 10,
         completion: str | None = None,
         all_scores: bool = False,
+        *,
+        tokens: bool = False,
+        train_dataset: Any = None,
         **generate_kwargs: Any,
     ) -> InfluenceResult:
         """The ``k`` most helpful (score > 0) and most harmful (score < 0) training documents for the
@@ -232,6 +243,12 @@ class Attributor:
         ``generate_kwargs`` say otherwise: they go to ``model.generate``, which refuses the ones it
         does not know). With ``all_scores`` the result also holds every cached row's score (e.g. to
         plot them), from the same query gradient.
+
+        ``tokens``: also split each listed document's score over its tokens (``token_scores``) and
+        over the query's (``query_token_scores``), by re-running those documents and the query
+        (``hf_grass.scoring.tokens``; nothing is added to the cache). The documents are re-run from
+        ``train_dataset`` (the dataset the cache was built from) when given, else from the text the
+        cache stores, tokenized as the pass tokenizes text.
         """
         check_k(k, self.cache.num_rows)
         if completion is not None and generate_kwargs:
@@ -239,16 +256,113 @@ class Attributor:
                 f"{sorted(generate_kwargs)} would go to model.generate, but a completion was given, so "
                 "nothing is generated: leave them out, or leave out the completion"
             )
+        if tokens:
+            check_factorised(self.computer)  # before generating anything
         prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, documents=self.cache, **generate_kwargs
         )
-        queries = self.query_vectors([batch])
-        found = self.lookup(queries, k, texts=[prompt_text + text])
+        return self.result_for(prompt_text, text, batch, k, all_scores=all_scores, tokens=tokens,
+                               train_dataset=train_dataset)  # fmt: skip
+
+    def result_for(
+        self,
+        prompt: str,
+        completion: str,
+        batch: dict[str, torch.Tensor],
+        k: int,
+        *,
+        weight: float = 1.0,
+        all_scores: bool = False,
+        tokens: bool = False,
+        train_dataset: Any = None,
+    ) -> InfluenceResult:
+        """``find_influential`` of an encoded query (``encode_query``'s prompt, completion and batch),
+        scores scaled by ``weight`` (a checkpoint's weight)."""
+        query = query_tokens(self.computer, batch, self.preconditioner, self.basis) if tokens else None
+        queries = query.vectors if query is not None else self.query_vectors([batch])
+        found = self.lookup(queries, k, weight=weight, texts=[prompt + completion])
         assert found.top is not None and found.bottom is not None
-        result = make_result(self.cache, prompt_text, text, found.top, found.bottom)
+        result = make_result(self.cache, prompt, completion, found.top, found.bottom)
         if all_scores:  # columns are dataset indices; skipped examples have no row
-            result.scores = self.scores(queries)[0, self.cache.indices]
+            result.scores = self.scores(queries, weight)[0, self.cache.indices]
+        if query is not None:
+            self._add_token_scores(result, query, batch, weight, train_dataset)
         return result
+
+    def _add_token_scores(
+        self, result: InfluenceResult, query: QueryTokens, batch: dict[str, torch.Tensor], weight: float,
+        train_dataset: Any,
+    ) -> None:  # fmt: skip
+        """Re-run the listed documents and split their scores over both sides' tokens."""
+        docs = result.documents + result.harmful
+        if not docs:
+            return
+        source = self._document_source(docs, train_dataset)
+        batching = Batching.for_tokenizer(self.tokenizer, self.batch_size, disable_progress=True)
+        found = document_tokens(self.computer, query, source, self.preconditioner, self.basis, batching=batching,
+                                normalisation=self.normalisation(query.vectors), weight=weight)  # fmt: skip
+        query_ids = batch["input_ids"][0].tolist()
+        labels = batch["labels"][0].tolist()
+        start = next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        query_pieces = token_pieces(self.tokenizer, query_ids)
+        for j, doc in enumerate(docs):
+            ids, scores, score, query_scores = found.ids[j], found.documents[j], found.scores[j], found.query[j]
+            if ids is None or scores is None or score is None or query_scores is None:
+                logger.warning("Document %d has no supervised tokens when re-run: no token scores for it.", doc.index)
+                continue
+            doc.token_scores = TokenScores(token_pieces(self.tokenizer, ids), ids, scores.tolist(), score)
+            doc.query_token_scores = TokenScores(query_pieces, query_ids, query_scores.tolist(), score, start)
+        _check_reruns(docs)
+
+    def _document_source(self, docs: list[InfluentialDocument], train_dataset: Any) -> ExampleSource:
+        """The listed documents as the pass saw them: rows of ``train_dataset`` (checked against the
+        cache's text), else the cache's text tokenized as the pass tokenizes text."""
+        if train_dataset is not None:
+            rows = [train_dataset[d.index] for d in docs]
+        elif any(d.text is None for d in docs):
+            raise ValueError(
+                "the cache holds no text for some listed documents, so they cannot be re-run for token scores: "
+                "pass train_dataset=... (the dataset the cache was built from)"
+            )
+        else:
+            rows = [{"text": d.text} for d in docs]
+        source = example_source(rows, self.tokenizer, self.config, self.model,
+                                all_columns=self.per_example_loss is not None)  # fmt: skip
+        if train_dataset is not None:
+            for j, doc in enumerate(docs):
+                text = source.example(j).get("text")
+                if doc.text is not None and text is not None and text != doc.text:
+                    raise ValueError(
+                        f"train_dataset[{doc.index}] is not the document the cache holds at index {doc.index} "
+                        f"({snippet(text, 40)!r} vs {snippet(doc.text, 40)!r}): pass the dataset the cache was built from"
+                    )
+        return source
+
+
+def _check_reruns(docs: list[InfluentialDocument]) -> None:
+    """Warn when a re-run document's score is far from its cached one: the storage dtype's rounding
+    is small (int8: ~1% of the largest scores), so a larger gap means the re-run saw other tokens than
+    the pass did (e.g. text re-tokenized differently, or labels the text does not carry)."""
+    scale = max(abs(d.score) for d in docs)
+    for doc in docs:
+        if doc.token_scores is not None and abs(doc.token_scores.score - doc.score) > 0.05 * scale:
+            logger.warning(
+                "Document %d scores %s when re-run but %s in the cache: the re-run's tokens differ from those "
+                "cached; pass train_dataset=... (the dataset the cache was built from) for exact token scores.",
+                doc.index, format_score(doc.token_scores.score), format_score(doc.score),
+            )  # fmt: skip
+
+
+def token_pieces(tokenizer: Any, ids: list[int], context: int = 8) -> list[str]:
+    """Each token as the text it adds to the decoded sequence (spaces and joined words right for
+    any tokenizer), decoded with up to ``context`` tokens before it; special tokens included."""
+    pieces = []
+    for t, token in enumerate(ids):
+        before = ids[max(0, t - context) : t]
+        head = tokenizer.decode(before, clean_up_tokenization_spaces=False) if before else ""
+        full = tokenizer.decode(before + [token], clean_up_tokenization_spaces=False)
+        pieces.append(full[len(head) :] if full.startswith(head) else tokenizer.decode([token]))
+    return pieces
 
 
 def _check_loss(cache: GradientCache, fn: PerExampleLoss | None) -> None:
@@ -290,10 +404,13 @@ def find_influential(
     cache: GradientCache | str | os.PathLike,
     k: int = 10,
     completion: str | None = None,
+    tokens: bool = False,
+    train_dataset: Any = None,
     **kwargs: Any,
 ) -> InfluenceResult:
     """One call from a prompt to its influential training documents (cache: object, path or Hub id).
 
+    ``tokens`` / ``train_dataset``: token scores, as in ``Attributor.find_influential``.
     ``kwargs``: the ``Attributor``'s (``check_model``, ``per_example_loss``, and the ``ScoringOptions``
     fields: ``preconditioner``, ``damping``, ``cosine``, ``search``, ...); the others go to
     ``model.generate`` when the completion is generated (``max_new_tokens=``, ...).
@@ -301,4 +418,5 @@ def find_influential(
     attributor_keys = {"check_model", "per_example_loss"} | {f.name for f in dataclasses.fields(ScoringOptions)}
     mine = {key: kwargs.pop(key) for key in list(kwargs) if key in attributor_keys}
     attributor = Attributor(model, tokenizer, cache, **mine)
-    return attributor.find_influential(prompt, k=k, completion=completion, **kwargs)
+    return attributor.find_influential(prompt, k=k, completion=completion, tokens=tokens,
+                                       train_dataset=train_dataset, **kwargs)  # fmt: skip

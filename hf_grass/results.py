@@ -6,6 +6,7 @@ the demo all use ``format_result``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from collections.abc import Mapping, Sequence
@@ -22,11 +23,37 @@ SCORE_LEGEND = (
 
 
 @dataclass
+class TokenScores:
+    """A score split over the tokens of a text (``find_influential(..., tokens=True)``):
+    ``scores[t]`` is the contribution of token ``tokens[t]``, and the contributions sum to ``score``.
+
+    A token's contribution is what flows through its position: its inputs to every attributed module
+    times the gradient arriving there, from its own next-token loss and every later one
+    (``hf_grass.scoring.tokens``). ``score`` is the document's score recomputed from re-running the
+    document and the query (float64); the cached score (``InfluentialDocument.score``) differs from it
+    by the rounding of the cache's storage dtype only.
+    """
+
+    tokens: list[str]  # each token as text, decoded in context (special tokens included)
+    ids: list[int]
+    scores: list[float]  # > 0 pushes the document's score up (helpful), < 0 down
+    score: float  # what they sum to
+    start: int = 0  # query tokens: where the completion begins (the tokens before are the prompt)
+
+    def top(self, n: int = 5) -> list[tuple[str, float]]:
+        """The ``n`` tokens of largest contribution in absolute value, largest first."""
+        order = sorted(range(len(self.scores)), key=lambda t: -abs(self.scores[t]))[:n]
+        return [(self.tokens[t], self.scores[t]) for t in order]
+
+
+@dataclass
 class InfluentialDocument:
     index: int  # dataset index of the training example
     score: float  # > 0 helpful (proponent), < 0 harmful (opponent)
     text: str | None
     id: Any = None
+    token_scores: TokenScores | None = None  # the score over the document's tokens (tokens=True)
+    query_token_scores: TokenScores | None = None  # the score over the query's tokens (tokens=True)
 
 
 @dataclass
@@ -45,9 +72,18 @@ class InfluenceResult:
         return {
             "prompt": self.prompt,
             "completion": self.completion,
-            "documents": [vars(d) for d in self.documents],
-            "harmful": [vars(d) for d in self.harmful],
+            "documents": [_document_dict(d) for d in self.documents],
+            "harmful": [_document_dict(d) for d in self.harmful],
         }
+
+
+def _document_dict(doc: InfluentialDocument) -> dict[str, Any]:
+    """A document as JSON-ready values; token scores only when they were asked for."""
+    out = dataclasses.asdict(doc)
+    for key in ("token_scores", "query_token_scores"):
+        if out[key] is None:
+            del out[key]
+    return out
 
 
 def ranked_result(

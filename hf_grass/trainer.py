@@ -80,6 +80,7 @@ class AttributionMixin(AttributionLookups):
             raise TypeError(f"grass_config must be a GraSSConfig, got {type(grass_config).__name__}")
         self.grass_config = grass_config or GraSSConfig()
         self.gradient_cache: GradientCache | None = None
+        self._cache_dataset: Any = None  # what build_gradient_cache built the cache from
 
     def build_gradient_cache(
         self, dataset: Any = None, cache_dir: str | os.PathLike | None = None, verify_existing: bool = False
@@ -107,7 +108,11 @@ class AttributionMixin(AttributionLookups):
             verify_existing=verify_existing,
             per_example_loss=self.per_example_loss,
         )
+        self._cache_dataset = dataset
         return self.gradient_cache
+
+    def _cached_dataset(self) -> Any:
+        return self._cache_dataset
 
     def _attributor(self, **kwargs: Any) -> Attributor:
         cache = self.gradient_cache

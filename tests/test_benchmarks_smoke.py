@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
 # gpu_suite's --dry-run runs in tests/test_gpu_suite.py
 TESTED = {"attribution_pass", "batched", "compress", "coverage", "during_pass", "gpu_kernels", "gpu_suite", "index",
-          "lds", "quality", "query", "real_model", "real_rows", "selection", "warmup_memory"}  # fmt: skip
+          "lds", "quality", "query", "real_model", "real_rows", "selection", "tokens", "warmup_memory"}  # fmt: skip
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -185,6 +185,14 @@ def test_real_model(tmp_path: Path) -> None:
     assert finite(report["speed"]["ratio"], report["speed"]["warmup_s"], report["speed"]["after_warmup_ratio"])
     assert set(report["facts"]) == {"queries", "exact", "bm25", "index+bm25", "bm25 alone"}
     assert all(0 <= report["facts"][s]["recall@1"] <= 1 for s in ("exact", "bm25", "index+bm25", "bm25 alone"))
+
+
+def test_tokens(tmp_path: Path) -> None:
+    report = smoke("tokens", tmp_path, "--html", str(tmp_path / "report.html"))  # a tiny untrained Llama
+    assert set(report["median_wall_s"]) == {"query_gradient", "plain", "tokens", "rerun_forward_backward"}
+    assert finite(report["ratio_to_query_gradient"], report["ratio_to_rerun_forward_backward"], *report["accuracy"].values())
+    assert report["accuracy"]["document_sum_rel_error"] < 1e-4 and report["accuracy"]["query_sum_rel_error"] < 1e-4
+    assert report["rerun"]["documents"] >= 1 and (tmp_path / "report.html").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: gpu_kernels times for real (a GPU check)")

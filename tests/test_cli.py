@@ -160,6 +160,35 @@ def test_query_table(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     assert f"Loading model {setup.model_dir}" in err  # the model recorded in the manifest
 
 
+def test_query_tokens_terminal_and_html(setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from html.parser import HTMLParser
+
+    fact = setup.facts[0]
+    report = tmp_path / "report.html"
+    code, out, err = run(
+        capsys, "query", "--cache", str(setup.cache), "--prompt", fact["prompt"],
+        "--completion", " " + fact["answer"], "-k", "2", "--tokens", "--html", str(report),
+    )  # fmt: skip
+    assert code == 0, err
+    # captured stdout is no terminal: the marked-up form, no colour codes
+    assert "Token scores of the most helpful documents" in out and "\x1b[" not in out
+    assert "  document: " in out and "  query:    " in out and "[+" in out and "strongest:" in out
+    assert f"Token attribution report written to {report}" in err
+    page = report.read_text(encoding="utf-8")
+    HTMLParser().feed(page)
+    assert page.startswith("<!DOCTYPE html>") and page.count('<article class="doc ') >= 2
+    code, out, err = run(
+        capsys, "query", "--cache", str(setup.cache), "--prompt", fact["prompt"],
+        "--completion", " " + fact["answer"], "-k", "2", "--tokens", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)[0]["documents"][0]
+    assert sum(doc["token_scores"]["scores"]) == pytest.approx(doc["token_scores"]["score"], rel=1e-4)
+    assert len(doc["query_token_scores"]["tokens"]) == len(doc["query_token_scores"]["scores"])
+    code, _, err = run(capsys, "query", "--cache", str(setup.cache), "--prompt", "p", "--html", str(tmp_path / "no" / "r.html"))
+    assert code == 2 and "does not exist" in err
+
+
 def test_index_then_query_with_it_or_without(
     setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

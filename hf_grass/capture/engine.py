@@ -52,6 +52,8 @@ class BatchGradients:
     cov_in: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_in, m_in] float64 sums
     cov_out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [m_out, m_out] float64 sums
     tokens: dict[str, int] = field(default_factory=dict)
+    # name -> per-token factors (x' [B, T, m_in], delta' [B, T, m_out]) when asked (CaptureRequest.token_factors)
+    token_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -247,10 +249,13 @@ class GradientComputer:
         comp = self.compressors[name]
         return comp.project_factor(factor_grad.to(comp.device)).to(factor_grad.device)  # type: ignore[attr-defined]
 
-    def project_rows(self, factor_grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``[B, row_dim]`` float32 rows from every module's factor-space gradients ``[B, m_out, m_in]``
-        (a module missing from ``factor_grads`` has zero gradient): each through its final projection
-        into its place in the row, summed.
+    def project_rows(
+        self, factor_grads: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """``[B, row_dim]`` rows in ``dtype`` from every module's factor-space gradients
+        ``[B, m_out, m_in]`` (a module missing from ``factor_grads`` has zero gradient): each through
+        its final projection into its place in the row, summed. Queries project in float64, so that
+        token scores (``scoring.tokens``) sum to exactly their score.
 
         The modules' SJLTs together are one SJLT of their concatenated factor spaces (each maps its
         own inputs into the row, at its offset), so they run as one: one kernel over all modules
@@ -259,19 +264,19 @@ class GradientComputer:
         batch, device = first.shape[0], first.device
         combined = self._combined_sjlt
         if combined is None:  # projections that are not SJLTs (logra), or modules on several devices
-            rows = torch.zeros(batch, self.row_dim, dtype=torch.float32, device=device)
+            rows = torch.zeros(batch, self.row_dim, dtype=dtype, device=device)
             for name, (start, stop) in self.offsets.items():
                 if name in factor_grads:  # never reached by the forward: zero gradient
-                    rows[:, start:stop] += self.project_factor(name, factor_grads[name].to(torch.float32))
+                    rows[:, start:stop] += self.project_factor(name, factor_grads[name].to(dtype))
             return rows
         parts = []
         for name in self.offsets:
             gp = factor_grads.get(name)
             comp = self.compressors[name]
             width = comp.m_out * comp.m_in  # type: ignore[attr-defined]
-            parts.append(gp.reshape(batch, width).to(torch.float32) if gp is not None else first.new_zeros(batch, width, dtype=torch.float32))
+            parts.append(gp.reshape(batch, width).to(dtype) if gp is not None else first.new_zeros(batch, width, dtype=dtype))
         flat = torch.cat(parts, dim=1).to(combined.device)
-        return kernels.sjlt_project(flat, combined).to(device, torch.float32)
+        return kernels.sjlt_project(flat, combined).to(device, dtype)
 
     @functools.cached_property
     def _combined_sjlt(self) -> SJLTMap | None:
@@ -398,6 +403,7 @@ class GradientComputer:
             cov_in=here(state.cov_in),
             cov_out=here(state.cov_out),
             tokens=state.tokens,
+            token_factors=state.token_factors,
         )
         batch_size = losses.shape[0]
         if request.rows:

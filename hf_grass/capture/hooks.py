@@ -63,6 +63,10 @@ class CaptureRequest:
     # keeps the rows exactly what compress() gives (e.g. the fused kernel) when G' is only needed
     # for the rows' norms
     rows_from_factors: bool = True
+    # the per-token factors themselves (x'_t, delta'_t) [B, T, m_in], [B, T, m_out] per module, of which
+    # factor_grads is the sum over tokens (with curvature_grads, a hashed module's are in curvature
+    # coordinates): token-level attribution (``hf_grass.scoring.tokens``), for a few examples at a time
+    token_factors: bool = False
 
 
 @dataclass
@@ -94,6 +98,7 @@ class CaptureState:
     cov_in: dict[str, torch.Tensor] = field(default_factory=dict)
     cov_out: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    token_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class GradientCapture:
@@ -229,17 +234,26 @@ class GradientCapture:
         if request.full_covariances is not None:
             request.full_covariances.add(target.name, x3, d3, token_mask)
         factor_grad = None
-        if request.factor_grads or request.covariances or request.curvature_grads:
+        if request.factor_grads or request.covariances or request.curvature_grads or request.token_factors:
             if not isinstance(compressor, FactorisedCompressor):
-                raise TypeError(f"{compressor.name} has no factor space (needed for kfac/ekfac)")
+                raise TypeError(f"{compressor.name} has no factor space (needed for kfac/ekfac and token scores)")
+            # per-token factors are kept in the space of the module's gradient: curvature coordinates
+            # where a hashed side's are asked for, else the factor space
+            tokens_pending = request.token_factors
             if request.curvature_grads and getattr(compressor, "hashed", False):
-                curvature = compressor.curvature_gradient(x3, d3)  # type: ignore[attr-defined]
+                xc, dc = compressor.curvature_factors(x3, d3)  # type: ignore[attr-defined]
+                if tokens_pending:
+                    _accumulate_tokens(state.token_factors, target.name, xc, dc)
+                    tokens_pending = False
+                curvature = torch.bmm(dc.transpose(1, 2), xc)
                 _accumulate(state.curvature_grads, target.name, curvature)
                 if request.factor_grads:  # the factor space from it: no second pass over the tokens
                     factor_grad = compressor.to_factor_space(curvature)  # type: ignore[attr-defined]
                     _accumulate(state.factor_grads, target.name, factor_grad)
-            if (request.factor_grads and factor_grad is None) or request.covariances:
+            if (request.factor_grads and factor_grad is None) or request.covariances or tokens_pending:
                 xs, ds = compressor.factors(x3, d3)
+                if tokens_pending:
+                    _accumulate_tokens(state.token_factors, target.name, xs, ds)
                 if request.covariances:
                     self._add_covariances(target.name, xs, ds, token_mask)
                 if request.factor_grads and factor_grad is None:
@@ -266,6 +280,16 @@ class GradientCapture:
         _accumulate(self.state.cov_in, name, (xs.T @ xs).to(torch.float64))
         _accumulate(self.state.cov_out, name, (ds.T @ ds).to(torch.float64))
         self.state.tokens[name] = self.state.tokens.get(name, 0) + xs.shape[0]
+
+
+def _accumulate_tokens(
+    store: dict[str, tuple[torch.Tensor, torch.Tensor]], key: str, xs: torch.Tensor, ds: torch.Tensor
+) -> None:
+    """A module called several times per forward has one (x', delta') pair per call and token: its
+    calls are concatenated along the token axis (the gradient sums over both)."""
+    if key in store:
+        xs, ds = torch.cat([store[key][0], xs], dim=1), torch.cat([store[key][1], ds], dim=1)
+    store[key] = (xs, ds)
 
 
 def _accumulate(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from hf_grass.cli.common import EXIT_OK, UsageError, check_output_file, existing_file, positive_int, status
+from hf_grass.cli.highlight import format_token_result, write_html
 from hf_grass.cli.loaders import add_model_arguments, model_from_args, open_cache_arg, read_jsonl
 from hf_grass.cli.plots import matplotlib_classes, plot_scores
 from hf_grass.config import PRECONDITIONERS
@@ -58,6 +60,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     """Top-k helpful and harmful training documents for each prompt, as tables or JSON."""
     pairs = read_prompts(args)
     plot_path = check_output_file(args.plot, "--plot") if args.plot else None
+    html_path = check_output_file(args.html, "--html") if args.html else None
     if plot_path is not None:
         matplotlib_classes()  # fail now, not after the work
     if args.damping is not None and (not math.isfinite(args.damping) or args.damping < 0):
@@ -89,13 +92,16 @@ def cmd_query(args: argparse.Namespace) -> int:
         # generation options only where the completion is generated (given, they would do nothing)
         generation = {"max_new_tokens": args.max_new_tokens} if completion is None else {}
         result = attributor.find_influential(
-            prompt, k=args.k, completion=completion, all_scores=plot_path is not None, **generation
-        )
+            prompt, k=args.k, completion=completion, all_scores=plot_path is not None,
+            tokens=args.tokens or html_path is not None, **generation,
+        )  # fmt: skip
         results.append(result)
         if result.scores is not None:
             panels.append((result, result.scores))
         if not args.json:
             print(format_result(result) + "\n")
+            if args.tokens:  # colours only for a terminal; a pipe or a log gets the marked-up form
+                print(format_token_result(result, color=sys.stdout.isatty()) + "\n")
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
     else:
@@ -103,6 +109,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     if plot_path is not None:
         plot_scores(plot_path, panels)
         status(f"Score distribution plotted to {plot_path}")
+    if html_path is not None:
+        write_html(html_path, results)
+        status(f"Token attribution report written to {html_path}")
     return EXIT_OK
 
 
@@ -120,6 +129,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     g = p.add_argument_group("output")
     g.add_argument("-k", type=positive_int, default=10, help="documents per list (default: 10)")
     g.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+    g.add_argument(
+        "--tokens",
+        action="store_true",
+        help="also split each listed document's score over its tokens and the query's (re-runs those "
+        "documents; nothing is cached): highlighted in a terminal, marked up otherwise, in --json as token_scores",
+    )
+    g.add_argument(
+        "--html",
+        metavar="FILE",
+        help="write a self-contained HTML report of the prompts, completions and documents with their tokens "
+        "shaded by contribution (implies the token scores of --tokens)",
+    )
     g.add_argument(
         "--plot",
         metavar="PATH",

@@ -43,13 +43,7 @@ def query_vectors(
     whitened factor space ``||K^-1/2 g'||`` (``K``: the build-time K-FAC at the build damping; the
     gradient norm for caches without whitening), whatever the query's preconditioner and damping.
     """
-    in_factors = preconditioner.acts_on == "factors" or basis is not None
-    factorised = all(c.factorised for c in computer.compressors.values())
-    request = CaptureRequest(
-        rows=not in_factors,
-        factor_grads=in_factors or factorised,
-        curvature_grads=basis is not None and basis.has_hashed_sides,
-    )
+    request = query_request(computer, preconditioner, basis)
     out, norms = [], []
     with computer.session():
         for batch in batches:
@@ -57,19 +51,64 @@ def query_vectors(
                 grads = computer.compute(batch, request)
             except NonFiniteError as err:
                 raise ValueError(f"non-finite {err.what} for query rows {err.rows} of this batch") from None
-            if in_factors:
-                rows, pre_sq = _from_factors(computer, grads, preconditioner, basis)
-                raw_sq = gradient_norm_sq(grads)
-            else:
-                assert grads.rows is not None
-                rows = preconditioner.precondition_rows(grads.rows, computer.offsets)
-                raw_sq = gradient_norm_sq(grads) if grads.factor_grads else grads.rows.double().square().sum(1)
-                pre_sq = raw_sq  # rows stored raw: no whitening to measure them in
+            rows, raw_sq, pre_sq = query_rows(computer, grads, preconditioner, basis)
             out.append(rows.float().cpu())
             norms.append(torch.stack([raw_sq.sqrt(), pre_sq.clamp(min=0).sqrt()], dim=1).float().cpu())
     if not out:
         return QueryVectors(torch.empty(0, computer.row_dim), torch.empty(0, 2))
     return QueryVectors(torch.cat(out), torch.cat(norms))
+
+
+def in_factor_space(preconditioner: Preconditioner, basis: Eigenbasis | None) -> bool:
+    """Whether queries are preconditioned in the factor space (K-FAC caches) rather than as rows."""
+    return preconditioner.acts_on == "factors" or basis is not None
+
+
+def query_request(
+    computer: GradientComputer, preconditioner: Preconditioner, basis: Eigenbasis | None
+) -> CaptureRequest:
+    """What the hooks capture for query vectors."""
+    in_factors = in_factor_space(preconditioner, basis)
+    factorised = all(c.factorised for c in computer.compressors.values())
+    return CaptureRequest(
+        rows=not in_factors,
+        factor_grads=in_factors or factorised,
+        curvature_grads=basis is not None and basis.has_hashed_sides,
+    )
+
+
+def query_rows(
+    computer: GradientComputer, grads: BatchGradients, preconditioner: Preconditioner, basis: Eigenbasis | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows [n, dim] float64, squared gradient norms [n], squared preconditioned norms [n])`` of
+    one batch's captured gradients (see ``query_vectors``)."""
+    if in_factor_space(preconditioner, basis):
+        rows, pre_sq = _from_factors(computer, grads, preconditioner, basis)
+        return rows, gradient_norm_sq(grads), pre_sq
+    assert grads.rows is not None
+    rows = preconditioner.precondition_rows(grads.rows, computer.offsets)
+    raw_sq = gradient_norm_sq(grads) if grads.factor_grads else grads.rows.double().square().sum(1)
+    return rows, raw_sq, raw_sq  # rows stored raw: no whitening to measure them in
+
+
+def preconditioned_factor(
+    computer: GradientComputer,
+    name: str,
+    grad: torch.Tensor,
+    preconditioner: Preconditioner,
+    basis: Eigenbasis | None,
+    curvature: bool = False,
+) -> torch.Tensor:
+    """Module ``name``'s query side before the final projection, float64: ``H^-1`` of its factor
+    gradient ``grad`` (``curvature``: a hashed module's gradient in curvature coordinates, hashed
+    after preconditioning, with the query's weights), then into the cache's whitened basis. Linear
+    in ``grad``."""
+    pre = preconditioner.apply(name, grad)
+    if curvature:
+        pre = computer.compressors[name].to_factor_space(pre, query=True)  # type: ignore[attr-defined]
+    if basis is not None:
+        pre = basis.whiten_query(name, basis.rotate(name, pre))
+    return pre
 
 
 def _from_factors(
@@ -87,14 +126,12 @@ def _from_factors(
         comp = computer.compressors[name]
         assert isinstance(comp, FactorisedCompressor)
         gp = factor_grads[name]
-        pre = preconditioner.apply(name, curvature.get(name, gp))
-        if name in curvature:  # a hashed side: hash after preconditioning, with the query's weights
-            pre = comp.to_factor_space(pre, query=True)  # type: ignore[attr-defined]
+        pre = preconditioned_factor(computer, name, curvature.get(name, gp), preconditioner, basis, name in curvature)
         if basis is not None:
-            pre = basis.whiten_query(name, basis.rotate(name, pre))
             pre_sq += basis.whitened_norm_sq(name, basis.rotate(name, gp))
         else:
             pre_sq += gp.double().square().flatten(1).sum(1)
         projected[name] = pre
-    rows = computer.project_rows(projected).double()
+    # projected in float64, so that token scores (``scoring.tokens``) sum to exactly this score
+    rows = computer.project_rows(projected, torch.float64)
     return rows, pre_sq
