@@ -7,10 +7,12 @@ kronfluence is optional (``pip install --no-deps kronfluence einops einconv opt-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -73,17 +75,31 @@ def _linear_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def kronfluence_scores(
-    bench: SimpleNamespace, damping: float | None = 1e-8, strategy: str = "ekfac", batch_size: int = 16
-) -> torch.Tensor:
-    """kronfluence's pairwise scores ``[n_query, n_train]`` (its default: true Fisher, EK-FAC,
-    damping 1e-8), every Linear/Conv1D module with weights and biases, lm_head included."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-    from kronfluence.utils.dataset import DataLoaderKwargs
+@dataclass
+class KronfluenceSettings:
+    """How to run kronfluence (its defaults: true Fisher, EK-FAC, damping 1e-8, every module).
 
-    lm = bench.name != "digits_mlp"
+    ``dampings``: one score pass each (``None``: kronfluence's heuristic, 0.1 x each module's mean
+    eigenvalue); ``tracked_modules``: module names (``None``: every Linear/Conv1D);
+    ``factor_args``: further ``FactorArguments`` fields; ``output_dir``: keep factors and scores there
+    (default: a temporary folder).
+    """
+
+    dampings: tuple[float | None, ...] = (1e-8,)
+    strategy: str = "ekfac"
+    empirical_fisher: bool = False
+    tracked_modules: list[str] | None = None
+    factor_args: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 16
+    query_batch_size: int | None = None
+    lm: bool = True
+    output_dir: str | None = None
+
+
+def kronfluence_task(lm: bool, tracked_modules: list[str] | None = None) -> Any:
+    """kronfluence's ``Task``: the summed token cross-entropy of a causal LM (labels shifted, -100
+    ignored; ``sample``: labels drawn from the model, the true Fisher), or of a classifier."""
+    from kronfluence.task import Task
 
     class _Task(Task):
         def _losses(self, batch: dict[str, torch.Tensor], model: nn.Module, sample: bool) -> torch.Tensor:
@@ -108,27 +124,57 @@ def kronfluence_scores(
         def get_attention_mask(self, batch: Any) -> torch.Tensor | None:
             return batch.get("attention_mask") if lm else None
 
-    task = _Task()
-    model = prepare_model(_linear_model(bench.model).eval(), task)
-    with tempfile.TemporaryDirectory(prefix="kronfluence_") as out:
-        analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=out)
-        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=bench.collate))
+        def get_influence_tracked_modules(self) -> list[str] | None:
+            return tracked_modules
+
+    return _Task()
+
+
+def kronfluence_run(
+    model: nn.Module, train: Any, queries: Any, collate: Any, settings: KronfluenceSettings
+) -> dict[float | None, torch.Tensor]:
+    """kronfluence's pairwise scores ``[n_query, n_train]`` (positive = helpful, hf_grass's sign),
+    one matrix per damping of ``settings``, from one factor fit."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    task = kronfluence_task(settings.lm, settings.tracked_modules)
+    prepared = prepare_model(_linear_model(model).eval(), task)
+    out: dict[float | None, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        folder = settings.output_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="kronfluence_"))
+        analyzer = Analyzer("bench", model=prepared, task=task, cpu=True, disable_tqdm=True, output_dir=folder)
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate))
+        factor_args = FactorArguments(
+            strategy=settings.strategy, use_empirical_fisher=settings.empirical_fisher, **settings.factor_args
+        )
         analyzer.fit_all_factors(
-            "factors",
-            dataset=bench.train,
-            per_device_batch_size=batch_size,
-            factor_args=FactorArguments(strategy=strategy),
+            "factors", dataset=train, per_device_batch_size=settings.batch_size, factor_args=factor_args,
             overwrite_output_dir=True,
-        )
-        analyzer.compute_pairwise_scores(
-            "scores",
-            factors_name="factors",
-            query_dataset=bench.test,
-            train_dataset=bench.train,
-            per_device_query_batch_size=batch_size,
-            per_device_train_batch_size=batch_size,
-            score_args=ScoreArguments(damping_factor=damping),
-            overwrite_output_dir=True,
-        )
-        scores = analyzer.load_pairwise_scores("scores")["all_modules"]
-    return torch.as_tensor(np.asarray(scores), dtype=torch.float64)
+        )  # fmt: skip
+        for i, damping in enumerate(settings.dampings):
+            analyzer.compute_pairwise_scores(
+                f"scores_{i}",
+                factors_name="factors",
+                query_dataset=queries,
+                train_dataset=train,
+                per_device_query_batch_size=settings.query_batch_size or settings.batch_size,
+                per_device_train_batch_size=settings.batch_size,
+                score_args=ScoreArguments(damping_factor=damping),
+                overwrite_output_dir=True,
+            )
+            scores = analyzer.load_pairwise_scores(f"scores_{i}")["all_modules"]
+            out[damping] = torch.as_tensor(np.asarray(scores), dtype=torch.float64)
+    return out
+
+
+def kronfluence_scores(
+    bench: SimpleNamespace, damping: float | None = 1e-8, strategy: str = "ekfac", batch_size: int = 16
+) -> torch.Tensor:
+    """kronfluence's pairwise scores ``[n_query, n_train]`` (its default: true Fisher, EK-FAC,
+    damping 1e-8), every Linear/Conv1D module with weights and biases, lm_head included."""
+    settings = KronfluenceSettings(
+        dampings=(damping,), strategy=strategy, batch_size=batch_size, lm=bench.name != "digits_mlp"
+    )
+    return kronfluence_run(bench.model, bench.train, bench.test, bench.collate, settings)[damping]
