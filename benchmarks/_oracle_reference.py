@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hf_grass.capture.loss import per_example_loss
+from hf_grass.compressors.factor_maps import EigenMap
 
 
 @dataclass
@@ -117,10 +118,12 @@ def diagnose(parts: Parts, cache: Any, kron_dir: Path, damping: float) -> dict[s
       library's own eigenbasis* (so a rotation within a degenerate eigenspace is no difference);
     - damping: each library's absolute damping against ``damping * mean(L)``.
     """
-    from hf_grass.precondition.preconditioner import Preconditioner
+    from hf_grass.scoring.preconditioning import cache_eigenbasis, fitted_preconditioner
 
-    basis = cache.eigenbasis()
-    pre = Preconditioner.fit(cache, "ekfac", damping)
+    basis = cache_eigenbasis(cache)
+    if basis is None or not basis.eigen_masks:
+        raise RuntimeError("the diagnosis reads a cache whose masks are taken in the warm-up eigenbasis")
+    pre = fitted_preconditioner(cache, "ekfac", damping)
     kron = _kronfluence_factors(kron_dir)
     out: dict[str, Any] = {}
     worst: dict[str, float] = {}
@@ -131,18 +134,21 @@ def diagnose(parts: Parts, cache: Any, kron_dir: Path, damping: float) -> dict[s
     for name in parts.modules:
         ev_in = torch.linalg.eigvalsh(parts.cov_in[name])
         ev_out = torch.linalg.eigvalsh(parts.cov_out[name])
+        mod = basis.modules[name]
+        if not (isinstance(mod.map_in, EigenMap) and isinstance(mod.map_out, EigenMap)) or mod.eig_in is None \
+                or mod.eig_out is None:  # fmt: skip
+            raise RuntimeError(f"{name}: the diagnosis needs both sides as kept eigen-directions (no hashed side)")
         # hf_grass: eigen-directions kept in the mask's order; sort them to compare spectra
-        g_in = basis[f"{name}::eig_in"].double().sort().values
-        g_out = basis[f"{name}::eig_out"].double().sort().values
-        note("hf_grass cov_in spectrum rel err", _rel(g_in, ev_in))
-        note("hf_grass cov_out spectrum rel err", _rel(g_out, ev_out))
-        b_in = basis[f"{name}::basis_in"].double()
-        b_out = basis[f"{name}::basis_out"].double()
-        scale = float(basis[f"{name}::scale"].prod())
+        note("hf_grass cov_in spectrum rel err", _rel(mod.eig_in.sort().values, ev_in))
+        note("hf_grass cov_out spectrum rel err", _rel(mod.eig_out.sort().values, ev_out))
+        # the kept eigenvectors without the masks' scale: the corrected eigenvalues are of the unscaled
+        # coordinates (``EKFAC.fit`` divides the scale out)
+        b_in = mod.map_in.vectors.double()
+        b_out = mod.map_out.vectors.double()
         lam_grass = pre.factors[name]["eig"].double()
         lam_brute = (b_out.T @ parts.train[name] @ b_in).square().mean(0)
         note("hf_grass corrected eigenvalues rel err (own basis)", _rel(lam_grass, lam_brute))
-        note("hf_grass mask scale - 1", abs(scale - 1.0))
+        note("hf_grass mask scale - 1", abs(mod.scale - 1.0))
         if kron is not None and name in kron["lambda_matrix"]:
             k_in = kron["activation_eigenvectors"][name].double()
             k_out = kron["gradient_eigenvectors"][name].double()
