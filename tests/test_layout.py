@@ -42,9 +42,11 @@ STAGES = [
     ["hf_grass.evaluation"],
     ["hf_grass"],  # the front door: lazy public names
 ]
-# storage only: the cache knows nothing of capture, the pass, preconditioning, scoring or data
+# storage only: the cache knows nothing of capture, the pass, preconditioning, scoring or data (the
+# kernels are pure tensor maps: the index's projection of wide rows is a sparse JL map)
 CACHE_MAY_IMPORT = (
     "hf_grass.cache",
+    "hf_grass.kernels",
     "hf_grass.config",
     "hf_grass.seeding",
     "hf_grass.distributed",

@@ -33,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 from hf_grass.capture import embedding, experts
 from hf_grass.capture.targets import TargetModule
 from hf_grass.compressors.base import Compressor, FactorisedCompressor
-from hf_grass.kernels.onehot import OneHot
+from hf_grass.kernels.onehot import OneHot, factor_product
 from hf_grass.precondition.warmup import WarmupCovariances
 
 
@@ -242,10 +242,10 @@ class GradientCapture:
             tokens_pending = request.token_factors
             if request.curvature_grads and getattr(compressor, "hashed", False):
                 xc, dc = compressor.curvature_factors(x3, d3)  # type: ignore[attr-defined]
-                if tokens_pending:
-                    _accumulate_tokens(state.token_factors, target.name, xc, dc)
+                if tokens_pending:  # per-token factors are explicit rows (a one-hot side made dense)
+                    _accumulate_tokens(state.token_factors, target.name, _dense(xc), _dense(dc))
                     tokens_pending = False
-                curvature = torch.bmm(dc.transpose(1, 2), xc)
+                curvature = factor_product(xc, dc)
                 _accumulate(state.curvature_grads, target.name, curvature)
                 if request.factor_grads:  # the factor space from it: no second pass over the tokens
                     factor_grad = compressor.to_factor_space(curvature)  # type: ignore[attr-defined]
@@ -297,3 +297,7 @@ def _accumulate(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -
         store[key] = store[key] + value
     else:
         store[key] = value
+
+
+def _dense(t: torch.Tensor | OneHot) -> torch.Tensor:
+    return t.dense() if isinstance(t, OneHot) else t

@@ -35,7 +35,7 @@ from hf_grass.compressors.base import (
 from hf_grass.compressors.factor_maps import FactorMap, HashMap
 from hf_grass.compressors.sjlt import check_sjlt_settings, make_sjlt
 from hf_grass.kernels import SJLTMap
-from hf_grass.kernels.onehot import OneHot
+from hf_grass.kernels.onehot import OneHot, factor_product
 from hf_grass.kernels.reference import accumulation_dtype, gather_columns, projection_dtype, take_columns
 from hf_grass.seeding import sample_without_replacement
 
@@ -158,12 +158,7 @@ class FactGraSSCompressor(FactorisedCompressor):
         """``sum_t delta^c_t x^c_t^T`` of ``curvature_factors`` -> ``[B, c_out, c_in]`` in the
         accumulation dtype (the product in ``projection_dtype``)."""
         xs, ds = self.curvature_factors(x, delta)
-        acc = accumulation_dtype(x, delta)
-        if isinstance(xs, OneHot):  # an embedding's vocabulary side: an index_add of the tokens
-            return xs.outer_sum(ds).transpose(1, 2).to(acc)
-        if isinstance(ds, OneHot):
-            return ds.outer_sum(xs).to(acc)
-        return torch.bmm(ds.transpose(1, 2), xs).to(acc)
+        return factor_product(xs, ds).to(accumulation_dtype(x, delta))
 
     def to_factor_space(self, gp: torch.Tensor, query: bool = False) -> torch.Tensor:
         """Curvature-space gradients ``[B, c_out, c_in]`` -> factor space ``[B, m_out, m_in]``: each

@@ -101,3 +101,13 @@ class OneHot:
         """``[width]`` float64 token counts: the diagonal of ``sum_t e_t e_t^T`` (zero rows left out)."""
         ids = self.select(mask)
         return torch.bincount(ids[ids >= 0], minlength=self.width).to(torch.float64)
+
+
+def factor_product(xs: torch.Tensor | OneHot, ds: torch.Tensor | OneHot) -> torch.Tensor:
+    """``sum_t ds_t xs_t^T`` per example -> ``[B, c_out, c_in]``; a one-hot side (an embedding's
+    vocabulary side, kept one-hot in curvature coordinates) is an ``index_add`` of the tokens."""
+    if isinstance(xs, OneHot):
+        return xs.outer_sum(ds).transpose(1, 2)  # type: ignore[arg-type]
+    if isinstance(ds, OneHot):
+        return ds.outer_sum(xs)
+    return torch.bmm(ds.transpose(1, 2), xs)
