@@ -14,7 +14,7 @@ them into an ``Eigenbasis``.
   model of their size).
 - ``fit_eigen_masks``: per module and side, the mask's eigen-directions of the full covariance (or a
   whitened hash of a diagonal side) and the K-FAC eigenvalues, eigendecomposed on the sums' device,
-  once per distinct input.
+  once per distinct sum (an input read by several modules, a side pooled over experts).
 - ``fit_masked_basis``: masks in the module's own coordinates (``mask_basis="input"``): the
   eigenvectors of the masked factor covariances that the pass's statistics hold.
 
