@@ -18,7 +18,8 @@ It runs in a fresh subprocess (``--child``), which:
 The warm-up's measured cost is its peak minus the baseline; the model predicts it as the sums plus
 the larger of a hook's temporaries and the fit's, plus the eigenbasis (held twice while it is
 written and read back). ``--model-only`` prints the model's tables for Llama-3.1-8B and SmolLM2-135M
-shapes (no run).
+shapes, and the warm-up of OLMoE-1B-7B, Mixtral-8x7B and Qwen3-30B-A3B shapes before and after the
+experts' pooled sums and byte budget (no run).
 
     python -m benchmarks.warmup_memory --json-out warmup_memory.json
     python -m benchmarks.warmup_memory --model-only
@@ -40,13 +41,18 @@ from typing import Any
 from benchmarks._common import REPO_ROOT, cpu_name, emit_report, parse_with_smoke
 from benchmarks._memory_model import (
     LLAMA_8B,
+    MIXTRAL_8X7B,
+    OLMOE_1B_7B,
+    QWEN3_30B_A3B,
     SMOLLM2,
     WIDE_CPU,
     LlamaShape,
+    apply_budget,
     fmt,
     hook_inputs_per_token,
     llama_linears,
     main_pass_bytes,
+    moe_linears,
     warmup_bytes,
 )
 
@@ -271,7 +277,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_tables(batch: int, seq: int) -> dict[str, Any]:
-    """The memory model's numbers for Llama-3.1-8B and SmolLM2-135M shapes (bf16 weights)."""
+    """The memory model's numbers for Llama-3.1-8B and SmolLM2-135M shapes (bf16 weights), and the
+    warm-up of MoE shapes before and after the experts' pooled sums and byte budget."""
     out = {}
     for shape in (LLAMA_8B, SMOLLM2):
         linears = llama_linears(shape)
@@ -291,6 +298,21 @@ def model_tables(batch: int, seq: int) -> dict[str, Any]:
         for part, terms in (("warm-up", warm), ("main pass", main)):
             print(f"  {part}: " + ", ".join(f"{k} {fmt(v)}" for k, v in terms.items()))
         print(f"  hook-saved inputs: {fmt(hook_inputs_per_token(linears, 2))} per token")
+    for moe in (OLMOE_1B_7B, MIXTRAL_8X7B, QWEN3_30B_A3B):
+        # before: every expert its own sums (the library until the experts' pools); pooled: one sum
+        # per layer of the experts' up inputs and down outputs; after: pooled, and the byte budget
+        steps = {"before": moe_linears(moe, pooled=False), "pooled": moe_linears(moe)}
+        steps["after"] = apply_budget(steps["pooled"])
+        warm = {k: warmup_bytes(v, batch * seq, act_bytes=2) for k, v in steps.items()}
+        hashed = sorted({f"{lin.family} {'inputs' if lin.hashed_in else 'outputs'}" for lin in steps["after"]
+                         if lin.hashed_in or lin.hashed_out})  # fmt: skip
+        out[moe.name] = {"params": moe.params, "weights_bf16": 2 * moe.params, "warmup": warm,
+                         "budget_hashed": hashed, "batch": batch, "seq": seq}  # fmt: skip
+        print(f"{moe.name} ({moe.params / 1e9:.2f} B parameters, {moe.experts} experts of {moe.expert_intermediate}, "
+              f"top {moe.top_k}), warm-up sums: before {fmt(warm['before']['sums'])}, experts pooled "
+              f"{fmt(warm['pooled']['sums'])}, with the budget {fmt(warm['after']['sums'])} "
+              f"(hashed for the budget: {', '.join(hashed) or 'nothing'})")  # fmt: skip
+        print("  after: " + ", ".join(f"{k} {fmt(v)}" for k, v in warm["after"].items()))
     return out
 
 

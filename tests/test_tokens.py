@@ -12,6 +12,7 @@ are the per-token scores. The library never builds a per-token row.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,8 +40,8 @@ class NarrowWarmup(WarmupCovariances):
     """Sides wider than 36 (the tiny Llama's 40-word lm_head output, its 48-wide MLP) are hashed, as a
     real model's vocabulary is (``FULL_COVARIANCE_MAX_WIDTH``)."""
 
-    def __init__(self, widths: dict, device: torch.device | str = "cpu"):
-        super().__init__(widths, device, max_width=36)
+    def __init__(self, widths: dict, device: torch.device | str = "cpu", **kwargs: Any) -> None:
+        super().__init__(widths, device, max_width=36, **kwargs)
 
 
 def per_token_gradients(model, targets, ids: list[int], labels: list[int]) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from hf_grass.cache.files import CacheError, mmap_tensors, save_tensors, sha256_
 from hf_grass.cache.manifest import common_prefix
 from hf_grass.cache.writer import CacheWriter, ShardContent, num_shards
 from hf_grass.capture.engine import GradientComputer
+from hf_grass.capture.experts import warmup_pools
 from hf_grass.capture.fingerprint import model_fingerprint
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import loss_name
@@ -225,7 +226,11 @@ class AttributionPass(BatchRunner):
         sample = list(range(n))
         sums: WarmupCovariances | StatsAccumulator
         if self.config.mask_basis == "eigen":  # covariances of the full factor spaces
-            sums = WarmupCovariances(module_widths(self.computer.compressors), self.computer.device)
+            widths, targets = module_widths(self.computer.compressors), self.computer.targets
+            sums = WarmupCovariances(widths, self.computer.device, pools=warmup_pools(targets))
+            fallback = sums.fallback_line()
+            if fallback is not None and self.dist.rank == 0:
+                logger.warning("Gradient cache %s: %s.", self.cache_dir, fallback)
             request = CaptureRequest(rows=False, full_covariances=sums)
         else:  # covariances of the masked factors
             sums = StatsAccumulator(self.specs, frozenset({"covariances"}), device=self.computer.device)

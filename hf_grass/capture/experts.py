@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hf_grass.capture.target_module import TargetModule
+from hf_grass.precondition.warmup import PooledSides
 
 # the implementations whose math the recomputation follows (transformers.integrations.moe); the others
 # (deepgemm, sonicmoe, fp8 kernels, user-registered ones) are refused rather than assumed equal
@@ -114,6 +115,33 @@ def describe_experts(name: str, module: nn.Module) -> list[TargetModule]:
                 )  # fmt: skip
             )
     return targets
+
+
+def warmup_pools(targets: list[TargetModule]) -> dict[str, PooledSides]:
+    """The warm-up sums the experts of one layer share (``precondition.warmup.WarmupCovariances``).
+
+    Every expert's up (or gate_up) weight reads the layer's hidden states, and every expert's down
+    weight writes the layer's output, so its output gradient is the layer's (times the token's
+    routing weight): those sides are the same space for all experts of a layer. Their sums are
+    pooled over the experts' routed tokens, one per layer and side: 64 experts of OLMoE then hold
+    one 2048-wide input sum, not 64 (each a float64 2048 x 2048 matrix, 34 MB). The pooled sum is
+    also the better estimate: with ``warmup_tokens`` = 8192 and 8 of 64 experts per token, an
+    expert sees about 1024 tokens, fewer than its 2048 input coordinates, while the pool sees all
+    8192 tokens (8 times each, through their 8 experts). Each expert keeps its own token count (the
+    fit scales its factors with it) and its own mask of the pooled eigenbasis, so its gradient stays
+    an unbiased subsample. The other sides (the up weight's output, the down weight's input) are the
+    expert's own intermediate space and keep their own sums.
+    """
+    pools = {}
+    for t in targets:
+        if t.kind != "expert":
+            continue
+        layer = t.name.rsplit(".", 2)[0]
+        shared = f"{layer}.*.{t.parameter}"  # "*": no module is named so, so the key names no module
+        down = t.parameter == "down_proj"
+        family = f"experts' {t.parameter}"
+        pools[t.name] = PooledSides(None if down else shared, shared if down else None, family)
+    return pools
 
 
 def is_router(module: nn.Module) -> bool:

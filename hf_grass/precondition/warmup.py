@@ -5,12 +5,16 @@ them into an ``Eigenbasis``.
   sample's real tokens in each module's *full* input and output spaces (``mask_basis="eigen"``). The
   capture hooks add each batch into them as the backward runs, so no batch's matrices are held, and
   modules that read the same input (q/k/v, gate/up) share ONE input sum: the first of them to see a
-  batch computes its covariance, the others point to it. A side wider than ``max_width`` keeps its
-  diagonal. The sums live on the model's device (float64), so a GPU model keeps host memory free
-  (docs/howto/memory.md has the model of their size).
+  batch computes its covariance, the others point to it. The experts of one MoE layer pool the sides
+  that live in the layer's own space (``PooledSides``): one sum of their inputs (the hidden states)
+  and one of their down weights' output gradients, per layer, not per expert. A side wider than
+  ``max_width`` keeps its diagonal, and so do the experts' own sides, whole families of them
+  largest first, where they would take the sums past ``WARMUP_MAX_BYTES``. The sums live on the
+  model's device (float64), so a GPU model keeps host memory free (docs/howto/memory.md has the
+  model of their size).
 - ``fit_eigen_masks``: per module and side, the mask's eigen-directions of the full covariance (or a
   whitened hash of a diagonal side) and the K-FAC eigenvalues, eigendecomposed on the sums' device,
-  once per distinct input.
+  once per distinct sum (an input read by several modules, a side pooled over experts).
 - ``fit_masked_basis``: masks in the module's own coordinates (``mask_basis="input"``): the
   eigenvectors of the masked factor covariances that the pass's statistics hold.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -35,6 +40,30 @@ from hf_grass.precondition.statistics import ModuleSpec, Statistics
 # width^3) costs more than it is worth: e.g. a 49k-word lm_head output, or a 14k-wide MLP of a 7B
 # model. Its diagonal is kept instead, and the side is hashed.
 FULL_COVARIANCE_MAX_WIDTH = 8192
+
+# The experts' own sides (``PooledSides``) keep full sums only while all the sums, counted before the
+# warm-up, stay within this many bytes: the 32 GB of host memory that issue 18 allows the warm-up of
+# an 8B model (whose dense sums, 26.5 GB, fit under it). Past it, whole families of expert sides (one
+# weight's side in every expert of every layer) keep their diagonal and are hashed, the largest family
+# first: every expert is treated alike, and an expert's own side is the one a full sum buys least for,
+# since it sees about top_k / experts of the sample's tokens. Dense and pooled sides are never
+# demoted, so a dense model's warm-up is what it was (docs/howto/memory.md).
+WARMUP_MAX_BYTES = 32 * 10**9
+
+
+@dataclass(frozen=True)
+class PooledSides:
+    """How one expert's warm-up sums are kept (``capture.experts.warmup_pools``).
+
+    ``input`` / ``output``: the key of the sum this side adds to, shared with the other experts of its
+    layer (the side lives in the layer's own space: its hidden states, or its output's gradient), or
+    None for a side of the expert's own (its intermediate space). ``family`` names the experts alike
+    (one weight, in every layer): their own sides keep full sums, or fall back to diagonals, together.
+    """
+
+    input: str | None
+    output: str | None
+    family: str
 
 
 class MaskedSides(Protocol):
@@ -56,6 +85,8 @@ class WarmupCovariances:
         widths: per module ``(d_in, d_out, bias)`` (``d_in`` counts the bias column).
         device: where the sums live (the model's device).
         max_width: sides wider than this keep their diagonal (default ``FULL_COVARIANCE_MAX_WIDTH``).
+        pools: per expert, the sums its sides share with its layer's other experts (``PooledSides``).
+        max_bytes: the experts' own sides fall back to diagonals past this (default ``WARMUP_MAX_BYTES``).
     """
 
     def __init__(
@@ -63,15 +94,25 @@ class WarmupCovariances:
         widths: dict[str, tuple[int, int, bool]],
         device: torch.device | str = "cpu",
         max_width: int | None = None,
+        *,
+        pools: dict[str, PooledSides] | None = None,
+        max_bytes: int | None = None,
     ):
         self.widths = widths
         self.max_width = max_width or FULL_COVARIANCE_MAX_WIDTH  # read at call time (tests lower it)
+        self.pools = pools or {}
+        self.max_bytes = WARMUP_MAX_BYTES if max_bytes is None else max_bytes
         self.device = torch.device(device)
+        # decided before the first batch, from the widths alone: the same on every run and process
+        self.fallbacks = plan_fallbacks(widths, self.pools, self.max_width, self.max_bytes)
+        self.diagonal = {(name, f.side) for f in self.fallbacks for name in f.modules}
         self.examples = 0
         self.tokens: dict[str, int] = {}
         self.inputs: dict[str, torch.Tensor] = {}  # keyed by the first module that read the input
         self.outputs: dict[str, torch.Tensor] = {}
         self.input_of: dict[str, str] = {}  # module -> the key of its input's sum
+        self.output_of: dict[str, str] = {}  # module -> the key of its output's sum (itself, or a pool)
+        self.pooled_tokens: dict[tuple[str, str], int] = {}  # (side, pool key) -> tokens summed into it
         # this batch: the storage of an input -> (its key, the input). The input is kept until the
         # batch ends: under activation checkpointing a recomputed input is freed during the backward,
         # and a later input at the same address must not be taken for it
@@ -89,13 +130,35 @@ class WarmupCovariances:
         Either side may be one-hot (``OneHot``: an embedding's ids, or the vocabulary side of a tied
         embedding's use): its sum is the diagonal of token counts, never a ``[tokens, width]`` matrix.
         """
-        _, _, bias = self.widths[name]
+        d_in, d_out, bias = self.widths[name]
+        pool = self.pools.get(name)
+        count = _count_tokens(x, token_mask)
+        full_in = d_in <= self.max_width and (name, "in") not in self.diagonal
+        if pool is not None and pool.input is not None:  # an expert: its layer's pooled input sum
+            self._bind(self.input_of, name, pool.input)
+            self._add_to(self.inputs, pool.input, _covariance(x, token_mask, bias, full_in))
+            self._count_pooled("in", pool.input, count)
+        else:
+            self._add_input(name, x, token_mask, bias, full_in)
+        out_key = name if pool is None or pool.output is None else pool.output
+        self._bind(self.output_of, name, out_key)
+        full_out = d_out <= self.max_width and (name, "out") not in self.diagonal
+        self._add_to(self.outputs, out_key, _covariance(delta, token_mask, False, full_out))
+        if out_key != name:
+            self._count_pooled("out", out_key, count)
+        self.tokens[name] = self.tokens.get(name, 0) + count
+
+    def _add_input(
+        self, name: str, x: torch.Tensor | OneHot, token_mask: torch.Tensor | None, bias: bool, full: bool
+    ) -> None:
+        """A module's own input sum, or nothing where an earlier module of this batch read the same
+        tensor (its sum already holds it)."""
         # one-hot ids are read by no other module as an input: never shared
         storage = None if isinstance(x, OneHot) else (x.data_ptr(), tuple(x.shape), x.stride(), bias)
         found = None if storage is None else self._batch_inputs.get(storage)
         if found is None:
             key = self.input_of.setdefault(name, name)
-            self._add_to(self.inputs, key, _covariance(x, token_mask, bias, self.max_width))
+            self._add_to(self.inputs, key, _covariance(x, token_mask, bias, full))
             if storage is not None:
                 self._batch_inputs[storage] = (key, x)
         else:  # the same input as an earlier module of this batch: its sum already holds it
@@ -105,8 +168,16 @@ class WarmupCovariances:
                 raise RuntimeError(
                     f"module {name!r} read the input of {shared!r} in one warm-up batch and its own in another"
                 )
-        self._add_to(self.outputs, name, _covariance(delta, token_mask, False, self.max_width))
-        self.tokens[name] = self.tokens.get(name, 0) + _count_tokens(x, token_mask)
+
+    @staticmethod
+    def _bind(store: dict[str, str], name: str, key: str) -> None:
+        if store.setdefault(name, key) != key:
+            raise RuntimeError(
+                f"module {name!r} added to the warm-up sum {store[name]!r} and then to {key!r}"
+            )
+
+    def _count_pooled(self, side: str, key: str, count: int) -> None:
+        self.pooled_tokens[(side, key)] = self.pooled_tokens.get((side, key), 0) + count
 
     def _add_to(self, store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
         if key in store:
@@ -120,7 +191,40 @@ class WarmupCovariances:
         return None if key is None else self.inputs[key]
 
     def output_covariance(self, name: str) -> torch.Tensor | None:
-        return self.outputs.get(name)
+        """Module ``name``'s output sum (its layer's pooled one for an expert's down weight), or None."""
+        key = self.output_of.get(name)
+        return None if key is None else self.outputs[key]
+
+    def counts(self, name: str) -> tuple[float, float]:
+        """What the fit divides module ``name``'s sums by, so that the input's is a covariance per
+        token and the output's a sum over an example's tokens, averaged over examples (K-FAC's two
+        factors): its tokens and the examples. A pooled input is a mean over every token of its sum
+        (the layer's routed tokens). A pooled output is that mean times this expert's tokens per
+        example: ``examples * pool tokens / own tokens``, so an expert that sees few tokens gets a
+        small output factor, as its own sum would have given it."""
+        tokens = max(float(self.tokens.get(name, 0)), 1.0)
+        examples = max(float(self.examples), 1.0)
+        pool = self.pools.get(name)
+        if pool is None:
+            return tokens, examples
+        c_in, c_out = tokens, examples
+        if pool.input is not None:
+            c_in = float(self.pooled_tokens.get(("in", pool.input), 0))
+        if pool.output is not None:
+            c_out = examples * self.pooled_tokens.get(("out", pool.output), 0) / tokens
+        return max(c_in, 1.0), max(c_out, 1.0)
+
+    def fallback_line(self) -> str | None:
+        """The log line saying which experts' sides keep diagonals for the budget, or None."""
+        if not self.fallbacks:
+            return None
+        parts = [f"{f.family} {'inputs' if f.side == 'in' else 'output gradients'} of {len(f.modules)} experts "
+                 f"({f.full_bytes / 1e9:.2f} GB in full)" for f in self.fallbacks]  # fmt: skip
+        return (
+            "the warm-up keeps the covariances of the " + "; the ".join(parts) + " as diagonals, and hashes "
+            f"those sides: in full, the warm-up's sums would take more than {self.max_bytes / 1e9:.1f} GB "
+            "(WARMUP_MAX_BYTES; docs/howto/memory.md)"
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.inputs.values(), *self.outputs.values()))
@@ -130,6 +234,61 @@ class WarmupCovariances:
         object until the next batch, which would keep them beside the main pass's statistics."""
         self.inputs.clear()
         self.outputs.clear()
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """One family of experts' own sides kept as diagonals (hashed) for the byte budget."""
+
+    family: str
+    side: str  # "in" or "out"
+    modules: tuple[str, ...]
+    full_bytes: int  # what their full sums would have taken
+
+
+def sum_bytes(d: int, max_width: int) -> int:
+    """A float64 warm-up sum of a ``d``-wide side: ``d x d``, or its diagonal past ``max_width``."""
+    return 8 * d * d if d <= max_width else 8 * d
+
+
+def plan_fallbacks(
+    widths: dict[str, tuple[int, int, bool]], pools: dict[str, PooledSides], max_width: int, max_bytes: int
+) -> list[Fallback]:
+    """Which families of the experts' own sides keep diagonals, so that the sums fit ``max_bytes``.
+
+    The sums are counted before the warm-up, from the widths: every module's own input and output
+    (an upper bound: modules that turn out to read one input share its sum), one sum per pool, and the
+    experts' own sides. While that exceeds ``max_bytes``, the family of own sides (one weight's side,
+    in every expert of every layer) whose full sums take the most bytes falls back to diagonals. Only
+    experts' own sides do: a model without experts, or whose other sums alone exceed the budget,
+    keeps its other sums as they are (the dense memory model).
+    """
+    total, pooled = 0, {}
+    families: dict[tuple[str, str], list[str]] = {}
+    for name, (d_in, d_out, _) in widths.items():
+        pool = pools.get(name)
+        for side, d, key in (("in", d_in, pool and pool.input), ("out", d_out, pool and pool.output)):
+            if key:
+                pooled[(side, key)] = sum_bytes(d, max_width)
+            else:
+                total += sum_bytes(d, max_width)
+                if pool is not None and d <= max_width:
+                    families.setdefault((pool.family, side), []).append(name)
+    total += sum(pooled.values())
+    out = []
+
+    def cost(item: tuple[tuple[str, str], list[str]]) -> int:
+        (_, side), names = item
+        return sum(8 * widths[n][0 if side == "in" else 1] ** 2 for n in names)
+
+    # the largest family first; ties in name order, so the plan is the same on every run
+    for (family, side), names in sorted(families.items(), key=lambda item: (-cost(item), item[0])):
+        if total <= max_bytes:
+            break
+        full = cost(((family, side), names))
+        total -= full - sum(8 * widths[n][0 if side == "in" else 1] for n in names)
+        out.append(Fallback(family, side, tuple(names), full))
+    return out
 
 
 # A wide side's squares are summed over chunks of tokens of at most this many float32 bytes: in one
@@ -155,18 +314,18 @@ def _count_tokens(t: torch.Tensor | OneHot, mask: torch.Tensor | None) -> int:
     return t.numel() // t.shape[-1]
 
 
-def _covariance(t: torch.Tensor | OneHot, mask: torch.Tensor | None, bias: bool, max_width: int) -> torch.Tensor:
+def _covariance(t: torch.Tensor | OneHot, mask: torch.Tensor | None, bias: bool, full: bool) -> torch.Tensor:
     """``t^T t`` over the real tokens of ``t [B, T, d]`` (with a trailing column of ones when
-    ``bias``), or its diagonal for a side wider than ``max_width``, in the input's precision (float32
+    ``bias``), or its diagonal where not ``full``, in the input's precision (float32
     for a float32 or half model: twice as fast as float64, and a batch's sum loses nothing that
     matters to an eigenbasis). One-hot rows: the diagonal matrix (or vector) of token counts."""
     if isinstance(t, OneHot):
         if bias:
             raise ValueError("a one-hot factor has no bias column")
         counts = t.counts(mask)
-        return counts if t.width > max_width else torch.diag(counts)
+        return torch.diag(counts) if full else counts
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if t.shape[-1] + bias > max_width:
+    if not full:
         return _diagonal(t, mask, bias, acc)
     t = _real_tokens(t, mask).to(acc)
     if bias:  # the gradient's input has a trailing 1 (DESIGN.md §2)
@@ -222,25 +381,30 @@ def fit_eigen_masks(
     (``HashMap``), which keeps every coordinate (every word of an ``lm_head``) where a mask would
     drop most of them. A module the sample never reached keeps masks in its own coordinates. The
     whitening is ``(L / mean L)^(-1/2)`` of the damped K-FAC eigenvalues of the stored coordinates.
+    An expert's pooled side takes the eigenbasis of its layer's pooled sum (each expert its own mask
+    of it), and eigenvalues scaled by ``WarmupCovariances.counts``.
     """
-    solved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # input key -> (eig, vectors)
-    # how many modules still need each input's decomposition: it is dropped after its last reader, so
-    # the device holds the decompositions of a few inputs at a time, not of the whole model
-    readers = Counter(covariances.input_of[name] for name in compressors if name in covariances.input_of)
+    # (side, the sum's key) -> (eigenvalues, vectors)
+    solved: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]] = {}
+    # how many modules still need each sum's decomposition: it is dropped after its last reader, so
+    # the device holds the decompositions of a few sums at a time, not of the whole model (an input
+    # shared by q/k/v, or a side pooled over a layer's experts, is decomposed once)
+    keys = {name: (("in", covariances.input_of.get(name)), ("out", covariances.output_of.get(name)))
+            for name in compressors}  # fmt: skip
+    readers = Counter(k for pair in keys.values() for k in pair if k[1] is not None)
     modules, damped = {}, {}
-    examples = max(float(covariances.examples), 1.0)
     for name, comp in compressors.items():
-        tokens = max(float(covariances.tokens.get(name, 0)), 1.0)
-        in_key = covariances.input_of.get(name)
-        cov_in = covariances.input_covariance(name)
-        map_in, eig_in, row_in = _side(cov_in, comp.d_in, comp.in_idx, comp.generator("hash_in"), damping,
-                                       solved, in_key, tokens)  # fmt: skip
+        count_in, count_out = covariances.counts(name)
+        key_in, key_out = keys[name]
+        map_in, eig_in, row_in = _side(covariances.input_covariance(name), comp.d_in, comp.in_idx,
+                                       comp.generator("hash_in"), damping, solved, key_in, count_in)  # fmt: skip
         map_out, eig_out, row_out = _side(covariances.output_covariance(name), comp.d_out, comp.out_idx,
-                                          comp.generator("hash_out"), damping, solved, None, examples)  # fmt: skip
-        if in_key is not None:
-            readers[in_key] -= 1
-            if readers[in_key] == 0:
-                solved.pop(in_key, None)
+                                          comp.generator("hash_out"), damping, solved, key_out, count_out)  # fmt: skip
+        for key in (key_in, key_out):
+            if key[1] is not None:
+                readers[key] -= 1
+                if readers[key] == 0:
+                    solved.pop(key, None)
         modules[name] = ModuleBasis(torch.empty(0), map_in=map_in, map_out=map_out, eig_in=eig_in, eig_out=eig_out)
         damped[name] = damped_kfac(row_out, row_in, damping)
     whiten, mean = normalise_whitening(damped)
@@ -255,12 +419,12 @@ def _side(
     idx: torch.Tensor,
     gen: torch.Generator,
     damping: float,
-    solved: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    key: str | None,
+    solved: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]],
+    key: tuple[str, str | None],
     count: float,
 ) -> tuple[FactorMap, torch.Tensor, torch.Tensor]:
     """``(map, curvature eigenvalues, eigenvalues of the stored coordinates)`` of one side, the
-    eigenvalues divided by ``count`` (tokens for inputs, examples for outputs)."""
+    eigenvalues divided by ``count`` (``WarmupCovariances.counts``)."""
     idx = idx.cpu()
     m = idx.numel()
     if cov is not None and cov.dim() == 1:  # a wide side: whitened signed hash
@@ -277,11 +441,10 @@ def _side(
         vectors[idx, torch.arange(m)] = 1.0
         zeros = torch.zeros(m, dtype=torch.float64)
         return EigenMap(vectors, eigen_scale(d, m)), zeros, zeros
-    if key is None or key not in solved:
+    if key not in solved:
         eig, vectors = linalg.eigh_psd(cov, torch.float32, keep_device=True)
         eig, vectors = eig, vectors.to(torch.float32)
-        if key is not None:  # modules reading the same input share one decomposition
-            solved[key] = (eig, vectors)
+        solved[key] = (eig, vectors)  # modules that share the sum share its decomposition
     else:
         eig, vectors = solved[key]
     kept = (eig[idx.to(eig.device)] / count).cpu()
