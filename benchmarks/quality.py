@@ -55,7 +55,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "warm-up 64 examples": {"ekfac_sample_size": 64},
     "warm-up 64, damping=0.003": {"ekfac_sample_size": 64, "damping": 0.003},
     "total_dim=16384": {"total_dim": 16384},
+    "factor_dim=32": {"factor_dim": 32},
     "factor_dim=64": {"factor_dim": 64},
+    "random eigen masks (mask_basis=eigen)": {"mask_basis": "eigen"},
     "factor_dim=256": {"factor_dim": 256},
     "input-masks": {"mask_basis": "input"},
     "float32 rows": {"dtype": "float32"},
@@ -75,6 +77,7 @@ GRIDS = {
                    "kfac, embeddings"],  # fmt: skip
     "damping": ["default", "damping=0.001", "damping=0.003", "damping=0.01", "kfac", "kfac damping=0.003",
                 "kfac damping=0.01", "warm-up 64 examples", "warm-up 64, damping=0.003"],  # fmt: skip
+    "masks": ["default", "random eigen masks (mask_basis=eigen)", "factor_dim=64", "factor_dim=32"],
     "report": ["default", "ekfac_sample_size=1024 (no token cap)", "damping=0.01", "damping=0.1", "kfac",
                "total_dim=16384", "factor_dim=64", "factor_dim=256", "input-masks", "float32 rows",
                "identity cache", "cosine (preconditioned norms)", "v0.1 default (proj_dim=1024)"],  # fmt: skip

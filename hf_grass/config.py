@@ -28,7 +28,8 @@ from hf_grass.precondition import available_preconditioners, default_preconditio
 COMPRESSORS = tuple(available_compressors())
 PRECONDITIONERS = tuple(available_preconditioners())
 DTYPES = ("int8", "float16", "bfloat16", "float32")
-MASK_BASES = ("eigen", "input")
+# "top" and "eigen" take the masks in the warm-up K-FAC eigenbasis (``GraSSConfig.eigen_masks``)
+MASK_BASES = ("top", "eigen", "input")
 # The default per-document budget: numbers per row across all modules (31 x 1024). int8 rows of
 # 31744 numbers plus their scale, norms and index are 31,764 bytes: under 32 KB (32,768) on any
 # model depth, with about 1 KB left for the document's text (docs/howto/choosing.md "Budget";
@@ -87,9 +88,11 @@ class GraSSConfig:
     )
     mask_basis: str | None = _field(
         None,
-        "Where factgrass draws its masks: 'eigen' (eigen-directions of the warm-up K-FAC factors, "
-        "whitened there; needs kfac/ekfac) or 'input' (the module's own coordinates, the original "
-        "FactGraSS). Default: eigen in the global layout with kfac/ekfac, else input.",
+        "Where factgrass draws its masks: 'top' (the factor_dim eigen-directions of largest eigenvalue "
+        "of each warm-up K-FAC factor, whitened there; needs kfac/ekfac), 'eigen' (a seeded random "
+        "subset of the eigen-directions, scaled: an unbiased estimate of the full-space score, "
+        "measured noisier on a real LLM) or 'input' (the module's own coordinates, the original "
+        "FactGraSS). Default: top in the global layout with kfac/ekfac, else input.",
     )
     sparsify_factor: int = _field(
         4,
@@ -207,7 +210,7 @@ class GraSSConfig:
                 proj_dim = DEFAULT_PROJ_DIM
         mask_basis = self.mask_basis
         if mask_basis is None:
-            mask_basis = "eigen" if total_dim is not None and cls.whitens_rows else "input"
+            mask_basis = "top" if total_dim is not None and cls.whitens_rows else "input"
         return {"preconditioner": preconditioner, "proj_dim": proj_dim, "total_dim": total_dim, "mask_basis": mask_basis}
 
     def _check_resolved(self, values: dict[str, Any]) -> None:
@@ -228,9 +231,9 @@ class GraSSConfig:
             global_layout=values["total_dim"] is not None,
             compressor=self.compressor,
         )
-        if values["mask_basis"] == "eigen" and (self.compressor != "factgrass" or not cls.whitens_rows):
+        if values["mask_basis"] in ("top", "eigen") and (self.compressor != "factgrass" or not cls.whitens_rows):
             raise ValueError(
-                "mask_basis='eigen' takes factgrass's masks in the eigenbasis of the warm-up K-FAC fit, "
+                f"mask_basis={values['mask_basis']!r} takes factgrass's masks in the eigenbasis of the warm-up K-FAC fit, "
                 "so it needs compressor='factgrass' and a preconditioner that fits it (kfac or ekfac); use "
                 "mask_basis='input' otherwise."
             )
@@ -246,6 +249,12 @@ class GraSSConfig:
         if all(getattr(self, k) == v for k, v in values.items()):
             return self
         return dataclasses.replace(self, **values)
+
+    @property
+    def eigen_masks(self) -> bool:
+        """Whether factgrass's masks are taken in the warm-up K-FAC eigenbasis (``mask_basis`` top or
+        eigen; the resolved value)."""
+        return self.resolved().mask_basis in ("top", "eigen")
 
     @property
     def layout(self) -> str:

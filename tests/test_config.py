@@ -210,7 +210,7 @@ def test_config_keeps_what_was_given() -> None:
     cfg = GraSSConfig()
     assert (cfg.preconditioner, cfg.proj_dim, cfg.total_dim, cfg.mask_basis) == (None, None, None, None)
     resolved = cfg.resolved()
-    assert (resolved.preconditioner, resolved.total_dim, resolved.mask_basis) == ("ekfac", 31744, "eigen")
+    assert (resolved.preconditioner, resolved.total_dim, resolved.mask_basis) == ("ekfac", 31744, "top")
     assert resolved.resolved() is resolved and cfg.layout == "global"
     other = cfg.replace(compressor="sjlt").resolved()  # the preconditioner and layout follow
     assert (other.preconditioner, other.proj_dim, other.total_dim, other.mask_basis) == ("fim", 1024, None, "input")

@@ -119,6 +119,26 @@ def test_leaving_targets_out_is_counted() -> None:
     assert tied.partial and tied.level == logging.INFO
 
 
+def test_an_llm_output_layer_is_opt_in() -> None:
+    """An output layer over more than WIDE_OUTPUT classes (an LLM's lm_head) is left out of the
+    default targets, said as a choice of the configuration, and attributed when named; a small head
+    (the other tests' vocabularies) stays a default target."""
+    from hf_grass.capture.targets import WIDE_OUTPUT
+
+    model = tiny_llama(WIDE_OUTPUT + 1, hidden=8)
+    default = GradientComputer(model, GraSSConfig())
+    assert "lm_head" not in default.module_names and default.module_names
+    cover = default.coverage()
+    head = model.lm_head.weight.numel()
+    skipped = sum(norm_parameters(model).values()) + sum(untied_embeddings(model).values())
+    assert cover.attributed == cover.trainable - skipped - head
+    assert "lm_head.weight" in left_out_names(cover) and cover.level == logging.INFO
+    assert f"more than {WIDE_OUTPUT} classes" in cover.line()
+    named = GradientComputer(model, GraSSConfig(target_modules=r".*_proj|lm_head"))
+    assert "lm_head" in named.module_names
+    assert "lm_head" in GradientComputer(tiny_llama(VOCAB), GraSSConfig()).module_names
+
+
 class WithScale(nn.Module):
     """A model with a parameter of a module hf_grass has no rule for."""
 

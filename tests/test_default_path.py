@@ -10,7 +10,8 @@ EK-FAC / K-FAC eigenvalues, the whitening from its formula, and dense matrices o
 (masks, hashes, SJLTs: the random draws are the library's, everything around them is recomputed).
 
 - ``test_projected_scores_equal_the_explicit_formula``: for one draw, the library's scores equal the
-  explicit estimator (K-FAC and EK-FAC; float32 rows).
+  explicit estimator (K-FAC and EK-FAC; float32 rows), with the default masks (the top
+  eigen-directions) and with a random draw of them (``mask_basis="eigen"``).
 - ``test_projected_scores_are_unbiased``: averaged over seeds (hash signs and buckets, SJLTs), they
   estimate the full-space EK-FAC score (the eigen masks keep every direction of the narrow sides, so
   the curvature is fixed and only the hash and the projection are random).
@@ -108,7 +109,9 @@ def aligned(vectors: torch.Tensor, mine: torch.Tensor, idx: torch.Tensor) -> tor
 
 
 def explicit_scores(attributor: Attributor, ref: Reference, kind: str, damping: float) -> torch.Tensor:
-    """``[n_query, n_train]``: the library's estimator, recomputed from its definition."""
+    """``[n_query, n_train]``: the library's estimator, recomputed from its definition (``top`` masks:
+    my eigenvalues' largest directions, unscaled; ``eigen``: the seed's draw, scaled)."""
+    top = attributor.computer.config.mask_basis == "top"
     computer, basis = attributor.computer, attributor.basis
     assert basis is not None
     wd = max(damping, 1e-3)  # the whitening's damping (MIN_WHITENING_DAMPING)
@@ -138,6 +141,8 @@ def explicit_scores(attributor: Attributor, ref: Reference, kind: str, damping: 
             else:
                 assert isinstance(fmap, EigenMap)
                 scale = (vecs.shape[0] / idx.numel()) ** 0.5
+                if top:
+                    idx, scale = eig.argsort(descending=True)[: idx.numel()], 1.0
                 picked = aligned(fmap.vectors, vecs, idx)
                 maps.append((picked * scale, torch.eye(idx.numel(), dtype=torch.float64), None, scale))
                 row_eigs.append(eig[idx])
@@ -174,13 +179,14 @@ def build(tmp_path: Path, net: nn.Module, train: list[dict], **config: object) -
     return Attributor(net, None, cache, search="exact", batch_size=2)
 
 
+@pytest.mark.parametrize("masks", ["top", "eigen"])
 @pytest.mark.parametrize("kind", ["ekfac", "kfac"])
-def test_projected_scores_equal_the_explicit_formula(tmp_path: Path, wide_sides: None, kind: str) -> None:
+def test_projected_scores_equal_the_explicit_formula(tmp_path: Path, wide_sides: None, kind: str, masks: str) -> None:
     net = model()
     train, queries = random_token_examples(9, VOCAB, seed=1), random_token_examples(3, VOCAB, seed=7)
-    attributor = build(tmp_path, net, train, preconditioner=kind)
+    attributor = build(tmp_path, net, train, preconditioner=kind, **({} if masks == "top" else {"mask_basis": masks}))
     computer = attributor.computer
-    assert computer.layout == "global" and computer.config.mask_basis == "eigen"
+    assert computer.layout == "global" and computer.config.mask_basis == masks  # top: the default
     hashed = {name for name, c in computer.compressors.items() if c.hashed}  # type: ignore[attr-defined]
     assert any("lm_head" in n for n in hashed) and any("down_proj" in n for n in hashed)
     got = attributor.scores(attributor.query_vectors([collate(queries)])).double()
@@ -227,11 +233,13 @@ def test_projected_scores_are_unbiased(tmp_path: Path, wide_sides: None) -> None
     assert standard_error.max() < 0.05 * want.abs().max(), (standard_error.max(), want.abs().max())
 
 
-def test_default_config_projects(tmp_path: Path) -> None:
+def test_default_config_projects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``GraSSConfig()`` (int8 rows of 31,744 numbers, eigen masks of 128 per side, EK-FAC, damping
-    0.001) on a model whose factor spaces (8 modules of 128 x 128) do not fit one row, so every
-    module is projected into it, and whose 8,200-word vocabulary is hashed: the scores equal the
-    float32 rows' up to the int8 storage, and those the explicit estimator."""
+    0.001) on a model whose factor spaces (7 modules of up to 128 x 128) do not fit one row, so every
+    module is projected into it, and whose sides wider than 100 are hashed: the scores equal the
+    float32 rows' up to the int8 storage, and those the explicit estimator. Its 8,200-word output
+    layer is left out, as an LLM's is (``targets.WIDE_OUTPUT``)."""
+    monkeypatch.setattr(warmup, "FULL_COVARIANCE_MAX_WIDTH", 100)
     net = tiny_llama(8200, hidden=128, layers=1).double()
     train = random_token_examples(6, 8200, seed=2)
     queries = random_token_examples(2, 8200, seed=5)
@@ -239,7 +247,7 @@ def test_default_config_projects(tmp_path: Path) -> None:
                                  disable_progress=True)  # fmt: skip
     default = Attributor(net, None, cache, search="exact")
     computer = default.computer
-    assert computer.layout == "global" and computer.row_dim == 31744
+    assert computer.layout == "global" and computer.row_dim == 31744 and "lm_head" not in computer.module_names
     assert any(c.hashed for c in computer.compressors.values())  # type: ignore[attr-defined]
     exact = Attributor(net, None, run_attribution_pass(net, train, GraSSConfig(dtype="float32"),
                        cache_dir=tmp_path / "fp32", batch_size=3, disable_progress=True), search="exact")  # fmt: skip

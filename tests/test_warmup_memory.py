@@ -70,10 +70,10 @@ def test_the_sums_are_freed_after_the_fit(tmp_path: Path, monkeypatch: pytest.Mo
     seen: list[WarmupCovariances] = []
     real_fit = runner_module.fit_eigen_masks
 
-    def fit(compressors: Any, sums: WarmupCovariances, damping: float) -> Any:
+    def fit(compressors: Any, sums: WarmupCovariances, damping: float, top: bool = False) -> Any:
         seen.append(sums)
         assert sums.nbytes() > 0
-        return real_fit(compressors, sums, damping)
+        return real_fit(compressors, sums, damping, top)
 
     monkeypatch.setattr(runner_module, "fit_eigen_masks", fit)
     model = tiny_llama(VOCAB, hidden=16)

@@ -225,7 +225,7 @@ class AttributionPass(BatchRunner):
         n = self._warmup_size() if self.dist.rank == 0 else 0
         sample = list(range(n))
         sums: WarmupCovariances | StatsAccumulator
-        if self.config.mask_basis == "eigen":  # covariances of the full factor spaces
+        if self.config.eigen_masks:  # covariances of the full factor spaces
             widths, targets = module_widths(self.computer.compressors), self.computer.targets
             sums = WarmupCovariances(widths, self.computer.device, pools=warmup_pools(targets))
             fallback = sums.fallback_line()
@@ -257,7 +257,7 @@ class AttributionPass(BatchRunner):
             if self.dist.rank == 0:
                 damping = self.config.whitening_damping
                 if isinstance(sums, WarmupCovariances):
-                    basis = fit_eigen_masks(self.computer.compressors, sums, damping)  # type: ignore[arg-type]
+                    basis = fit_eigen_masks(self.computer.compressors, sums, damping, top=self.config.mask_basis == "top")  # type: ignore[arg-type]
                     sums.free()  # the capture's last request references them: free them before the main pass
                 else:
                     basis = fit_masked_basis(self.specs, sums.sums, damping)
@@ -282,7 +282,7 @@ class AttributionPass(BatchRunner):
 
     def _statistics(self, writer: CacheWriter, basis: Eigenbasis | None) -> StatsAccumulator | None:
         """The preconditioner's running sums, resumed from this rank's last checkpoint."""
-        needs = self.preconditioner.statistics(self.config.mask_basis == "eigen")
+        needs = self.preconditioner.statistics(self.config.eigen_masks)
         if not needs:
             return None
         stats = StatsAccumulator(self.specs, needs, basis, device=self.computer.device)

@@ -22,14 +22,18 @@ from typing import Any
 from torch import nn
 
 from hf_grass.capture.target_module import TargetModule
-from hf_grass.capture.targets import candidates, is_lora_model
+from hf_grass.capture.targets import WIDE_OUTPUT, candidates, is_lora_model, output_layer
 
 # reasons that only say what the configuration chose; any other reason is worth a warning
 NOT_TARGETED = "not targeted (target_modules / exclude_modules)"
 ELEMENTWISE = "an elementwise scale or shift, not a linear map of its input"
 # embeddings are opt-in (capture.targets.default_targets)
 EMBEDDING_DEFAULT = "embeddings are attributed only when target_modules names them"
-_EXPECTED = (NOT_TARGETED, ELEMENTWISE, EMBEDDING_DEFAULT)
+# so is an LLM's output layer (capture.targets.WIDE_OUTPUT)
+WIDE_OUTPUT_DEFAULT = (
+    f"an output layer over more than {WIDE_OUTPUT} classes is attributed only when target_modules names it"
+)
+_EXPECTED = (NOT_TARGETED, ELEMENTWISE, EMBEDDING_DEFAULT, WIDE_OUTPUT_DEFAULT)
 NAMES_SHOWN = 3  # parameter names shown per reason in the line (the manifest keeps up to 20)
 
 
@@ -118,6 +122,8 @@ def coverage(model: nn.Module, targets: list[TargetModule]) -> Coverage:
         id(t.tied) for t in found.targets if t.tied is not None
     }
     lora = is_lora_model(model)
+    output = output_layer(model)
+    wide_output = any(t.module is output and t.d_out > WIDE_OUTPUT for t in found.targets)
     named = list(model.named_parameters())
     frozen = not any(p.requires_grad for _, p in named)
     modules = dict(model.named_modules())
@@ -134,7 +140,10 @@ def coverage(model: nn.Module, targets: list[TargetModule]) -> Coverage:
             continue
         owner_name = name.rpartition(".")[0]
         owner = modules.get(owner_name)
-        reason = _reason(owner, owner_name, found.refused, id(owner) in candidate_modules, lora)
+        if wide_output and owner is output and id(owner) in candidate_modules and not lora:
+            reason = f"{type(owner).__name__}: {WIDE_OUTPUT_DEFAULT}"
+        else:
+            reason = _reason(owner, owner_name, found.refused, id(owner) in candidate_modules, lora)
         group = groups.setdefault(reason, LeftOut(reason))
         group.names.append(name if held == 0 else f"{name} ({human(numel - held)} of {human(numel)})")
         group.numel += numel - held

@@ -141,15 +141,44 @@ def candidates(model: nn.Module) -> Candidates:
     return Candidates(targets, aliases, refused, untied)
 
 
-def default_targets(pool: list[TargetModule]) -> list[TargetModule]:
+# An output layer over more classes than this (a language model's vocabulary) is left out of the
+# default targets. Its vocabulary side is hashed (as wide as precondition.warmup's
+# FULL_COVARIANCE_MAX_WIDTH, 8192), and most of a vocabulary never occurs in a warm-up sample, so
+# damping relative to the mean curvature is tiny against the rare tokens an answer holds: on SmolLM2
+# (docs/benchmarks.md, "Real LLM"), the output layer's block held 97% of the preconditioned query's
+# energy and ranked sources at recall@1 0.12 on its own, and leaving it out raised the unprojected
+# ranking from 0.19 to 0.75 at the default damping; through the projection into one row that energy
+# is noise on every other module's score. A small classification head stays a default target.
+WIDE_OUTPUT = 8192
+
+
+def output_layer(model: nn.Module) -> nn.Module | None:
+    """The module ``model.get_output_embeddings()`` returns (an HF language model's ``lm_head``), if any."""
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        found = get()
+    except (NotImplementedError, AttributeError):
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def is_wide_output(t: TargetModule, output: nn.Module | None) -> bool:
+    """Whether ``t`` is an output layer over a vocabulary wider than ``WIDE_OUTPUT``."""
+    return output is not None and t.module is output and t.d_out > WIDE_OUTPUT
+
+
+def default_targets(pool: list[TargetModule], output: nn.Module | None = None) -> list[TargetModule]:
     """The default of a model that is not a LoRA model: every target but the embeddings' uses (the
-    ``nn.Embedding`` targets and a tied output layer's second use). Their gradients lowered the
-    rankings on bench-dev under the default EK-FAC (docs/benchmarks.md, "Every parameter"), so they
-    are attributed only when ``target_modules`` names them."""
+    ``nn.Embedding`` targets and a tied output layer's second use) and an output layer over a
+    vocabulary wider than ``WIDE_OUTPUT`` (``output``, see there). The embeddings' gradients lowered
+    the rankings on bench-dev under the default EK-FAC (docs/benchmarks.md, "Every parameter"), so
+    they are attributed only when ``target_modules`` names them; so is a wide output layer."""
     return [
         dataclasses.replace(t, tied=None, tied_name=None) if t.tied is not None else t
         for t in pool
-        if t.kind != "embedding"
+        if t.kind != "embedding" and not is_wide_output(t, output)
     ]
 
 
@@ -166,10 +195,11 @@ def find_target_modules(
 ) -> list[TargetModule]:
     """The weights to capture, in ``model.named_modules()`` order.
 
-    Default: every ``nn.Linear`` and ``Conv1D`` (lm_head included), and the experts and routers of
-    MoE layers; for a PEFT LoRA model only the LoRA A/B layers, since the base model is frozen.
-    Embeddings (``nn.Embedding``, and the input embedding's use of a tied output layer) are
-    attributed when ``target_modules`` names them (``default_targets`` says why); ``r".*"`` names
+    Default: every ``nn.Linear`` and ``Conv1D``, and the experts and routers of MoE layers; for a
+    PEFT LoRA model only the LoRA A/B layers, since the base model is frozen. Embeddings
+    (``nn.Embedding``, and the input embedding's use of a tied output layer) and an output layer
+    over a vocabulary wider than ``WIDE_OUTPUT`` (an LLM's ``lm_head``) are attributed when
+    ``target_modules`` names them (``default_targets`` says why); ``r".*"`` names
     every weight hf_grass can capture. No match raises a ``ValueError`` that lists the candidate
     names; so do MoE experts whose implementation cannot be captured.
     """
@@ -177,7 +207,9 @@ def find_target_modules(
     pool = found.targets
     if target_modules is None:
         chosen = (
-            [t for t in pool if _LORA_NAME.search(t.name)] if is_lora_model(model) else default_targets(pool)
+            [t for t in pool if _LORA_NAME.search(t.name)]
+            if is_lora_model(model)
+            else default_targets(pool, output_layer(model))
         )
     else:
         chosen = [t for t in pool if any(_matches(n, target_modules) for n in found.names(t))]

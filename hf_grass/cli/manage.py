@@ -18,7 +18,7 @@ def compressor_line(cache: GradientCache) -> str:
     """The compressor and the settings that apply to the cache's layout."""
     cfg = cache.config
     if cfg.compressor == "factgrass" and cfg.total_dim is not None:
-        where = "eigen-directions of the warm-up K-FAC factors" if cfg.mask_basis == "eigen" else "input coordinates"
+        where = "eigen-directions of the warm-up K-FAC factors" if cfg.eigen_masks else "input coordinates"
         return f"factgrass, {cfg.factor_dim} coordinates per factor side ({where}), seed {cfg.seed}"
     extra = f", sparsify_factor {cfg.sparsify_factor}" if cfg.compressor in ("factgrass", "grass") else ""
     return f"{cfg.compressor}, {cfg.proj_dim} numbers per module{extra}, seed {cfg.seed}"

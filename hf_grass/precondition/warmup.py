@@ -370,13 +370,16 @@ def gram(t: torch.Tensor) -> torch.Tensor:
 
 
 def fit_eigen_masks(
-    compressors: dict[str, MaskedSides], covariances: WarmupCovariances, damping: float
+    compressors: dict[str, MaskedSides], covariances: WarmupCovariances, damping: float, top: bool = False
 ) -> Eigenbasis:
     """The warm-up fit of an eigen-basis cache (``mask_basis="eigen"``), per module and side.
 
-    A side with a full covariance: the mask ``idx`` (``m`` of ``d``, drawn from the seed) keeps those
-    eigen-directions of it, scaled by ``sqrt(d / m)``, so the masked gradient is an unbiased subsample
-    of the gradient in the K-FAC eigenbasis. A side kept as a diagonal: a signed hash of its
+    A side with a full covariance: with ``top`` (``mask_basis="top"``), the mask keeps its ``m``
+    eigen-directions of largest eigenvalue, unscaled: the score of the gradients' projections on the
+    top K-FAC subspace, the whitened directions a sketch of the row's width can hold (LoGra's
+    initialisation of its projection). Otherwise the mask ``idx`` (``m`` of ``d``, drawn from the
+    seed) keeps those eigen-directions of it, scaled by ``sqrt(d / m)``, so the masked gradient is an
+    unbiased subsample of the gradient in the K-FAC eigenbasis. A side kept as a diagonal: a signed hash of its
     coordinates into ``m`` buckets, each coordinate whitened by its variance first
     (``HashMap``), which keeps every coordinate (every word of an ``lm_head``) where a mask would
     drop most of them. A module the sample never reached keeps masks in its own coordinates. The
@@ -397,9 +400,9 @@ def fit_eigen_masks(
         count_in, count_out = covariances.counts(name)
         key_in, key_out = keys[name]
         map_in, eig_in, row_in = _side(covariances.input_covariance(name), comp.d_in, comp.in_idx,
-                                       comp.generator("hash_in"), damping, solved, key_in, count_in)  # fmt: skip
+                                       comp.generator("hash_in"), damping, solved, key_in, count_in, top)  # fmt: skip
         map_out, eig_out, row_out = _side(covariances.output_covariance(name), comp.d_out, comp.out_idx,
-                                          comp.generator("hash_out"), damping, solved, key_out, count_out)  # fmt: skip
+                                          comp.generator("hash_out"), damping, solved, key_out, count_out, top)  # fmt: skip
         for key in (key_in, key_out):
             if key[1] is not None:
                 readers[key] -= 1
@@ -422,6 +425,7 @@ def _side(
     solved: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]],
     key: tuple[str, str | None],
     count: float,
+    top: bool = False,
 ) -> tuple[FactorMap, torch.Tensor, torch.Tensor]:
     """``(map, curvature eigenvalues, eigenvalues of the stored coordinates)`` of one side, the
     eigenvalues divided by ``count`` (``WarmupCovariances.counts``)."""
@@ -447,8 +451,11 @@ def _side(
         solved[key] = (eig, vectors)  # modules that share the sum share its decomposition
     else:
         eig, vectors = solved[key]
+    scale = eigen_scale(d, m)
+    if top:  # the m largest (eigh_psd sorts ascending; ties broken by position, deterministically)
+        idx, scale = torch.arange(d - m, d).flip(0), 1.0
     kept = (eig[idx.to(eig.device)] / count).cpu()
-    fmap = EigenMap(vectors[:, idx.to(vectors.device)].to(torch.float32).cpu().contiguous(), eigen_scale(d, m))
+    fmap = EigenMap(vectors[:, idx.to(vectors.device)].to(torch.float32).cpu().contiguous(), scale)
     return fmap, kept, kept
 
 

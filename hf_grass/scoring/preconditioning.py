@@ -30,14 +30,14 @@ def fitted_preconditioner(
     name = name or config.preconditioner
     damping = config.damping if damping is None else damping
     cls, built = preconditioner_class(name), preconditioner_class(config.preconditioner)
-    reason = cls.unavailable(built, config.mask_basis == "eigen")
+    reason = cls.unavailable(built, config.eigen_masks)
     if reason is not None:
         raise ValueError(
             f"this cache gathered statistics for preconditioner={config.preconditioner!r}; {reason}. Rebuild "
             f"the cache with GraSSConfig(preconditioner={name!r}) or use {config.preconditioner!r} / "
             "'identity'."
         )
-    needs = cls.statistics(config.mask_basis == "eigen")
+    needs = cls.statistics(config.eigen_masks)
     if not needs and not cls.whitens_rows:
         return cls.fit(Statistics(), None).with_damping(damping)  # nothing to fit (identity)
     stamp = hashlib.sha256(
