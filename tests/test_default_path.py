@@ -184,9 +184,9 @@ def build(tmp_path: Path, net: nn.Module, train: list[dict], **config: object) -
 def test_projected_scores_equal_the_explicit_formula(tmp_path: Path, wide_sides: None, kind: str, masks: str) -> None:
     net = model()
     train, queries = random_token_examples(9, VOCAB, seed=1), random_token_examples(3, VOCAB, seed=7)
-    attributor = build(tmp_path, net, train, preconditioner=kind, **({} if masks == "top" else {"mask_basis": masks}))
+    attributor = build(tmp_path, net, train, preconditioner=kind, mask_basis=masks)
     computer = attributor.computer
-    assert computer.layout == "global" and computer.config.mask_basis == masks  # top: the default
+    assert computer.layout == "global" and computer.config.mask_basis == masks
     hashed = {name for name, c in computer.compressors.items() if c.hashed}  # type: ignore[attr-defined]
     assert any("lm_head" in n for n in hashed) and any("down_proj" in n for n in hashed)
     got = attributor.scores(attributor.query_vectors([collate(queries)])).double()
@@ -257,3 +257,21 @@ def test_default_config_projects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     rows = exact.cache.load(torch.float64)
     bound = vectors.rows.double().abs() @ (rows.abs().amax(dim=1, keepdim=True) / 254).expand_as(rows).T
     assert ((got - want).abs() <= bound + 1e-9).all()
+
+
+def test_the_default_masks_follow_the_model_size() -> None:
+    """``mask_basis`` left at None: the top eigen-directions where the factor spaces are more than
+    ``TOP_MASKS_MIN_RATIO`` times the row (a real LLM), a random draw of them otherwise; a value the
+    user gives is kept (the resolved configuration a cache records carries the choice)."""
+    from hf_grass.capture import GradientComputer
+    from hf_grass.capture.engine import TOP_MASKS_MIN_RATIO
+
+    net = tiny_llama(VOCAB, hidden=32)
+    computer = GradientComputer(net, GraSSConfig(total_dim=64))
+    size = sum(c.m_in * c.m_out for c in computer.compressors.values())  # type: ignore[attr-defined]
+    assert size > TOP_MASKS_MIN_RATIO * 64 and computer.config.mask_basis == "top"
+    wide = size // 8  # between the row and TOP_MASKS_MIN_RATIO rows
+    assert GradientComputer(net, GraSSConfig(total_dim=wide)).config.mask_basis == "eigen"
+    given = GradientComputer(net, GraSSConfig(total_dim=64, mask_basis="eigen"))
+    assert given.config.mask_basis == "eigen"
+    assert GradientComputer(net, GraSSConfig(proj_dim=16)).config.mask_basis == "input"

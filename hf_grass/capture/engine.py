@@ -90,15 +90,37 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
-def _factor_space_fits(config: GraSSConfig, targets: list[TargetModule]) -> bool:
+def _factor_space_size(config: GraSSConfig, targets: list[TargetModule]) -> int | None:
+    """The numbers of every module's factor space together in the global layout (None: the
+    compressor has none)."""
     widths = getattr(compressor_class(config.compressor), "factor_widths", None)
     if widths is None:
-        return False
+        return None
     total = 0
     for t in targets:
         m_in, m_out = widths(config, t.d_in, t.d_out)
         total += m_in * m_out
-    return total <= int(config.total_dim or 0)
+    return total
+
+
+# ``mask_basis`` left at None in the global layout: the masks keep the top eigen-directions of each
+# factor when the modules' factor spaces are more than this many times the row (a real LLM), and a
+# random draw of them (unbiased) otherwise. The sketch's error on a score scales with the norms of
+# the whitened factor-space gradients against the row's width: a random draw's tail directions carry
+# a small model's fact-level signal (bench-dev's GPT-2, 4.6 x its row: random 0.71 / top 0.61 fact
+# recall@1, LDS 0.398 / 0.376), but on SmolLM2 (108 x its row) the sketch drowned them (recall@1
+# 0.31 random / 0.56 top); docs/benchmarks.md. The ratios in between are not measured.
+TOP_MASKS_MIN_RATIO = 16
+
+
+def _resolve_masks(given: GraSSConfig, config: GraSSConfig, factor_size: int | None) -> GraSSConfig:
+    """``config`` (resolved) with the eigen masks' kind chosen from the model's size where the user
+    left ``mask_basis`` at None (``TOP_MASKS_MIN_RATIO``)."""
+    if given.mask_basis is not None or config.mask_basis != "top" or factor_size is None:
+        return config
+    if factor_size > TOP_MASKS_MIN_RATIO * int(config.total_dim or 0):
+        return config
+    return config.replace(mask_basis="eigen")
 
 
 def target_device(target: TargetModule) -> torch.device:
@@ -161,7 +183,8 @@ class GradientComputer:
     Args:
         model: the model (wrappers are unwrapped for naming; forward runs on the unwrapped model,
             which under DeepSpeed ZeRO-3 still gathers parameters through its module hooks).
-        config: compressor and target configuration (used resolved: ``config.resolved()``).
+        config: compressor and target configuration (used resolved: ``config.resolved()``, with the
+            masks' kind chosen from the model's size where ``mask_basis`` is None: ``TOP_MASKS_MIN_RATIO``).
         targets: explicit targets (default: ``find_target_modules`` from the config).
         device: where inputs go and rows are gathered (default: the model's first parameter's
             device). Each compressor lives on its own module's device.
@@ -191,17 +214,19 @@ class GradientComputer:
             )
         self.loss_fn = per_example_loss
         self.model = unwrap_model(model)
-        self.config = config = config.resolved()
+        given, config = config, config.resolved()
         self.targets = targets or find_target_modules(
             self.model, config.target_modules, config.exclude_modules
         )
+        factor_size = _factor_space_size(config, self.targets)
+        self.config = config = _resolve_masks(given, config, factor_size)
         if device is None:
             param = next(self.model.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
         self.device = torch.device(device)
         # the global layout when every module's factor space fits the budget together: store the
         # factor-space gradients themselves (no projection noise at all; e.g. a small MLP)
-        self.embedded = config.total_dim is not None and _factor_space_fits(config, self.targets)
+        self.embedded = config.total_dim is not None and factor_size is not None and factor_size <= config.total_dim
         # each on its module's device: the hooks compress there (a device_map model spans devices)
         self.compressors: dict[str, Compressor] = {
             t.name: make_compressor(
