@@ -47,7 +47,11 @@ METHODS: dict[str, Method] = {
     "damping-0.1": Method("grass", query={"damping": 0.1}),
     "cosine": Method("grass", query={"cosine": True}),
     "identity": Method("grass", build={"preconditioner": "identity"}),
-    "default-no-lm_head": Method("grass", build={"exclude_modules": ["lm_head"]}),
+    # the default leaves an LLM's lm_head out (capture.targets.WIDE_OUTPUT): naming it puts it back
+    "with-lm_head": Method("grass", build={"target_modules": r".*_proj|lm_head"}),
+    "random-eigen-masks": Method("grass", build={"mask_basis": "eigen"}),
+    # hf_grass 0.2.0's default: random eigen masks, lm_head included
+    "v0.2-default": Method("grass", build={"mask_basis": "eigen", "target_modules": r".*_proj|lm_head"}),
     "bm25-q": Method("bm25"),
     "bm25-qa": Method("bm25", answer=True),
     "kronfluence": Method("kronfluence", damping=1e-8),  # its default: true Fisher, damping 1e-8

@@ -389,6 +389,7 @@ def fit_eigen_masks(
     """
     # (side, the sum's key) -> (eigenvalues, vectors)
     solved: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]] = {}
+    fit = _SideFit(damping, top, solved)
     # how many modules still need each sum's decomposition: it is dropped after its last reader, so
     # the device holds the decompositions of a few sums at a time, not of the whole model (an input
     # shared by q/k/v, or a side pooled over a layer's experts, is decomposed once)
@@ -399,10 +400,10 @@ def fit_eigen_masks(
     for name, comp in compressors.items():
         count_in, count_out = covariances.counts(name)
         key_in, key_out = keys[name]
-        map_in, eig_in, row_in = _side(covariances.input_covariance(name), comp.d_in, comp.in_idx,
-                                       comp.generator("hash_in"), damping, solved, key_in, count_in, top)  # fmt: skip
-        map_out, eig_out, row_out = _side(covariances.output_covariance(name), comp.d_out, comp.out_idx,
-                                          comp.generator("hash_out"), damping, solved, key_out, count_out, top)  # fmt: skip
+        map_in, eig_in, row_in = _side(fit, covariances.input_covariance(name), comp.d_in, comp.in_idx,
+                                       comp.generator("hash_in"), key_in, count_in)  # fmt: skip
+        map_out, eig_out, row_out = _side(fit, covariances.output_covariance(name), comp.d_out, comp.out_idx,
+                                          comp.generator("hash_out"), key_out, count_out)  # fmt: skip
         for key in (key_in, key_out):
             if key[1] is not None:
                 readers[key] -= 1
@@ -416,19 +417,28 @@ def fit_eigen_masks(
     return Eigenbasis(modules, mean)
 
 
+@dataclass
+class _SideFit:
+    """What every side of one ``fit_eigen_masks`` shares: the whitening damping, the masks' kind
+    (``top``) and the decompositions already made, by (side, the sum's key)."""
+
+    damping: float
+    top: bool
+    solved: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]]
+
+
 def _side(
+    fit: _SideFit,
     cov: torch.Tensor | None,
     d: int,
     idx: torch.Tensor,
     gen: torch.Generator,
-    damping: float,
-    solved: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]],
     key: tuple[str, str | None],
     count: float,
-    top: bool = False,
 ) -> tuple[FactorMap, torch.Tensor, torch.Tensor]:
     """``(map, curvature eigenvalues, eigenvalues of the stored coordinates)`` of one side, the
     eigenvalues divided by ``count`` (``WarmupCovariances.counts``)."""
+    damping, solved = fit.damping, fit.solved
     idx = idx.cpu()
     m = idx.numel()
     if cov is not None and cov.dim() == 1:  # a wide side: whitened signed hash
@@ -452,7 +462,7 @@ def _side(
     else:
         eig, vectors = solved[key]
     scale = eigen_scale(d, m)
-    if top:  # the m largest (eigh_psd sorts ascending; ties broken by position, deterministically)
+    if fit.top:  # the m largest (eigh_psd sorts ascending; ties broken by position, deterministically)
         idx, scale = torch.arange(d - m, d).flip(0), 1.0
     kept = (eig[idx.to(eig.device)] / count).cpu()
     fmap = EigenMap(vectors[:, idx.to(vectors.device)].to(torch.float32).cpu().contiguous(), scale)
