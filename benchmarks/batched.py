@@ -2,7 +2,7 @@
 in-RAM ``torch.mm`` of the same size.
 
 - ``stream (library)``: ``hf_grass.scoring.scan(cache, queries, k, top=True, bottom=True)``: blocks
-  of rows converted to float32 (``GradientCache.iter_row_blocks``), one matrix-matrix product per
+  of rows converted to float32 (``GradientCache.rows.iter_row_blocks``), one matrix-matrix product per
   block, pending scores merged into the running lists every ``TopKAccumulator.flush_rows`` rows;
   no ``[n_query, n_rows]`` matrix.
 - ``torch.mm in RAM``: every row already in RAM as float32, ``torch.mm(queries, rows.T)``: the
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{nq} queries x {n} rows x {dim}; in-RAM product over {mm_rows} rows", flush=True)
     rows32 = torch.empty(mm_rows, dim)
     pos = 0
-    for block in cache.iter_row_blocks(1 << 14):
+    for block in cache.rows.iter_row_blocks(1 << 14):
         take = min(block.rows.shape[0], mm_rows - pos)
         rows32[pos : pos + take] = block.rows[:take]
         pos += take

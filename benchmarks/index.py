@@ -234,7 +234,7 @@ def diagnose(cache: GradientCache, queries: torch.Tensor, rows: int) -> dict[str
     """Why the rows are hard for an index: norm tail, where the queries' energy lies, how extreme the
     top and bottom scores are (on the first ``rows`` rows)."""
     rows = min(rows, (1 << 30) // (4 * cache.dim))  # at most 1 GB of float32 rows (8456 of 31,744)
-    x = torch.cat([b.rows.clone() for b in cache.iter_row_blocks(1 << 12, shards=list(range(len(cache.shards))))
+    x = torch.cat([b.rows.clone() for b in cache.rows.iter_row_blocks(1 << 12, shards=list(range(len(cache.shards))))
                    if b.start < rows])[:rows]  # fmt: skip
     norms = x.norm(dim=1)
     scores = queries @ x.T

@@ -222,7 +222,7 @@ def prefix_cache(src: Path, dst: Path, rows: int) -> int:
 
 def drop_page_cache(cache: GradientCache) -> None:
     """Best effort: ask the kernel to evict the (clean) shard pages."""
-    for path in cache._shard_paths:
+    for path in cache.rows.paths:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -235,7 +235,7 @@ def load_numpy(cache: GradientCache, dtype: np.dtype, rows: int | None = None) -
     total = cache.num_rows if rows is None else min(rows, cache.num_rows)
     out = np.empty((total, cache.dim), dtype=dtype)
     pos = 0
-    for _, grads in cache.iter_shards():
+    for _, grads in cache.rows.iter_shards():
         if pos >= total:
             break
         n = min(grads.shape[0], total - pos)
@@ -266,7 +266,7 @@ def convert_only(cache: GradientCache, chunk: int) -> None:
     reused fp32 buffer, replicated here without the matmul or the merge. ``chunk`` is
     ``scoring.chunk_rows(n_query, dim)``."""
     buf = torch.empty(chunk, cache.dim, dtype=torch.float32)
-    for _, grads in cache.iter_shards():
+    for _, grads in cache.rows.iter_shards():
         for start in range(0, grads.shape[0], chunk):
             stop = min(start + chunk, grads.shape[0])
             buf[: stop - start].copy_(grads[start:stop])

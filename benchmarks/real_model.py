@@ -222,7 +222,7 @@ def fact_check(model: Any, tokenizer: Any, cache: Any, docs: list[dict[str, str]
     picked = [i for i in rng.sample(range(len(docs)), min(args.queries, len(docs))) if docs[i]["first"] in rows[i]["text"]]
     searches = ["exact"]
     if args.bm25:
-        cache.build_lexical_index()
+        cache.indexes.build_lexical()
         cache.build_index()
         searches += ["bm25", "index+bm25"]
     out: dict[str, Any] = {"queries": len(picked)}
@@ -238,7 +238,7 @@ def fact_check(model: Any, tokenizer: Any, cache: Any, docs: list[dict[str, str]
         out[search] = {"recall@1": sum(r < 1 for r in ranks) / len(ranks), "recall@10": sum(r < 10 for r in ranks) / len(ranks)}
         print(f"facts: {search}: {out[search]}", flush=True)
     if args.bm25:  # BM25's own ranking, no gradients
-        lexical = cache.lexical_index()
+        lexical = cache.indexes.lexical()
         hits = lexical.search([f"What does {docs[i]['name']} do? {docs[i]['first']}" for i in picked], 10)
         positions = [h.tolist() for h in hits]
         ranks = [pos.index(int(cache.indices.tolist().index(i))) if cache.indices.tolist().index(i) in pos else 10

@@ -43,7 +43,7 @@ class ExampleSource:
             that the forward does not take are left out, as the Trainer's
             ``remove_unused_columns`` does (``None``: keep every column).
         prefix: the special token ids the documents of a cache begin with
-            (``GradientCache.document_prefix``); text rows then begin with them instead of the
+            (``GradientCache.document_store.prefix``); text rows then begin with them instead of the
             tokenizer's own leading special tokens (``encode_text``). ``None``: as the tokenizer adds.
     """
 

@@ -36,7 +36,7 @@ def encode_query(
 ) -> tuple[str, str, dict[str, torch.Tensor]]:
     """(prompt text, completion text, a one-example batch whose loss covers the completion only).
 
-    The query begins the way the cached ``documents`` begin (``GradientCache.document_prefix``):
+    The query begins the way the cached ``documents`` begin (``GradientCache.document_store.prefix``):
     a string prompt starts with exactly the special token ids every document starts with, in place
     of those the tokenizer adds itself, so documents that begin with ``<eos>`` give a query that
     begins with ``<eos>``, and a tokenizer that adds ``<bos>`` does not put it in twice. Without a
@@ -56,8 +56,8 @@ def encode_query(
         )
         example = {"input_ids": ids, "labels": labels}
         return prompt_text, text, collate([example], pad_token_id(tokenizer), padding_side(tokenizer))
-    prefix = documents.document_prefix if documents is not None else None
-    if documents is not None and documents.chat_documents:
+    prefix = documents.document_store.prefix if documents is not None else None
+    if documents is not None and documents.document_store.chat:
         logger.warning(
             "The cached documents begin the way the chat template begins a conversation; pass the "
             "prompt as a list of messages so that the query is encoded like them."
@@ -90,7 +90,7 @@ def _encode_chat_query(
 ) -> tuple[list[int], list[int], str]:
     """``encode_query`` for a chat prompt: (input ids, labels, completion text) of the SFT encoding
     of the prompt and the completion as the assistant's turn."""
-    prefix = (documents.document_prefix if documents is not None else None) or []
+    prefix = (documents.document_store.prefix if documents is not None else None) or []
     specials = special_ids(tokenizer)
     recorded = documents.manifest.get("documents") if documents is not None else None
     built_with = recorded.get("chat_template_sha256") if isinstance(recorded, dict) else None

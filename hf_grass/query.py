@@ -189,7 +189,7 @@ class Attributor:
             self.config,
             self.model,
             all_columns=self.per_example_loss is not None,
-            prefix=self.cache.document_prefix,  # text queries begin as the documents do
+            prefix=self.cache.document_store.prefix,  # text queries begin as the documents do
         )
         return source, self.query_vectors(padded_batches(source, self.tokenizer, self.batch_size))
 

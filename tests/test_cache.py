@@ -70,7 +70,7 @@ def test_layout_roundtrip_and_rows(tmp_path: Path, dtype: str) -> None:
         direct = computer.compute(collate(data)).rows
     torch.testing.assert_close(rows, direct.to(config.torch_dtype).float())
     # memory-mapped shard reads, documents, statistics
-    (indices, grads), *_ = cache.iter_shards()
+    (indices, grads), *_ = cache.rows.iter_shards()
     assert grads.dtype == config.torch_dtype and indices.tolist() == [0, 1, 2, 3]
     docs = cache.documents([5])
     assert docs[5]["index"] == 5
@@ -192,7 +192,7 @@ def test_unsupervised_examples_are_skipped_and_recorded(
     data[4] = {"input_ids": [9]}  # one token: nothing to predict
     cache = build(tmp_path / "c", model, GraSSConfig(compressor="factgrass", proj_dim=16), data)
     assert cache.indices.tolist() == [0, 1, 3]
-    assert cache.skipped == [2, 4]
+    assert cache.document_store.skipped == [2, 4]
     assert "no supervised tokens" in caplog.text
 
 

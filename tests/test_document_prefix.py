@@ -59,7 +59,7 @@ def test_documents_that_begin_with_eos_give_queries_that_do(tmp_path: Path) -> N
     rows = [{"input_ids": [EOS] + words(tok, d) + [EOS]} for d in DOCS]  # bench-dev's encoding
     model, cache = build(tmp_path, "eos", tok, rows)
     record = cache.manifest["documents"]
-    assert cache.document_prefix == [EOS] and record["extra_prefix"] == [EOS]
+    assert cache.document_store.prefix == [EOS] and record["extra_prefix"] == [EOS]
     assert record["tokenizer_prefix"] == [] and record["chat_template"] is None
     assert query_ids(model, tok, cache) == [EOS] + words(tok, "w0 w1 w2")
     # end to end: find_influential scores the query bench-dev encodes, not the tokenizer's encoding
@@ -79,14 +79,14 @@ def test_documents_that_begin_with_eos_give_queries_that_do(tmp_path: Path) -> N
 def test_documents_without_a_prefix_keep_the_tokenizer_encoding(tmp_path: Path) -> None:
     tok = word_tokenizer(WORDS)
     model, cache = build(tmp_path, "plain", tok, DOCS)  # text rows, tokenized the tokenizer's way
-    assert cache.document_prefix == [] and cache.manifest["documents"]["extra_prefix"] == []
+    assert cache.document_store.prefix == [] and cache.manifest["documents"]["extra_prefix"] == []
     assert query_ids(model, tok, cache) == words(tok, "w0 w1 w2") == query_ids(model, tok, None)
 
 
 def test_a_tokenizer_that_adds_bos_itself_does_not_get_it_twice(tmp_path: Path) -> None:
     tok = bos_tokenizer()
     model, cache = build(tmp_path, "bos-text", tok, DOCS)
-    assert cache.document_prefix == [BOS] and cache.manifest["documents"]["extra_prefix"] == []
+    assert cache.document_store.prefix == [BOS] and cache.manifest["documents"]["extra_prefix"] == []
     assert query_ids(model, tok, cache) == [BOS] + words(tok, "w0 w1 w2")
     # pretokenized documents `<bos> <eos> words`: the tokenizer adds <bos>, the pipeline <eos>
     rows = [{"input_ids": [BOS, EOS] + words(tok, d)} for d in DOCS]
@@ -108,7 +108,7 @@ def test_old_caches_without_the_record_open_and_query_as_before(tmp_path: Path) 
         del shard["prefix"]
     manifest_path.write_text(json.dumps(manifest))
     old = GradientCache(cache.path, verify=True)
-    assert old.document_prefix is None and not old.chat_documents
+    assert old.document_store.prefix is None and not old.document_store.chat
     assert query_ids(model, tok, old) == [BOS] + words(tok, "w0 w1 w2")  # the tokenizer's own encoding
     assert find_influential("w0 w1", model=model, tokenizer=tok, cache=old, k=2, completion="w2").documents
 

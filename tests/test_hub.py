@@ -22,6 +22,7 @@ from huggingface_hub import DatasetCard, HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import hf_grass.cache.reader as reader_module
+import hf_grass.cache.reader_rows as reader_rows_module
 import hf_grass.cache.verification as verification_module
 from hf_grass import GradientCache, GraSSConfig, find_influential
 from hf_grass.attribution import run_attribution_pass
@@ -189,8 +190,9 @@ def _no_reads_before_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a file was read before the download was checked")
 
-    monkeypatch.setattr(reader_module, "read_header", boom)
-    monkeypatch.setattr(reader_module, "mmap_tensors", boom)
+    monkeypatch.setattr(reader_rows_module, "read_header", boom)  # the shard headers
+    monkeypatch.setattr(reader_rows_module, "mmap_tensors", boom)  # the rows
+    monkeypatch.setattr(reader_module, "mmap_tensors", boom)  # the statistics and the eigenbasis
 
 
 @pytest.mark.parametrize("how", ["storage", "commit"])

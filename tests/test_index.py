@@ -16,6 +16,7 @@ import torch
 import hf_grass.cache.index as index_module
 from hf_grass.cache import CacheError, GradientCache
 from hf_grass.cache.manifest import MANIFEST
+from hf_grass.cache.reader_rows import CacheRows
 from hf_grass.cache.writer import CacheWriter, ShardContent
 from hf_grass.config import GraSSConfig
 from hf_grass.scoring import Normalisation, Search, TopKAccumulator, lookup, scan
@@ -163,7 +164,7 @@ def test_no_index_means_the_exact_scan(cache: GradientCache) -> None:
 def test_interrupted_build_resumes_from_its_checkpoint(cache: GradientCache, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = write_cache(cache.path.parent / "reference")
     want = reference.build_index("ivfpq")
-    real = GradientCache.iter_row_blocks
+    real = CacheRows.iter_row_blocks
     read: list[int] = []
 
     def failing(self, rows_per_block, shards=None):  # noqa: ANN001, ANN202
@@ -173,7 +174,7 @@ def test_interrupted_build_resumes_from_its_checkpoint(cache: GradientCache, mon
             read.append(block.rows.shape[0])
             yield block
 
-    monkeypatch.setattr(GradientCache, "iter_row_blocks", failing)
+    monkeypatch.setattr(CacheRows, "iter_row_blocks", failing)
     fail = True
     with pytest.raises(OSError, match="injected"):
         cache.build_index("ivfpq", checkpoint_rows=100)
@@ -195,9 +196,9 @@ def test_a_repeated_build_keeps_the_index_entry(cache: GradientCache) -> None:
 
 
 def test_bm25_candidates_and_the_join(cache: GradientCache) -> None:
-    entry = cache.build_lexical_index()
+    entry = cache.indexes.build_lexical()
     assert entry["rows"] == cache.num_rows and all((cache.path / f["file"]).is_file() for f in entry["files"])
-    lexical = GradientCache(cache.path, verify=True).lexical_index()
+    lexical = GradientCache(cache.path, verify=True).indexes.lexical()
     hits = lexical.search(["violin tiger", "nothing matches"], 20)
     found = hits[0][hits[0] >= 0]
     texts = {i: d["text"] for i, d in cache.documents().items()}
@@ -238,7 +239,7 @@ def test_batched_lists_equal_the_dense_scores(cache: GradientCache) -> None:
 def test_rows_at_reads_the_rows(cache: GradientCache) -> None:
     rows = cache.load()
     positions = torch.tensor([399, 0, 64, 63, 64, 200])
-    torch.testing.assert_close(cache.rows_at(positions), rows[positions])
-    blocks = list((b.start, b.rows.clone()) for b in cache.iter_row_blocks(50, shards=[1, 3]))
+    torch.testing.assert_close(cache.rows.rows_at(positions), rows[positions])
+    blocks = list((b.start, b.rows.clone()) for b in cache.rows.iter_row_blocks(50, shards=[1, 3]))
     assert [s for s, _ in blocks] == [64, 114, 192, 242]
     torch.testing.assert_close(torch.cat([r for _, r in blocks]), torch.cat([rows[64:128], rows[192:256]]))

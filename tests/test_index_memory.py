@@ -17,6 +17,7 @@ import hf_grass.cache.rows as rows_module
 from hf_grass.cache import CacheError, GradientCache
 from hf_grass.cache.index import IndexSettings, index_vectors
 from hf_grass.cache.projection import RowProjection, principal_directions
+from hf_grass.cache.reader_rows import CacheRows
 from hf_grass.scoring import Search, lookup, scan
 
 # the module (hf_grass.scoring exports a function of the same name)
@@ -96,7 +97,7 @@ def test_the_training_sample_and_the_reads_are_bounded_in_bytes(
     cache: GradientCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads: list[int] = []
-    real = GradientCache.rows_at
+    real = CacheRows.rows_at
 
     def counting(self, positions):  # noqa: ANN001, ANN202
         reads.append(int(positions.numel()))
@@ -109,7 +110,7 @@ def test_the_training_sample_and_the_reads_are_bounded_in_bytes(
         vectors.append(int(positions.numel()))
         return real_vectors(self, positions)
 
-    monkeypatch.setattr(GradientCache, "rows_at", counting)
+    monkeypatch.setattr(CacheRows, "rows_at", counting)
     monkeypatch.setattr(index_build._Build, "vectors", counting_vectors)
     monkeypatch.setattr(index_build, "READ_BYTES", 4 * DIM * 50)  # 50 full rows per read
     width = 12
@@ -135,7 +136,7 @@ def test_two_stage_batches_are_sized_from_the_row_width(
     want = lookup(cache, q, 5, top=True, bottom=True, search=Search("index", 40))
     gathered: list[int] = []
     decoded: list[int] = []
-    real, real_decode = GradientCache.stored_at, two_stage_module.rows_to_float32
+    real, real_decode = CacheRows.stored_at, two_stage_module.rows_to_float32
 
     def counting(self, positions):  # noqa: ANN001, ANN202
         gathered.append(int(positions.numel()))
@@ -145,7 +146,7 @@ def test_two_stage_batches_are_sized_from_the_row_width(
         decoded.append(out.data_ptr())
         return real_decode(stored, out)
 
-    monkeypatch.setattr(GradientCache, "stored_at", counting)
+    monkeypatch.setattr(CacheRows, "stored_at", counting)
     monkeypatch.setattr(two_stage_module, "rows_to_float32", decode)
     monkeypatch.setattr(two_stage_module, "chunk_rows", lambda n_query, dim: 16)
     # room for 2 queries' candidates: 40 per list, 2 lists, index and shortlist (fp16 rows)
@@ -169,7 +170,7 @@ def test_gathered_rows_are_decoded_once(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(rows_module, "rows_to_float32", counting)
     for positions in ([3, 64, 65, 129], [129, 3, 64], [5, 5, 70, 3, 70]):  # sorted, unsorted, repeats
         calls.clear()
-        torch.testing.assert_close(cache.rows_at(torch.tensor(positions)), rows[positions])
+        torch.testing.assert_close(cache.rows.rows_at(torch.tensor(positions)), rows[positions])
         assert calls == [True]  # one decode, into the result
 
 

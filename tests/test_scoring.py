@@ -186,7 +186,7 @@ def test_factgrass_scores_equal_the_exact_factor_space_score(tmp_path: Path, kin
     torch.testing.assert_close(got, exact, rtol=RTOL, atol=RTOL * exact.abs().max().item())
     # the norms stored with the rows: the gradient norm always; the preconditioned one is that of the
     # build-time K-FAC whitening, so exact against the K-FAC inverse at the build damping (0.1 here)
-    stored = torch.cat([shard.norms for shard in cache.iter_stored()]).double()
+    stored = torch.cat([shard.norms for shard in cache.rows.iter_stored()]).double()
     torch.testing.assert_close(stored[:, 0], grad_sq.sqrt(), rtol=RTOL, atol=0)
     torch.testing.assert_close(stored[:, 1], train_pre_sq.sqrt(), rtol=RTOL, atol=0)
     # the queries' norms, in the same two geometries

@@ -78,7 +78,7 @@ def grass(tmp_path: Path, name: str) -> GraSSConfig:
 def assert_same_rows(a: GradientCache, b: GradientCache) -> None:
     """Bit-identical shards: indices, stored rows, norms; and the same documents."""
     assert a.num_rows == b.num_rows > 0 and a.dim == b.dim
-    for x, y in zip(a.iter_stored(), b.iter_stored(), strict=True):
+    for x, y in zip(a.rows.iter_stored(), b.rows.iter_stored(), strict=True):
         assert torch.equal(x.indices, y.indices)
         assert torch.equal(x.grads, y.grads)
         assert x.norms is not None and y.norms is not None and torch.equal(x.norms, y.norms)
@@ -145,7 +145,7 @@ def test_mixin_trains_and_finds_the_planted_documents(tmp_path: Path, corpus: di
                                     grass_config=grass(tmp_path, "mixin"))  # fmt: skip
     trainer.train()
     cache = trainer.build_gradient_cache()
-    assert cache.num_rows == len(corpus["rows"]) and cache.chat_documents
+    assert cache.num_rows == len(corpus["rows"]) and cache.document_store.chat
     hits = 0
     for fact in facts:
         result = trainer.find_influential([{"role": "user", "content": fact["prompt"]}], k=3,

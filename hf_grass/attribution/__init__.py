@@ -43,7 +43,7 @@ def example_source(
 
     Columns of non-causal-LM rows that the model's forward does not take are left out (as the
     Trainer does), unless ``all_columns`` (a user's ``per_example_loss`` may read any column).
-    ``prefix``: the special ids text rows begin with (queries: the cache's ``document_prefix``).
+    ``prefix``: the special ids text rows begin with (queries: the cache's ``document_store.prefix``).
     """
     max_length = config.max_length or context_length(model)
     return ExampleSource(

@@ -301,6 +301,21 @@ def push_folder(root: Path, manifest: dict[str, Any], files: list[Path], target:
     )
 
 
+def push_cache(cache: Any, target: PushTarget) -> CommitInfo:
+    """Upload an open cache (``GradientCache.push_to_hub``): refused unless the build is finished,
+    every file is here (not a lazy pull) and matches its sha256; then ``push_folder``."""
+    if not cache.manifest["complete"]:
+        raise CacheError(
+            f"{cache.path} is an unfinished build ({cache.num_rows} of {cache.manifest['num_examples']} "
+            "rows); run the build again to finish it before pushing."
+        )
+    if cache.remote is not None and not all(path.is_file() for path, _ in cache.files()):
+        raise CacheError(f"{cache.path} is a lazy pull, not all of it is here; pull it with lazy=False to push")
+    # never publish a damaged cache: every file must match its sha256 (and pushing writes nothing here)
+    cache.verify(full=True, remember=False)
+    return push_folder(cache.path, cache.manifest, [path for path, _ in cache.files()], target)
+
+
 # ---- pull ---------------------------------------------------------------------------------------
 
 
@@ -373,7 +388,7 @@ def download(
     (and, with ``lazy``, the ``RemoteFiles`` that fetch the shards on demand).
 
     ``lazy``: download only the manifest, statistics, eigenbasis and indexes now, pinned to the
-    commit the revision points to; shards come when a read needs them (``GradientCache.rows_at``
+    commit the revision points to; shards come when a read needs them (``GradientCache.rows.rows_at``
     after an index lookup reads only the shards holding candidates). Nothing is checked here:
     ``open_cache`` opens the folder like any other cache.
     """

@@ -204,7 +204,7 @@ class _Build:
         rows = torch.empty(size, self.cache.dim, dtype=torch.float32)
         for lo in range(0, size, self.read_rows):
             part = positions[lo : lo + self.read_rows]
-            rows[lo : lo + part.shape[0]] = self.cache.rows_at(part)
+            rows[lo : lo + part.shape[0]] = self.cache.rows.rows_at(part)
         if self.progress:
             print(f"hf-grass: {spec['principal']} principal directions of {size} sampled rows", flush=True)
         basis = principal_directions(rows, spec["principal"], spec["seed"])
@@ -215,7 +215,7 @@ class _Build:
         """The index's vectors of the rows at ``positions``, read a chunk at a time."""
         out = torch.empty(positions.shape[0], self.width, dtype=torch.float32)
         for lo in range(0, positions.shape[0], self.read_rows):
-            rows = self.cache.rows_at(positions[lo : lo + self.read_rows])
+            rows = self.cache.rows.rows_at(positions[lo : lo + self.read_rows])
             out[lo : lo + rows.shape[0]] = index_vectors(rows, self.projection, self.plan["cosine"])
         return out
 
@@ -241,10 +241,10 @@ class _Build:
         """Add the rows of shards ``first ..`` in row order (FAISS ids = row positions); keeps the
         running shortlist (the ``shortlist_rows`` largest norms of the full rows) and returns it."""
         cache, m = self.cache, self.plan["shortlist_rows"]
-        if int(index.ntotal) != int(cache.row_offsets[first]):
+        if int(index.ntotal) != int(cache.rows.row_offsets[first]):
             raise CacheError("the index checkpoint does not match its recorded position; rebuild it")
         since = 0
-        for block in cache.iter_row_blocks(self.read_rows, shards=list(range(first, len(cache.shards)))):
+        for block in cache.rows.iter_row_blocks(self.read_rows, shards=list(range(first, len(cache.shards)))):
             index.add(np.ascontiguousarray(index_vectors(block.rows, self.projection, self.plan["cosine"]).numpy()))
             if m:
                 norms = torch.cat([top["norms"], block.rows.norm(dim=1)])
@@ -253,8 +253,8 @@ class _Build:
                 top = {"norms": norms[keep], "positions": positions[keep]}
             since += block.rows.shape[0]
             end = block.start + block.rows.shape[0]
-            shard = int(torch.searchsorted(cache.row_offsets, torch.tensor([end - 1]), right=True)[0]) - 1
-            if since >= self.checkpoint_rows and end == int(cache.row_offsets[shard + 1]):
+            shard = int(torch.searchsorted(cache.rows.row_offsets, torch.tensor([end - 1]), right=True)[0]) - 1
+            if since >= self.checkpoint_rows and end == int(cache.rows.row_offsets[shard + 1]):
                 self.checkpoint(index, shard + 1, top)
                 since = 0
                 if self.progress:

@@ -49,21 +49,6 @@ def _tokenize(texts: list[str], stopwords: str | None) -> list[list[str]]:
     return _bm25s().tokenize(texts, stopwords=stopwords, return_ids=False, show_progress=False)
 
 
-def document_texts(cache: Any) -> list[str]:
-    """Every row's document text, in row order ('' where none was stored)."""
-    texts: list[str] = []
-    for pos, shard in enumerate(cache.shards):
-        path = safe_path(cache.path, shard["docs"])
-        if getattr(cache, "remote", None) is not None and not path.is_file():
-            cache.remote.fetch([(shard["docs"], shard["docs_sha256"])])
-        with open(path, encoding="utf-8") as fh:
-            lines = [json.loads(line).get("text") or "" for line in fh]
-        if len(lines) != shard["rows"]:
-            raise CacheError(f"{path} holds {len(lines)} documents for {shard['rows']} rows (shard {pos})")
-        texts += lines
-    return texts
-
-
 @dataclass
 class LexicalIndex:
     retriever: Any
@@ -98,7 +83,7 @@ def build_lexical_index(
         return existing
     (root / INDEX_DIR).mkdir(exist_ok=True)
     with FileLock(root / INDEX_DIR / ".lock"):
-        texts = document_texts(cache)
+        texts = cache.document_store.texts()  # every row's text, in row order
         if not any(t.strip() for t in texts):
             raise ValueError(f"the documents of {root} have no text; there is nothing to index lexically")
         retriever = bm25s.BM25(k1=k1, b=b)

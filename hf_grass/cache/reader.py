@@ -16,23 +16,20 @@ costs a ``stat`` per file; ``verify(full=True)`` re-hashes everything.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections import OrderedDict
-from collections.abc import Iterator
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hf_grass.cache import hub, index_build, lexical
-from hf_grass.cache import index as faiss_index
-from hf_grass.cache import rows as row_io
-from hf_grass.cache.files import CacheError, mmap_tensors, read_header
+from hf_grass.cache import hub
+from hf_grass.cache.files import CacheError, mmap_tensors
+from hf_grass.cache.index import FaissIndex, index_files
 from hf_grass.cache.manifest import MANIFEST, load_json, safe_path, validate_manifest
-from hf_grass.cache.rows import RowBlock, StoredShard
+from hf_grass.cache.reader_documents import CacheDocuments
+from hf_grass.cache.reader_indexes import CacheIndexes
+from hf_grass.cache.reader_rows import CacheRows
 from hf_grass.cache.verification import verify_files
 from hf_grass.config import GraSSConfig
 
@@ -40,7 +37,12 @@ logger = logging.getLogger("transformers.hf_grass")
 
 
 class GradientCache:
-    """A gradient cache on disk.
+    """A gradient cache on disk: what it holds, its integrity, and the reads most callers make.
+
+    The work is done by parts, one job each: ``rows`` (``CacheRows``: the shard files, row
+    iterators and gathers), ``document_store`` (``CacheDocuments``: the documents and how they were
+    encoded), ``indexes`` (``CacheIndexes``: the FAISS and BM25 indexes); ``push_to_hub`` goes
+    through ``hf_grass.cache.hub``.
 
     Args:
         path: the cache directory.
@@ -48,6 +50,23 @@ class GradientCache:
             verification are not hashed again; sizes and headers are always checked). The index
             files are checked when an index is loaded.
         source: how to name the cache in messages (a Hub download names its repo and revision).
+        remote: the Hub files of a lazily pulled cache (``open_cache(..., lazy=True)``).
+
+    Attributes:
+        manifest: the validated ``manifest.json``.
+        config: the ``GraSSConfig`` the cache was built with.
+        shards: the manifest's shard records, in row order.
+        num_rows: the number of rows (``len(cache)``).
+        dim: the width of a row.
+        dtype: the storage dtype of the rows.
+        modules: the manifest's module records (``name``, ``offset``, ``dim``, ...), in row order.
+        module_names: the names of those modules.
+        model_info: the manifest's record of the model the rows were computed from.
+        rows: the rows (``CacheRows``): ``iter_row_blocks``, ``iter_shards``, ``iter_stored``,
+            ``rows_at``, ``stored_at``, ``norms_at``, ``indices``, ``load``.
+        document_store: the documents (``CacheDocuments``): ``read``, ``texts``, ``prefix``, ``chat``,
+            ``skipped``.
+        indexes: the indexes (``CacheIndexes``): ``build_faiss``, ``faiss``, ``build_lexical``, ``lexical``.
     """
 
     def __init__(
@@ -71,70 +90,37 @@ class GradientCache:
             raise FileNotFoundError(f"no gradient cache at {self.path}: {manifest_path} does not exist{hint}")
         self.manifest: dict[str, Any] = validate_manifest(load_json(manifest_path), self.path)
         self.config = GraSSConfig.from_dict(self.manifest["config"])
-        self._shard_paths = [safe_path(self.path, s["file"]) for s in self.shards]
-        self._checked = [False] * len(self.shards)  # headers checked (a lazy cache: once fetched)
-        counts = torch.tensor([0] + [s["rows"] for s in self.shards], dtype=torch.int64)
-        self.row_offsets = counts.cumsum(0)  # first row position of each shard, then num_rows
+        # the description: fixed once the manifest is validated (building an index adds its own entry)
+        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        self.num_rows: int = sum(s["rows"] for s in self.shards)
+        self.dim: int = self.manifest["dim"]
+        self.dtype: torch.dtype = self.config.torch_dtype
+        self.modules: list[dict[str, Any]] = self.manifest["modules"]
+        self.module_names: list[str] = [m["name"] for m in self.modules]
+        self.model_info: dict[str, Any] = self.manifest["model"]
+        self.rows = CacheRows(self.path, self.manifest, remote)
+        self.document_store = CacheDocuments(self.path, self.manifest, remote)
+        self.indexes = CacheIndexes(self)
         if verify:  # checksums first: nothing of an unverified file is parsed
             self.verify(indexes=False)
-        for pos, (shard, shard_path) in enumerate(zip(self.shards, self._shard_paths)):
-            if self.remote is not None and not shard_path.is_file():
-                continue  # fetched (and checked) when first read
-            self._checked[pos] = self._check_shard_header(shard, shard_path)
+        self.rows.check_headers()
         if not self.manifest["complete"]:
             logger.warning("Gradient cache %s is incomplete (%d rows so far).", self.path, self.num_rows)
 
     # ---- description ----------------------------------------------------------------------------
 
-    @property
-    def shards(self) -> list[dict[str, Any]]:
-        return self.manifest["shards"]
-
-    @property
-    def num_rows(self) -> int:
-        return sum(s["rows"] for s in self.shards)
-
     def __len__(self) -> int:
         return self.num_rows
 
-    @property
-    def dim(self) -> int:
-        return self.manifest["dim"]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.config.torch_dtype
-
-    @property
-    def modules(self) -> list[dict[str, Any]]:
-        return self.manifest["modules"]
-
-    @property
-    def module_names(self) -> list[str]:
-        return [m["name"] for m in self.modules]
-
-    @property
-    def model_info(self) -> dict[str, Any]:
-        return self.manifest["model"]
-
-    @property
-    def document_prefix(self) -> list[int] | None:
-        """The special token ids every cached document begins with (``<eos>`` or ``<bos>`` first,
-        as many pretraining pipelines do); ``None`` when unknown (a cache built without a tokenizer)."""
-        documents = self.manifest.get("documents")
-        return documents.get("prefix") if isinstance(documents, dict) else None
-
-    @property
-    def chat_documents(self) -> bool:
-        """Whether the documents begin the way the tokenizer's chat template begins a conversation."""
-        documents = self.manifest.get("documents")
-        return bool(documents.get("chat_template")) if isinstance(documents, dict) else False
-
-    @property
-    def skipped(self) -> list[int]:
-        return [i for s in self.shards for i in s["skipped"]]
+    def module_slice(self, name: str) -> slice:
+        """The columns of a row that hold module ``name``."""
+        for m in self.modules:
+            if m["name"] == name:
+                return slice(m["offset"], m["offset"] + m["dim"])
+        raise KeyError(f"module {name!r} is not in this cache; it has {self.module_names[:10]}...")
 
     def summary(self) -> dict[str, Any]:
+        """What ``hf-grass info`` prints: sizes, build settings, the model."""
         size = (
             sum(p.stat().st_size for p, _ in self.files() if p.is_file())
             + (self.path / MANIFEST).stat().st_size
@@ -143,7 +129,7 @@ class GradientCache:
             "path": str(self.path),
             "rows": self.num_rows,
             "examples": self.manifest["num_examples"],
-            "skipped": len(self.skipped),
+            "skipped": len(self.document_store.skipped),
             "truncated": sum(s.get("truncated", 0) for s in self.shards),
             "complete": self.manifest["complete"],
             "compressor": self.config.compressor,
@@ -168,40 +154,10 @@ class GradientCache:
 
     # ---- integrity ------------------------------------------------------------------------------
 
-    def _check_shard_header(self, shard: dict[str, Any], path: Path) -> bool:
-        if not path.is_file():
-            raise CacheError(
-                f"shard file {path} is missing; rebuild shard {shard['id']}: run the same build command on "
-                "this cache again, it recomputes missing or damaged shards"
-            )
-        header, _ = read_header(path)
-        grads, indices = header.get("grads"), header.get("indices")
-        if grads is None or indices is None:
-            raise CacheError(f"{path} lacks the 'grads' or 'indices' tensor; rebuild shard {shard['id']}")
-        expected_dtype = {"int8": "I8", "float16": "F16", "bfloat16": "BF16", "float32": "F32"}[
-            self.manifest["dtype"]
-        ]
-        if grads["shape"] != [shard["rows"], self.dim] or grads["dtype"] != expected_dtype:
-            raise CacheError(
-                f"{path} holds {grads['dtype']}{grads['shape']}, but the manifest says "
-                f"{expected_dtype}[{shard['rows']}, {self.dim}]; rebuild shard {shard['id']}"
-            )
-        if indices["shape"] != [shard["rows"]] or indices["dtype"] != "I64":
-            raise CacheError(f"{path} has an invalid 'indices' tensor; rebuild shard {shard['id']}")
-        scales = header.get("scales")
-        if (expected_dtype == "I8") != (scales is not None) or (
-            scales is not None and (scales["shape"] != [shard["rows"]] or scales["dtype"] != "F32")
-        ):
-            raise CacheError(f"{path} has a missing or invalid 'scales' tensor; rebuild shard {shard['id']}")
-        norms = header.get("norms")
-        if norms is None or norms["shape"] != [shard["rows"], 2] or norms["dtype"] != "F32":
-            raise CacheError(f"{path} has a missing or invalid 'norms' tensor; rebuild shard {shard['id']}")
-        return True
-
     def files(self, indexes: bool = True) -> list[tuple[Path, str]]:
         """Every file with its expected sha256 (``indexes=False``: without the optional index files)."""
         out = []
-        for shard, path in zip(self.shards, self._shard_paths):
+        for shard, path in zip(self.shards, self.rows.paths):
             out.append((path, shard["sha256"]))
             out.append((safe_path(self.path, shard["docs"]), shard["docs_sha256"]))
         for entry in self.manifest["stats"]:
@@ -210,7 +166,7 @@ class GradientCache:
             entry = self.manifest["eigenbasis"]
             out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
         if indexes:
-            for entry in faiss_index.index_files(self.manifest):  # the FAISS and BM25 indexes, if built
+            for entry in index_files(self.manifest):  # the FAISS and BM25 indexes, if built
                 out.append((safe_path(self.path, entry["file"]), entry["sha256"]))
         return out
 
@@ -229,114 +185,20 @@ class GradientCache:
         files = self.files(indexes=indexes)
         verify_files(self.path, files, self.source, full=full, remember=remember, skip=not_fetched)
 
-    # ---- data -----------------------------------------------------------------------------------
+    # ---- data (the common reads; the rest is in ``rows`` and ``document_store``) -----------------
 
-    def iter_stored(self, shards: list[int] | None = None) -> Iterator[StoredShard]:
-        """One ``StoredShard`` per shard (``shards``: only these positions), memory-mapped, as
-        stored: a row is ``grads * scale`` for int8 caches, ``grads`` otherwise (convert with
-        ``hf_grass.cache.rows.rows_to_float32``, or read ``iter_row_blocks``)."""
-        for pos in range(len(self.shards)) if shards is None else shards:
-            t = mmap_tensors(self._local_shard(pos))
-            yield StoredShard(t["indices"], t["grads"], t.get("scales"), t.get("norms"))
-
-    def iter_shards(self, shards: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yields ``(indices [rows] int64, grads [rows, dim])`` per shard: memory-mapped, or, for int8
-        caches, decoded to float32 one shard at a time. ``shards``: only these positions."""
-        for shard in self.iter_stored(shards):
-            yield shard.indices, shard.rows()
-
-    def iter_row_blocks(self, rows_per_block: int, shards: list[int] | None = None) -> Iterator[RowBlock]:
-        """Float32 rows in blocks of at most ``rows_per_block`` (never spanning shards), in row order.
-
-        Each block's ``rows`` is one reused buffer, valid until the next block: copy what you keep.
-        ``shards``: only these shard positions (e.g. one rank's share).
-        """
-        order = list(range(len(self.shards))) if shards is None else list(shards)
-        stream = (
-            (int(self.row_offsets[pos]), shard.indices, shard.stored())
-            for pos, shard in zip(order, self.iter_stored(order))
-        )
-        return row_io.iter_blocks(stream, rows_per_block, self.dim)
-
-    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """``[n, dim]`` float32 rows at these row positions (see ``hf_grass.cache.rows``): reads only
-        those rows (a lazily pulled cache downloads only the shards holding them)."""
-        return row_io.gather_rows(self._mapped, self.row_offsets, positions, self.dim)
-
-    def stored_at(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The rows at these positions as stored (``grads``, and ``scales`` / ``norms`` when
-        present; decode blocks of them with ``hf_grass.cache.rows.rows_to_float32``): one byte a
-        number for int8 rows, where ``rows_at`` makes four."""
-        return row_io.gather_stored(self._mapped, self.row_offsets, positions)
-
-    def norms_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """``[n, 2]`` float32: the exact gradient and preconditioned norms of the rows at these
-        positions (stored by the pass; for unit-normalised scores)."""
-        return row_io.gather_rows(self._mapped, self.row_offsets, positions, 2, key="norms")
-
-    def _mapped(self, pos: int) -> dict[str, torch.Tensor]:
-        """The memory-mapped tensors of shard ``pos``, kept open (up to 256 shards, least recently
-        used closed first) so that gathering scattered rows costs no re-open per query."""
-        maps = self.__dict__.setdefault("_maps", OrderedDict())
-        if pos in maps:
-            maps.move_to_end(pos)
-        else:
-            maps[pos] = mmap_tensors(self._local_shard(pos))
-            if len(maps) > 256:
-                maps.popitem(last=False)
-        return maps[pos]
-
-    def _local_shard(self, pos: int) -> Path:
-        """The shard file at position ``pos``, downloaded first if this is a lazy Hub cache."""
-        path = self._shard_paths[pos]
-        if not self._checked[pos]:
-            if self.remote is not None:
-                shard = self.shards[pos]
-                self.remote.fetch([(shard["file"], shard["sha256"]), (shard["docs"], shard["docs_sha256"])])
-            self._checked[pos] = self._check_shard_header(self.shards[pos], path)
-        return path
-
-    @cached_property
+    @property
     def indices(self) -> torch.Tensor:
-        """Dataset index of every row, in row order."""
-        parts = [self._shard_indices(pos) for pos in range(len(self.shards))]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-
-    def _shard_indices(self, pos: int) -> torch.Tensor:
-        if not self._checked[pos]:  # not downloaded (lazy): from the manifest if it tells
-            out = row_io.indices_from_manifest(self.shards[pos])
-            if out is not None:
-                return out
-        return mmap_tensors(self._local_shard(pos))["indices"].clone()
+        """Dataset index of every row, in row order (``rows.indices``)."""
+        return self.rows.indices
 
     def load(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All rows in memory (small caches and tests): ``[num_rows, dim]``."""
-        blocks = [row_io.rows_to_float32({"grads": grads}).to(dtype) for _, grads in self.iter_shards()]
-        return torch.cat(blocks) if blocks else torch.empty(0, self.dim, dtype=dtype)
-
-    def module_slice(self, name: str) -> slice:
-        for m in self.modules:
-            if m["name"] == name:
-                return slice(m["offset"], m["offset"] + m["dim"])
-        raise KeyError(f"module {name!r} is not in this cache; it has {self.module_names[:10]}...")
+        """All rows in memory (small caches and tests): ``[num_rows, dim]`` (``rows.load``)."""
+        return self.rows.load(dtype)
 
     def documents(self, indices: list[int] | None = None) -> dict[int, dict[str, Any]]:
         """``{index: {"index", "text", "id"}}`` for the given dataset indices (all when None)."""
-        wanted = None if indices is None else set(int(i) for i in indices)
-        out: dict[int, dict[str, Any]] = {}
-        for shard in self.shards:
-            first, last = shard.get("first_index"), shard.get("last_index")
-            if wanted is not None and (first is None or not any(first <= i <= last for i in wanted)):
-                continue
-            docs_path = safe_path(self.path, shard["docs"])
-            if self.remote is not None and not docs_path.is_file():
-                self.remote.fetch([(shard["docs"], shard["docs_sha256"])])
-            with open(docs_path, encoding="utf-8") as fh:
-                for line in fh:
-                    doc = json.loads(line)
-                    if wanted is None or doc["index"] in wanted:
-                        out[doc["index"]] = doc
-        return out
+        return self.document_store.read(indices)
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """The preconditioner sums, added over the writer processes (float64)."""
@@ -347,40 +209,24 @@ class GradientCache:
         return total
 
     def eigenbasis(self) -> dict[str, torch.Tensor] | None:
+        """The warm-up eigenbasis saved with the cache (``eigenbasis.safetensors``), None if none was saved."""
         entry = self.manifest.get("eigenbasis")
         if not entry:
             return None
         return {k: v.clone() for k, v in mmap_tensors(safe_path(self.path, entry["file"])).items()}
 
-    # ---- indexes --------------------------------------------------------------------------------
+    # ---- the FAISS index (BM25: ``indexes``) and the Hub -------------------------------------------
 
     def build_index(self, kind: str = "auto", **kwargs: Any) -> dict[str, Any]:
         """Build (or resume building) the FAISS index of the rows, stored in the cache; returns its
-        manifest entry. ``kwargs``: the fields of ``hf_grass.cache.index.IndexSettings`` and the
-        options of ``hf_grass.cache.index_build.build_index`` (``rebuild``, ``threads``, ...)."""
-        entry = index_build.build_index(self, kind, **kwargs)
-        self.__dict__.pop("_faiss", None)
-        return entry
+        manifest entry (``indexes.build_faiss``). ``kwargs``: the fields of
+        ``hf_grass.cache.index.IndexSettings`` and the options of
+        ``hf_grass.cache.index_build.build_index`` (``rebuild``, ``threads``, ...)."""
+        return self.indexes.build_faiss(kind, **kwargs)
 
-    def index(self) -> faiss_index.FaissIndex | None:
+    def index(self) -> FaissIndex | None:
         """The FAISS index (loaded once, checked: sha256 and not stale), or None if none is built."""
-        if "_faiss" not in self.__dict__:
-            self.__dict__["_faiss"] = faiss_index.load_index(self)
-        return self.__dict__["_faiss"]
-
-    def build_lexical_index(self, **kwargs: Any) -> dict[str, Any]:
-        """Build the BM25 index of the documents' text, stored in the cache (``cache/lexical.py``)."""
-        entry = lexical.build_lexical_index(self, **kwargs)
-        self.__dict__.pop("_bm25", None)
-        return entry
-
-    def lexical_index(self) -> Any:
-        """The BM25 index (``hf_grass.cache.lexical.LexicalIndex``), or None if none is built."""
-        if "_bm25" not in self.__dict__:
-            self.__dict__["_bm25"] = lexical.load_lexical_index(self)
-        return self.__dict__["_bm25"]
-
-    # ---- Hub ------------------------------------------------------------------------------------
+        return self.indexes.faiss()
 
     def push_to_hub(
         self,
@@ -396,19 +242,11 @@ class GradientCache:
 
         Returns the commit, a ``huggingface_hub.CommitInfo``: the commit URL as a ``str``, with the
         commit id in ``.oid``. See ``hf_grass.cache.hub`` for what is uploaded. ``large``: upload the
-        data in several resumable commits, the manifest last (``hub.push_folder``).
+        data in several resumable commits, the manifest last (``hub.push_folder``). Refused for an
+        unfinished build, a lazy pull, or a file that does not match its sha256 (``hub.push_cache``).
         """
-        if not self.manifest["complete"]:
-            raise CacheError(
-                f"{self.path} is an unfinished build ({self.num_rows} of {self.manifest['num_examples']} "
-                "rows); run the build again to finish it before pushing."
-            )
-        if self.remote is not None and not all(path.is_file() for path, _ in self.files()):
-            raise CacheError(f"{self.path} is a lazy pull, not all of it is here; pull it with lazy=False to push")
-        # never publish a damaged cache: every file must match its sha256 (and pushing writes nothing here)
-        self.verify(full=True, remember=False)
         target = hub.PushTarget(repo_id, private, token, revision, commit_message, endpoint, large)
-        return hub.push_folder(self.path, self.manifest, [path for path, _ in self.files()], target)
+        return hub.push_cache(self, target)
 
     @classmethod
     def from_pretrained(

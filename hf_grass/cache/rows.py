@@ -4,7 +4,7 @@
 numbers; every reader of rows (the exact scan, the FAISS index build, the two-stage re-rank, the
 batched queries, ``GradientCache.load``) goes through it. A change of the storage format (e.g. int8
 rows with a per-row scale) changes this function and the two places that fetch the stored tensors
-of a row range (``GradientCache.iter_shards`` for whole shards, ``gather_rows`` for gathers).
+of a row range (``CacheRows.iter_shards`` for whole shards, ``gather_rows`` for gathers).
 
 Row *positions* number the cached rows ``0 .. num_rows - 1`` in shard order (shards sorted by id,
 rows in file order); ``GradientCache.indices[position]`` is the dataset index of that row.

@@ -37,7 +37,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         )
     if args.bm25 or args.bm25_only:
         status(f"Indexing the text of {cache.num_rows} documents with BM25 ...")
-        entries["lexical_index"] = cache.build_lexical_index(rebuild=args.rebuild)
+        entries["lexical_index"] = cache.indexes.build_lexical(rebuild=args.rebuild)
     if args.json:
         print(json.dumps(entries, indent=2))
         return EXIT_OK

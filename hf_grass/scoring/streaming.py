@@ -213,7 +213,7 @@ def scan(
     mine = [pos for pos in range(len(cache.shards)) if pos % world == rank]
     step = chunk_rows(nq, cache.dim)
     with tqdm(total=cache.num_rows, desc="hf-grass: scoring", unit="row", disable=not progress) as bar:
-        for block in cache.iter_row_blocks(step, shards=mine):
+        for block in cache.rows.iter_row_blocks(step, shards=mine):
             if top or bottom:
                 part = acc.add_rows(block.indices, block.rows, block.norms)
             else:

@@ -94,11 +94,11 @@ def lookup(
                 "use search='exact'"
             )
     if "bm25" in method:
-        sources.lexical = cache.lexical_index()
+        sources.lexical = cache.indexes.lexical()
         if sources.lexical is None:
             raise ValueError(
                 f"search={method!r} but {cache.path} has no BM25 index: build it with `hf-grass index "
-                f"{cache.path} --bm25` (or cache.build_lexical_index())"
+                f"{cache.path} --bm25` (or cache.indexes.build_lexical())"
             )
         if texts is None or len(texts) != queries.shape[0]:
             raise ValueError("BM25 candidates need the text of every query (texts)")
@@ -185,7 +185,7 @@ def candidate_scores(
     storage format, then decoded a block at a time into one reused float32 buffer, the way the
     exact scan reads (a fresh ``[n, dim]`` float32 tensor per query costs page faults, and four
     bytes a number where int8 rows take one)."""
-    stored = cache.stored_at(positions)
+    stored = cache.rows.stored_at(positions)
     row_norms = stored.pop("norms", None)
     if norms is None or norms.geometry == "vectors":
         row_norms = None
