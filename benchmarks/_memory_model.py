@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from hf_grass.capture.targets import WIDE_OUTPUT
 from hf_grass.config import DEFAULT_TOTAL_DIM, GraSSConfig
 from hf_grass.precondition.warmup import DIAGONAL_CHUNK_BYTES, FULL_COVARIANCE_MAX_WIDTH, WARMUP_MAX_BYTES
 
@@ -97,7 +98,8 @@ class Linear:
 
 
 def llama_linears(shape: LlamaShape) -> list[Linear]:
-    """The default targets of a Llama (every Linear, lm_head included; no biases)."""
+    """The default targets of a Llama (every Linear, no biases; ``lm_head`` only where its vocabulary
+    is at most ``capture.targets.WIDE_OUTPUT``, as the library's default targets)."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_width
     out = []
     for layer in range(shape.layers):
@@ -111,13 +113,14 @@ def llama_linears(shape: LlamaShape) -> list[Linear]:
             Linear(f"{p}.mlp.up_proj", h, i, f"{p}.mlp_in"),
             Linear(f"{p}.mlp.down_proj", i, h, f"{p}.down_in"),
         ]
-    out.append(Linear("lm_head", h, shape.vocab, "final_norm"))
+    if shape.vocab <= WIDE_OUTPUT:  # an LLM's output layer is not a default target
+        out.append(Linear("lm_head", h, shape.vocab, "final_norm"))
     return out
 
 
 def moe_linears(shape: MoEShape, pooled: bool = True) -> list[Linear]:
     """The default targets of an MoE model: attention, the router, one target per expert and
-    weight (``capture/experts.py``), ``lm_head``. ``pooled``: the experts' up inputs and down outputs
+    weight (``capture/experts.py``), ``lm_head`` where the library's default keeps it. ``pooled``: the experts' up inputs and down outputs
     add to one sum per layer (``warmup_pools``); else each expert keeps its own, as before."""
     h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.expert_intermediate
     out = []
@@ -139,7 +142,8 @@ def moe_linears(shape: MoEShape, pooled: bool = True) -> list[Linear]:
                 ]
             else:
                 out += [Linear(up, h, 2 * i, up), Linear(down, i, h, down)]
-    out.append(Linear("lm_head", h, shape.vocab, "final_norm"))
+    if shape.vocab <= WIDE_OUTPUT:  # an LLM's output layer is not a default target
+        out.append(Linear("lm_head", h, shape.vocab, "final_norm"))
     return out
 
 

@@ -105,8 +105,9 @@ class GraSSConfig:
     target_modules: list[str] | str | None = _field(
         None,
         "Modules to attribute through: a list of names (a name matches itself and any module ending in "
-        "'.name') or one regex matched against the full name. Default: every Linear/Conv1D (LoRA A/B "
-        "only for PEFT models).",
+        "'.name') or one regex matched against the full name. Default: every Linear/Conv1D and MoE "
+        "expert/router but an LLM's output layer (over more than 8192 classes), LoRA A/B only for PEFT "
+        "models; embeddings and the output layer only when named (r'.*' names every weight).",
     )
     exclude_modules: list[str] | str | None = _field(None, "Modules to leave out, same syntax as target_modules.")
     dtype: str = _field(
