@@ -48,8 +48,6 @@ from hf_grass.scoring.queries import QueryVectors, preconditioned_factor, query_
 from hf_grass.scoring.streaming import Normalisation
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-# the query side's adjoints are [rows, m_out, m_in] per module: this many rows at a time
-QUERY_SIDE_ROWS = 64
 
 
 @dataclass
@@ -128,11 +126,6 @@ def document_tokens(
     out = TokenAttribution([None] * n, [None] * n, [None] * n, [None] * n)
     lengths = [len(documents.example(i)["input_ids"]) for i in range(n)]
     order = sorted(range(n), key=lambda i: lengths[i])  # similar lengths together: less padding
-    # the query side of all re-run rows at once, after the loop: its adjoints are one autograd call
-    # per module and chunk of rows, so one chunk rather than one per batch makes fewer, larger calls
-    done: list[int] = []
-    done_rows: list[torch.Tensor] = []
-    done_scales: list[torch.Tensor] = []
     with computer.session():
         for lo in range(0, n, runner.batch_size):
             batch = runner.compute(order[lo : lo + runner.batch_size], request)
@@ -152,24 +145,16 @@ def document_tokens(
                 scale = scale * normalisation.apply(ones, query.vectors.rows, rows.float().cpu(), norms)[0].to(scale)
             width = max(len(ex["input_ids"]) for ex in batch.examples)
             doc_side = _contract(grads.token_factors, adjoints, width, shared=True)  # [B, T]
+            query_side = _contract(query.factors, query_adjoints(computer, preconditioner, basis, rows, query.curvature),
+                                   query.length, shared=False)  # fmt: skip  # [B, T_query]
             scores = rows @ query.exact.to(rows.device)
             for b, index in enumerate(batch.indices):
                 ids = list(batch.examples[b]["input_ids"])
                 span = slice(width - len(ids), width) if runner.padding_side == "left" else slice(0, len(ids))
                 out.ids[index] = [int(t) for t in ids]
                 out.documents[index] = (doc_side[b, span] * scale[b]).cpu()
+                out.query[index] = (query_side[b] * scale[b]).cpu()
                 out.scores[index] = float(scores[b] * scale[b])
-            done += batch.indices
-            done_rows.append(rows)
-            done_scales.append(scale)
-    if done:
-        all_rows, all_scales = torch.cat(done_rows), torch.cat(done_scales)
-        for lo in range(0, len(done), QUERY_SIDE_ROWS):  # chunks bound the adjoints' memory
-            rows = all_rows[lo : lo + QUERY_SIDE_ROWS]
-            back = query_adjoints(computer, preconditioner, basis, rows, query.curvature)
-            query_side = _contract(query.factors, back, query.length, shared=False)  # [rows, T_query]
-            for b, index in enumerate(done[lo : lo + QUERY_SIDE_ROWS]):
-                out.query[index] = (query_side[b] * all_scales[lo + b]).cpu()
     return out
 
 
