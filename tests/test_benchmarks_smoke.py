@@ -200,8 +200,10 @@ def test_real_model(tmp_path: Path) -> None:
 
 def test_tokens(tmp_path: Path) -> None:
     report = smoke("tokens", tmp_path, "--html", str(tmp_path / "report.html"))  # a tiny untrained Llama
-    assert set(report["median_wall_s"]) == {"query_gradient", "plain", "tokens", "rerun_forward_backward"}
-    assert finite(report["ratio_to_query_gradient"], report["ratio_to_rerun_forward_backward"], *report["accuracy"].values())
+    assert set(report["median_wall_s"]) == {"query_gradient", "plain", "tokens", "rerun_forward_backward",
+                                            "rerun_activation_backward"}
+    assert finite(report["ratio_to_query_gradient"], report["ratio_to_rerun_forward_backward"],
+                  report["ratio_to_rerun_activation_backward"], *report["accuracy"].values())
     assert report["accuracy"]["document_sum_rel_error"] < 1e-4 and report["accuracy"]["query_sum_rel_error"] < 1e-4
     assert report["rerun"]["documents"] >= 1 and (tmp_path / "report.html").is_file()
 
