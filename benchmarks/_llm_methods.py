@@ -50,6 +50,9 @@ METHODS: dict[str, Method] = {
     # the default leaves an LLM's lm_head out (capture.targets.WIDE_OUTPUT): naming it puts it back
     "with-lm_head": Method("grass", build={"target_modules": r".*_proj|lm_head"}),
     "random-eigen-masks": Method("grass", build={"mask_basis": "eigen"}),
+    "factor_dim-64": Method("grass", build={"factor_dim": 64}),
+    # the per-module layout at the default's budget (SmolLM2: 210 modules x 144 = 30,240 numbers)
+    "per-module-144": Method("grass", build={"proj_dim": 144}),
     # hf_grass 0.2.0's default: random eigen masks, lm_head included
     "v0.2-default": Method("grass", build={"mask_basis": "eigen", "target_modules": r".*_proj|lm_head"}),
     "bm25-q": Method("bm25"),
