@@ -38,6 +38,11 @@ DEFAULT_TOTAL_DIM = 31744
 # The per-module layout's default (proj_dim numbers per module), for the compressors without a
 # global layout and for the block Fisher, which needs per-module blocks.
 DEFAULT_PROJ_DIM = 1024
+# ``damping`` left at None: 0.001 (chosen on bench-dev, where the masks are a random draw of
+# eigen-directions), or TOP_MASKS_DAMPING where the masks keep the top ones (a real LLM:
+# capture.engine.TOP_MASKS_MIN_RATIO), measured on SmolLM2 (docs/benchmarks.md, "Real LLM").
+DEFAULT_DAMPING = 0.001
+TOP_MASKS_DAMPING = 0.1
 # The smallest damping the warm-up whitening uses: at 0 the whitening factors of near-null
 # directions grow without bound (~1500x measured), which only adds noise to fp16/int8 rows.
 MIN_WHITENING_DAMPING = 1e-3
@@ -121,10 +126,11 @@ class GraSSConfig:
         None,
         f"One of {', '.join(PRECONDITIONERS)}. Default: ekfac for factgrass/logra, fim otherwise.",
     )
-    damping: float = _field(
-        0.001,
-        "Damping as a fraction of the mean eigenvalue of each module's preconditioner (chosen on "
-        "bench-dev, docs/howto/choosing.md). A kfac/ekfac build also whitens its rows with it.",
+    damping: float | None = _field(
+        None,
+        "Damping as a fraction of the mean eigenvalue of each module's preconditioner. Default: 0.001 "
+        "(chosen on bench-dev), 0.1 where the masks keep the top eigen-directions (a real LLM; chosen "
+        "on SmolLM2): docs/howto/choosing.md. A kfac/ekfac build also whitens its rows with it.",
     )
     cosine: bool = _field(
         False,
@@ -191,10 +197,11 @@ class GraSSConfig:
         if not isinstance(self.cosine, bool):
             raise TypeError(f"cosine must be True or False, got {self.cosine!r}.")
         _check_choice("cosine_norms", self.cosine_norms, ("preconditioned", "gradient"))
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
-            raise TypeError(f"damping must be a float, got {self.damping!r}.")
-        if not math.isfinite(self.damping) or self.damping < 0:
-            raise ValueError(f"damping must be a finite number >= 0 (default 0.001), got {self.damping}.")
+        if self.damping is not None:
+            if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
+                raise TypeError(f"damping must be a float (or None for the default), got {self.damping!r}.")
+            if not math.isfinite(self.damping) or self.damping < 0:
+                raise ValueError(f"damping must be a finite number >= 0 (or None), got {self.damping}.")
         self._check_resolved(self._resolved_values())
 
     # ---- the defaults that depend on other fields -----------------------------------------------
@@ -212,7 +219,11 @@ class GraSSConfig:
         mask_basis = self.mask_basis
         if mask_basis is None:
             mask_basis = "top" if total_dim is not None and cls.whitens_rows else "input"
-        return {"preconditioner": preconditioner, "proj_dim": proj_dim, "total_dim": total_dim, "mask_basis": mask_basis}
+        damping = self.damping
+        if damping is None:
+            damping = TOP_MASKS_DAMPING if mask_basis == "top" and self.mask_basis == "top" else DEFAULT_DAMPING
+        return {"preconditioner": preconditioner, "proj_dim": proj_dim, "total_dim": total_dim,
+                "mask_basis": mask_basis, "damping": damping}  # fmt: skip
 
     def _check_resolved(self, values: dict[str, Any]) -> None:
         """Refuse combinations that cannot work, with a message saying how to fix them."""
@@ -267,7 +278,7 @@ class GraSSConfig:
     @property
     def whitening_damping(self) -> float:
         """The damping of the warm-up whitening: ``damping``, floored (see MIN_WHITENING_DAMPING)."""
-        return max(float(self.damping), MIN_WHITENING_DAMPING)
+        return max(float(self.resolved().damping), MIN_WHITENING_DAMPING)  # type: ignore[arg-type]
 
     @property
     def torch_dtype(self):  # noqa: ANN201 - torch imported lazily to keep config import light

@@ -260,18 +260,22 @@ def test_default_config_projects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_default_masks_follow_the_model_size() -> None:
-    """``mask_basis`` left at None: the top eigen-directions where the factor spaces are more than
-    ``TOP_MASKS_MIN_RATIO`` times the row (a real LLM), a random draw of them otherwise; a value the
+    """``mask_basis`` left at None: the top eigen-directions (and, ``damping`` left at None, the
+    damping that goes with them) where the factor spaces are more than ``TOP_MASKS_MIN_RATIO`` times
+    the row (a real LLM), a random draw of them otherwise; a value the
     user gives is kept (the resolved configuration a cache records carries the choice)."""
     from hf_grass.capture import GradientComputer
     from hf_grass.capture.engine import TOP_MASKS_MIN_RATIO
+    from hf_grass.config import DEFAULT_DAMPING, TOP_MASKS_DAMPING
 
     net = tiny_llama(VOCAB, hidden=32)
     computer = GradientComputer(net, GraSSConfig(total_dim=64))
     size = sum(c.m_in * c.m_out for c in computer.compressors.values())  # type: ignore[attr-defined]
     assert size > TOP_MASKS_MIN_RATIO * 64 and computer.config.mask_basis == "top"
+    assert computer.config.damping == TOP_MASKS_DAMPING  # the damping that goes with top masks
     wide = size // 8  # between the row and TOP_MASKS_MIN_RATIO rows
-    assert GradientComputer(net, GraSSConfig(total_dim=wide)).config.mask_basis == "eigen"
-    given = GradientComputer(net, GraSSConfig(total_dim=64, mask_basis="eigen"))
-    assert given.config.mask_basis == "eigen"
+    small = GradientComputer(net, GraSSConfig(total_dim=wide)).config
+    assert (small.mask_basis, small.damping) == ("eigen", DEFAULT_DAMPING)
+    given = GradientComputer(net, GraSSConfig(total_dim=64, mask_basis="eigen", damping=0.02))
+    assert (given.config.mask_basis, given.config.damping) == ("eigen", 0.02)
     assert GradientComputer(net, GraSSConfig(proj_dim=16)).config.mask_basis == "input"

@@ -29,7 +29,7 @@ from hf_grass.capture.loss import PerExampleLoss, check_losses, model_logits, pe
 from hf_grass.capture.targets import CHECKPOINT_WRAPPED, TargetModule, find_target_modules
 from hf_grass.compressors import compressor_class, make_compressor
 from hf_grass.compressors.base import Compressor
-from hf_grass.config import GraSSConfig
+from hf_grass.config import DEFAULT_DAMPING, TOP_MASKS_DAMPING, GraSSConfig
 from hf_grass.kernels import SJLTMap
 
 
@@ -115,12 +115,14 @@ TOP_MASKS_MIN_RATIO = 16
 
 def _resolve_masks(given: GraSSConfig, config: GraSSConfig, factor_size: int | None) -> GraSSConfig:
     """``config`` (resolved) with the eigen masks' kind chosen from the model's size where the user
-    left ``mask_basis`` at None (``TOP_MASKS_MIN_RATIO``)."""
-    if given.mask_basis is not None or config.mask_basis != "top" or factor_size is None:
-        return config
-    if factor_size > TOP_MASKS_MIN_RATIO * int(config.total_dim or 0):
-        return config
-    return config.replace(mask_basis="eigen")
+    left ``mask_basis`` at None (``TOP_MASKS_MIN_RATIO``), and the damping that goes with it where
+    ``damping`` was left at None (``config.TOP_MASKS_DAMPING`` with top masks, else the default)."""
+    small = factor_size is not None and factor_size <= TOP_MASKS_MIN_RATIO * int(config.total_dim or 0)
+    if given.mask_basis is None and config.mask_basis == "top" and small:
+        config = config.replace(mask_basis="eigen")
+    if given.damping is None:
+        config = config.replace(damping=TOP_MASKS_DAMPING if config.mask_basis == "top" else DEFAULT_DAMPING)
+    return config
 
 
 def target_device(target: TargetModule) -> torch.device:
