@@ -51,6 +51,7 @@ METHODS: dict[str, Method] = {
     "with-lm_head": Method("grass", build={"target_modules": r".*_proj|lm_head"}),
     "random-eigen-masks": Method("grass", build={"mask_basis": "eigen"}),
     "factor_dim-64": Method("grass", build={"factor_dim": 64}),
+    "factor_dim-256": Method("grass", build={"factor_dim": 256}),
     # the per-module layout at the default's budget (SmolLM2: 210 modules x 144 = 30,240 numbers)
     "per-module-144": Method("grass", build={"proj_dim": 144}),
     # hf_grass 0.2.0's default: random eigen masks, lm_head included
