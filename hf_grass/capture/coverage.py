@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from hf_grass.capture.target_module import TargetModule
-from hf_grass.capture.targets import WIDE_OUTPUT, candidates, is_lora_model, output_layer
+from hf_grass.capture.targets import WIDE_OUTPUT, candidates, is_lora_model, is_wide_output, output_layer
 
 # reasons that only say what the configuration chose; any other reason is worth a warning
 NOT_TARGETED = "not targeted (target_modules / exclude_modules)"
@@ -123,7 +123,7 @@ def coverage(model: nn.Module, targets: list[TargetModule]) -> Coverage:
     }
     lora = is_lora_model(model)
     output = output_layer(model)
-    wide_output = any(t.module is output and t.d_out > WIDE_OUTPUT for t in found.targets)
+    wide_output = any(is_wide_output(t, output) for t in found.targets)
     named = list(model.named_parameters())
     frozen = not any(p.requires_grad for _, p in named)
     modules = dict(model.named_modules())

@@ -152,9 +152,9 @@ def candidates(model: nn.Module) -> Candidates:
 WIDE_OUTPUT = 8192
 
 
-def output_layer(model: nn.Module) -> nn.Module | None:
-    """The module ``model.get_output_embeddings()`` returns (an HF language model's ``lm_head``), if any."""
-    get = getattr(model, "get_output_embeddings", None)
+def _hf_module(model: nn.Module, getter: str) -> nn.Module | None:
+    """The module an HF (or PEFT) model's ``getter`` returns, if it has one."""
+    get = getattr(model, getter, None)
     if not callable(get):
         return None
     try:
@@ -162,6 +162,16 @@ def output_layer(model: nn.Module) -> nn.Module | None:
     except (NotImplementedError, AttributeError):
         return None
     return found if isinstance(found, nn.Module) else None
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The module ``model.get_input_embeddings()`` returns (HF and PEFT models), if any."""
+    return _hf_module(model, "get_input_embeddings")
+
+
+def output_layer(model: nn.Module) -> nn.Module | None:
+    """The module ``model.get_output_embeddings()`` returns (an HF language model's ``lm_head``), if any."""
+    return _hf_module(model, "get_output_embeddings")
 
 
 def is_wide_output(t: TargetModule, output: nn.Module | None) -> bool:
