@@ -43,6 +43,11 @@ DEFAULT_PROJ_DIM = 1024
 # capture.engine.TOP_MASKS_MIN_RATIO), measured on SmolLM2 (docs/benchmarks.md, "Real LLM").
 DEFAULT_DAMPING = 0.001
 TOP_MASKS_DAMPING = 0.1
+
+
+def default_damping(mask_basis: str) -> float:
+    """The damping ``damping=None`` resolves to with these masks (see DEFAULT_DAMPING)."""
+    return TOP_MASKS_DAMPING if mask_basis == "top" else DEFAULT_DAMPING
 # The smallest damping the warm-up whitening uses: at 0 the whitening factors of near-null
 # directions grow without bound (~1500x measured), which only adds noise to fp16/int8 rows.
 MIN_WHITENING_DAMPING = 1e-3
@@ -219,9 +224,7 @@ class GraSSConfig:
         mask_basis = self.mask_basis
         if mask_basis is None:
             mask_basis = "top" if total_dim is not None and cls.whitens_rows else "input"
-        damping = self.damping
-        if damping is None:
-            damping = TOP_MASKS_DAMPING if mask_basis == "top" and self.mask_basis == "top" else DEFAULT_DAMPING
+        damping = self.damping if self.damping is not None else default_damping(mask_basis)
         return {"preconditioner": preconditioner, "proj_dim": proj_dim, "total_dim": total_dim,
                 "mask_basis": mask_basis, "damping": damping}  # fmt: skip
 

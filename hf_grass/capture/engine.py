@@ -26,10 +26,10 @@ from hf_grass import kernels
 from hf_grass.capture.coverage import Coverage, coverage
 from hf_grass.capture.hooks import CaptureRequest, GradientCapture
 from hf_grass.capture.loss import PerExampleLoss, check_losses, model_logits, per_example_loss
-from hf_grass.capture.targets import CHECKPOINT_WRAPPED, TargetModule, find_target_modules
+from hf_grass.capture.targets import CHECKPOINT_WRAPPED, TargetModule, find_target_modules, input_embeddings
 from hf_grass.compressors import compressor_class, make_compressor
 from hf_grass.compressors.base import Compressor
-from hf_grass.config import DEFAULT_DAMPING, TOP_MASKS_DAMPING, GraSSConfig
+from hf_grass.config import GraSSConfig, default_damping
 from hf_grass.kernels import SJLTMap
 
 
@@ -116,12 +116,12 @@ TOP_MASKS_MIN_RATIO = 16
 def _resolve_masks(given: GraSSConfig, config: GraSSConfig, factor_size: int | None) -> GraSSConfig:
     """``config`` (resolved) with the eigen masks' kind chosen from the model's size where the user
     left ``mask_basis`` at None (``TOP_MASKS_MIN_RATIO``), and the damping that goes with it where
-    ``damping`` was left at None (``config.TOP_MASKS_DAMPING`` with top masks, else the default)."""
+    ``damping`` was left at None (``config.default_damping``)."""
     small = factor_size is not None and factor_size <= TOP_MASKS_MIN_RATIO * int(config.total_dim or 0)
     if given.mask_basis is None and config.mask_basis == "top" and small:
         config = config.replace(mask_basis="eigen")
     if given.damping is None:
-        config = config.replace(damping=TOP_MASKS_DAMPING if config.mask_basis == "top" else DEFAULT_DAMPING)
+        config = config.replace(damping=default_damping(config.mask_basis))
     return config
 
 
@@ -137,18 +137,6 @@ def target_device(target: TargetModule) -> torch.device:
             "GraSSConfig(exclude_modules=[...])."
         )
     return device
-
-
-def input_embeddings(model: nn.Module) -> nn.Module | None:
-    """The module ``model.get_input_embeddings()`` returns (HF and PEFT models), if any."""
-    get = getattr(model, "get_input_embeddings", None)
-    if not callable(get):
-        return None
-    try:
-        found = get()
-    except (NotImplementedError, AttributeError):
-        return None
-    return found if isinstance(found, nn.Module) else None
 
 
 def _require_grad(module: nn.Module, inputs: tuple, output: object) -> None:
