@@ -97,6 +97,21 @@ class Linear:
     hashed_out: bool = False
 
 
+def attention_linears(p: str, h: int, q: int, kv: int) -> list[Linear]:
+    """Layer ``p``'s attention projections (q, k, v read one input; o its own), ``q`` wide."""
+    return [
+        Linear(f"{p}.self_attn.q_proj", h, q, f"{p}.attn_in"),
+        Linear(f"{p}.self_attn.k_proj", h, kv, f"{p}.attn_in"),
+        Linear(f"{p}.self_attn.v_proj", h, kv, f"{p}.attn_in"),
+        Linear(f"{p}.self_attn.o_proj", q, h, f"{p}.o_in"),
+    ]
+
+
+def output_linears(h: int, vocab: int) -> list[Linear]:
+    """``lm_head`` where the library's default targets keep it (vocabulary at most ``WIDE_OUTPUT``)."""
+    return [Linear("lm_head", h, vocab, "final_norm")] if vocab <= WIDE_OUTPUT else []
+
+
 def llama_linears(shape: LlamaShape) -> list[Linear]:
     """The default targets of a Llama (every Linear, no biases; ``lm_head`` only where its vocabulary
     is at most ``capture.targets.WIDE_OUTPUT``, as the library's default targets)."""
@@ -104,33 +119,23 @@ def llama_linears(shape: LlamaShape) -> list[Linear]:
     out = []
     for layer in range(shape.layers):
         p = f"model.layers.{layer}"
-        out += [
-            Linear(f"{p}.self_attn.q_proj", h, h, f"{p}.attn_in"),
-            Linear(f"{p}.self_attn.k_proj", h, kv, f"{p}.attn_in"),
-            Linear(f"{p}.self_attn.v_proj", h, kv, f"{p}.attn_in"),
-            Linear(f"{p}.self_attn.o_proj", h, h, f"{p}.o_in"),
+        out += attention_linears(p, h, h, kv) + [
             Linear(f"{p}.mlp.gate_proj", h, i, f"{p}.mlp_in"),
             Linear(f"{p}.mlp.up_proj", h, i, f"{p}.mlp_in"),
             Linear(f"{p}.mlp.down_proj", i, h, f"{p}.down_in"),
         ]
-    if shape.vocab <= WIDE_OUTPUT:  # an LLM's output layer is not a default target
-        out.append(Linear("lm_head", h, shape.vocab, "final_norm"))
-    return out
+    return out + output_linears(h, shape.vocab)
 
 
 def moe_linears(shape: MoEShape, pooled: bool = True) -> list[Linear]:
     """The default targets of an MoE model: attention, the router, one target per expert and
-    weight (``capture/experts.py``), ``lm_head`` where the library's default keeps it. ``pooled``: the experts' up inputs and down outputs
-    add to one sum per layer (``warmup_pools``); else each expert keeps its own, as before."""
+    weight (``capture/experts.py``), ``lm_head`` where the library's default keeps it. ``pooled``: the
+    experts' up inputs and down outputs add to one sum per layer (``warmup_pools``); else each expert keeps its own, as before."""
     h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.expert_intermediate
     out = []
     for layer in range(shape.layers):
         p = f"model.layers.{layer}"
-        out += [
-            Linear(f"{p}.self_attn.q_proj", h, q, f"{p}.attn_in"),
-            Linear(f"{p}.self_attn.k_proj", h, kv, f"{p}.attn_in"),
-            Linear(f"{p}.self_attn.v_proj", h, kv, f"{p}.attn_in"),
-            Linear(f"{p}.self_attn.o_proj", q, h, f"{p}.o_in"),
+        out += attention_linears(p, h, q, kv) + [
             Linear(f"{p}.mlp.gate", h, shape.experts, f"{p}.mlp_in"),  # the router
         ]
         for e in range(shape.experts):
@@ -142,9 +147,7 @@ def moe_linears(shape: MoEShape, pooled: bool = True) -> list[Linear]:
                 ]
             else:
                 out += [Linear(up, h, 2 * i, up), Linear(down, i, h, down)]
-    if shape.vocab <= WIDE_OUTPUT:  # an LLM's output layer is not a default target
-        out.append(Linear("lm_head", h, shape.vocab, "final_norm"))
-    return out
+    return out + output_linears(h, shape.vocab)
 
 
 def full(d: int) -> bool:

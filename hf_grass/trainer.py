@@ -134,13 +134,5 @@ class AttributionMixin(AttributionLookups):
 
 class AttributionTrainer(AttributionMixin, Trainer):
     """A Trainer with ``build_gradient_cache``, ``attribute``, ``find_influential`` and
-    ``score_dataset`` (``AttributionMixin`` on ``transformers.Trainer``).
-
-    Args:
-        grass_config: the attribution configuration (default ``GraSSConfig()``); every other
-            argument is the Trainer's.
-        per_example_loss: ``fn(model, batch) -> [B]``, the per-example loss of a model whose
-            output the built-in losses (causal LM, classification, regression, multi-label) do not
-            cover; used for the cache and for every query (see ``GradientComputer``). It must be
-            per example: example i's loss depends on example i only, never on the rest of the batch.
-    """
+    ``score_dataset`` (``AttributionMixin`` on ``transformers.Trainer``; its arguments are
+    ``AttributionMixin``'s: ``grass_config``, ``per_example_loss``, and the Trainer's own)."""

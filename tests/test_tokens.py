@@ -99,11 +99,9 @@ def query_token_rows(computer, pre, basis, grads: dict[str, torch.Tensor], hashe
     return rows
 
 
-def setup(tmp_path: Path, model, config: GraSSConfig, side: str = "right"):
-    """A cache of 12 random documents, the query, and the token attribution of three documents."""
-    model = model.double().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+def built_cache(tmp_path: Path, model, config: GraSSConfig):
+    """``(train, basis, preconditioner, computer)`` of a cache of 12 random documents, the computer
+    rebuilt from the cache's configuration with the basis's maps attached."""
     train = random_token_examples(12, VOCAB, seed=1)
     path = AttributionPass(GradientComputer(model, config), ExampleSource(train), tmp_path / "cache",
                            Batching(3, disable_progress=True)).run()  # fmt: skip
@@ -113,6 +111,15 @@ def setup(tmp_path: Path, model, config: GraSSConfig, side: str = "right"):
     computer = GradientComputer(model, cache.config)
     if basis is not None:
         basis.attach(computer.compressors)
+    return train, basis, pre, computer
+
+
+def setup(tmp_path: Path, model, config: GraSSConfig, side: str = "right"):
+    """A cache of 12 random documents, the query, and the token attribution of three documents."""
+    model = model.double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train, basis, pre, computer = built_cache(tmp_path, model, config)
     ids = random_token_examples(1, VOCAB, lo=7, hi=8, seed=5)[0]["input_ids"]
     labels = [IGNORE_INDEX] * PROMPT + ids[PROMPT:]
     query = query_tokens(computer, collate([{"input_ids": ids, "labels": labels}]), pre, basis)
@@ -227,15 +234,8 @@ def test_float32_model_sums_to_float_tolerance(tmp_path: Path) -> None:
     row gives to float32 rounding."""
     model = tiny_llama(VOCAB).eval()
     config = GraSSConfig(total_dim=64, factor_dim=8, dtype="int8", shard_size=4)
-    train = random_token_examples(12, VOCAB, seed=1)
-    path = AttributionPass(GradientComputer(model, config), ExampleSource(train), tmp_path / "cache",
-                           Batching(3, disable_progress=True)).run()  # fmt: skip
-    cache = GradientCache(path)
-    basis = cache_eigenbasis(cache)
-    pre = fitted_preconditioner(cache, basis=basis)
-    computer = GradientComputer(model, cache.config)
+    train, basis, pre, computer = built_cache(tmp_path, model, config)
     assert basis is not None
-    basis.attach(computer.compressors)
     ids = random_token_examples(1, VOCAB, lo=7, hi=8, seed=5)[0]["input_ids"]
     batch = collate([{"input_ids": ids, "labels": [IGNORE_INDEX] * PROMPT + ids[PROMPT:]}])
     query = query_tokens(computer, batch, pre, basis)
