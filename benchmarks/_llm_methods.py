@@ -45,6 +45,10 @@ METHODS: dict[str, Method] = {
     "default": Method("grass"),
     "per-module": Method("grass", build={"proj_dim": 1024}),
     "damping-0.1": Method("grass", query={"damping": 0.1}),
+    # larger query dampings: where the effective dimension (Hu et al. 2026) would put it on SmolLM2
+    "damping-0.3": Method("grass", query={"damping": 0.3}),
+    "damping-1": Method("grass", query={"damping": 1.0}),
+    "damping-10": Method("grass", query={"damping": 10.0}),
     "cosine": Method("grass", query={"cosine": True}),
     "identity": Method("grass", build={"preconditioner": "identity"}),
     # the default leaves an LLM's lm_head out (capture.targets.WIDE_OUTPUT): naming it puts it back
@@ -56,6 +60,12 @@ METHODS: dict[str, Method] = {
     "per-module-144": Method("grass", build={"proj_dim": 144}),
     # hf_grass 0.2.0's default: random eigen masks, lm_head included
     "v0.2-default": Method("grass", build={"mask_basis": "eigen", "target_modules": r".*_proj|lm_head"}),
+    # the refined iHVP (hf_grass.scoring.refine): conjugate gradients on the default cache, query time only
+    "refined-gn-4": Method("grass", query={"refine_steps": 4, "refine_examples": 8}),
+    "refined-empirical-4": Method("grass", query={"refine_steps": 4, "refine_curvature": "empirical",
+                                                  "refine_examples": 100}),
+    "refined-empirical-16": Method("grass", query={"refine_steps": 16, "refine_curvature": "empirical",
+                                                   "refine_examples": 100}),
     "bm25-q": Method("bm25"),
     "bm25-qa": Method("bm25", answer=True),
     "kronfluence": Method("kronfluence", damping=1e-8),  # its default: true Fisher, damping 1e-8

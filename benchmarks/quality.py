@@ -69,6 +69,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "+ the tied wte's use": {"target_modules": ".*", "exclude_modules": ["wpe"]},
     "+ wpe": {"target_modules": ".*", "exclude_modules": ["wte"]},
     "kfac, embeddings": {"target_modules": ".*", "preconditioner": "kfac"},
+    # the refined iHVP (query time only: hf_grass.scoring.refine)
+    "refined GN, 4 steps": {"query": {"refine_steps": 4}},
+    "refined GN, 8 steps, 128 examples": {"query": {"refine_steps": 8, "refine_examples": 128}},
+    "refined empirical, 4 steps": {"query": {"refine_steps": 4, "refine_curvature": "empirical"}},
+    "refined empirical, 8 steps, 512 examples": {"query": {"refine_steps": 8, "refine_curvature": "empirical",
+                                                           "refine_examples": 512}},
 }
 GRIDS = {
     "default": ["default"],
@@ -77,6 +83,8 @@ GRIDS = {
                    "kfac, embeddings"],  # fmt: skip
     "damping": ["default", "damping=0.001", "damping=0.003", "damping=0.01", "kfac", "kfac damping=0.003",
                 "kfac damping=0.01", "warm-up 64 examples", "warm-up 64, damping=0.003"],  # fmt: skip
+    "refine": ["default", "refined GN, 4 steps", "refined GN, 8 steps, 128 examples", "refined empirical, 4 steps",
+               "refined empirical, 8 steps, 512 examples"],
     "masks": ["default", "random eigen masks (mask_basis=eigen)", "factor_dim=64", "factor_dim=32"],
     "report": ["default", "ekfac_sample_size=1024 (no token cap)", "damping=0.01", "damping=0.1", "kfac",
                "total_dim=16384", "factor_dim=64", "factor_dim=256", "input-masks", "float32 rows",
@@ -109,7 +117,8 @@ def run_config(
     )
     pass_s = time.perf_counter() - start
     start = time.perf_counter()
-    attributor = Attributor(bench.model, bench.tokenizer, cache, batch_size=batch_size, **query_overrides)
+    attributor = Attributor(bench.model, bench.tokenizer, cache, batch_size=batch_size, train_dataset=bench.train,
+                            **query_overrides)  # fmt: skip
     scores = attributor.attribute(bench.test)
     query_s = time.perf_counter() - start
     if bench.name == "fact_tracing":  # the path a user takes: find_influential encodes the prompt itself

@@ -55,7 +55,9 @@ from hf_grass.scoring import (
     scan,
 )
 from hf_grass.scoring.during_pass import PassScores, score_during_pass
+from hf_grass.scoring.refine import Refiner
 from hf_grass.scoring.tokens import QueryTokens, check_factorised, document_tokens, query_tokens
+from hf_grass.seeding import make_generator, sample_without_replacement
 
 logger = logging.getLogger("transformers.hf_grass")
 
@@ -74,6 +76,8 @@ class Attributor:
         check_model: refuse a model whose weights differ from the one that built the cache.
         per_example_loss: the ``fn(model, batch) -> [B]`` loss the cache was built with, if it was
             built with one (see ``GradientComputer``); queries take their gradient of the same loss.
+        train_dataset: the dataset the cache was built from, for ``refine_steps``: its curvature
+            re-runs a sample of it (default: the documents' text the cache stores).
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class Attributor:
         *,
         check_model: bool = True,
         per_example_loss: PerExampleLoss | None = None,
+        train_dataset: Any = None,
         **option_fields: Any,
     ):
         self.options = (options or ScoringOptions()).replace(**option_fields)
@@ -119,6 +124,37 @@ class Attributor:
         self.preconditioner = fitted_preconditioner(self.cache, opts.preconditioner, opts.damping, self.basis)
         if self.basis is not None:
             self.basis.attach(self.computer.compressors)  # masks in the eigenbasis: their maps
+        self.refiner = self._refiner(train_dataset) if opts.refine_steps > 0 else None
+
+    def _refiner(self, train_dataset: Any) -> Refiner:
+        """The refined iHVP of ``refine_steps`` (``scoring.refine``), its curvature averaged over a
+        seeded sample of ``refine_examples`` of the cache's documents: rows of ``train_dataset``, or
+        the text the cache stores."""
+        opts = self.options
+        if self.basis is None or self.preconditioner.acts_on != "factors":
+            raise ValueError(
+                f"refine_steps refines a factor-space preconditioner ('ekfac' or 'kfac'), but this cache is queried "
+                f"with {self.preconditioner.name!r}: build it with GraSSConfig(preconditioner='ekfac') (the default)"
+            )
+        indices = self.cache.indices
+        n = min(opts.refine_examples, len(indices))
+        chosen = indices[sample_without_replacement(len(indices), n, make_generator(self.config.seed, "", "refine"))]
+        if train_dataset is not None:
+            rows = [train_dataset[i] for i in chosen.tolist()]
+        else:
+            docs = self.cache.documents(chosen.tolist())
+            if self.per_example_loss is not None or any(doc.get("text") is None for doc in docs.values()):
+                raise ValueError(
+                    "refine_steps re-runs a sample of the training documents, but the cache stores no text for "
+                    "some of them (or a per_example_loss needs other columns): pass train_dataset=... (the "
+                    "dataset the cache was built from)"
+                )
+            rows = [{"text": doc["text"]} for doc in docs.values()]
+        source = example_source(rows, self.tokenizer, self.config, self.model,
+                                all_columns=self.per_example_loss is not None)  # fmt: skip
+        batches = list(padded_batches(source, self.tokenizer, self.batch_size))
+        return Refiner(self.computer, self.preconditioner, self.basis, batches, opts.refine_steps,
+                       opts.refine_curvature)  # fmt: skip
 
     def _check_model(self, check_weights: bool) -> None:
         found = {t.name: (t.d_out, t.d_in, t.bias) for t in self.computer.targets}
@@ -142,7 +178,7 @@ class Attributor:
 
     def query_vectors(self, batches: list[dict[str, torch.Tensor]]) -> QueryVectors:
         """The queries' preconditioned, compressed gradients and their norms (``scoring.query_vectors``)."""
-        return query_vectors(self.computer, batches, self.preconditioner, self.basis)
+        return query_vectors(self.computer, batches, self.preconditioner, self.basis, self.refiner)
 
     def normalisation(self, queries: QueryVectors) -> Normalisation | None:
         """The unit normalisation of these queries' scores, when ``cosine`` asks for it."""
@@ -258,6 +294,11 @@ class Attributor:
             )
         if tokens:
             check_factorised(self.computer)  # before generating anything
+            if self.refiner is not None:
+                raise ValueError(
+                    "token scores split the EK-FAC query over its tokens, which a refined iHVP (refine_steps) "
+                    "does not; query with refine_steps=0 for token scores"
+                )
         prompt_text, text, batch = encode_query(
             self.model, self.tokenizer, prompt, completion, documents=self.cache, **generate_kwargs
         )

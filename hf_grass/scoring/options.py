@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from hf_grass.scoring.refine import check_refine_options
+
 SEARCHES = ("auto", "exact", "index", "bm25", "index+bm25")
 
 
@@ -58,6 +60,14 @@ class ScoringOptions:
         candidates: rows re-scored per list in a two-stage lookup.
         batch_size: queries per forward/backward (default: the cache's batch size, or 8).
         disable_progress: no progress bars.
+        refine_steps: refine each query's EK-FAC iHVP by this many conjugate-gradient steps with
+            exact curvature products (``hf_grass.scoring.refine``; 0: EK-FAC alone). The first step
+            only rescales EK-FAC's answer; query time grows with each step.
+        refine_curvature: the curvature those products take: ``"gauss-newton"`` (the training
+            loss's Gauss-Newton matrix, by forward- and reverse-mode products) or ``"empirical"``
+            (the empirical Fisher of per-example gradients).
+        refine_examples: the training documents (a seeded sample of the cache's, re-run from the
+            text it stores) the curvature averages over.
     """
 
     preconditioner: str | None = None
@@ -68,9 +78,13 @@ class ScoringOptions:
     candidates: int | None = None
     batch_size: int | None = None
     disable_progress: bool = True
+    refine_steps: int = 0
+    refine_curvature: str = "gauss-newton"
+    refine_examples: int = 32
 
     def __post_init__(self) -> None:
         Search(self.search, self.candidates)  # validates both
+        check_refine_options(self.refine_steps, self.refine_curvature, self.refine_examples)
         if self.cosine_norms is not None and self.cosine_norms not in ("preconditioned", "gradient"):
             raise ValueError(f"cosine_norms must be 'preconditioned' or 'gradient', got {self.cosine_norms!r}")
         if self.cosine is not None and not isinstance(self.cosine, bool):

@@ -3,8 +3,9 @@ the one way a query becomes something to score)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -13,6 +14,9 @@ from hf_grass.capture.engine import BatchGradients, GradientComputer, NonFiniteE
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.compressors.base import FactorisedCompressor
 from hf_grass.precondition import Eigenbasis, Preconditioner
+
+if TYPE_CHECKING:
+    from hf_grass.scoring.refine import Refiner
 
 
 class QueryVectors(NamedTuple):
@@ -29,6 +33,7 @@ def query_vectors(
     batches: Iterable[Mapping[str, torch.Tensor]],
     preconditioner: Preconditioner,
     basis: Eigenbasis | None = None,
+    refiner: Refiner | None = None,
 ) -> QueryVectors:
     """Each query's preconditioned, compressed gradient, and its norms.
 
@@ -36,7 +41,9 @@ def query_vectors(
     the query then goes through ``S (R H^-1 g'_q / whiten)`` so that the whitening cancels and
     ``<q, row_i>`` estimates ``g'_q^T H^-1 g'_i`` with balanced noise. A module with a hashed (wide)
     side is preconditioned in that side's own coordinates and hashed afterwards, with the query's
-    weights (``HashMap``): unbiased over the hash for any per-coordinate curvature.
+    weights (``HashMap``): unbiased over the hash for any per-coordinate curvature. ``refiner``:
+    ``H^-1 g'_q`` is refined by conjugate gradients over every module at once (``scoring.refine``),
+    after every query's gradient is taken.
 
     The norms are those the cache stores with its rows, in the same geometries: the gradient norm
     ``||g'||`` (factor space, hashed sides in their own coordinates) and the norm in the cache's
@@ -44,19 +51,41 @@ def query_vectors(
     gradient norm for caches without whitening), whatever the query's preconditioner and damping.
     """
     request = query_request(computer, preconditioner, basis)
-    out, norms = [], []
+    refine = refiner is not None and refiner.steps > 0
+    out, norms, taken = [], [], []
     with computer.session():
         for batch in batches:
             try:
                 grads = computer.compute(batch, request)
             except NonFiniteError as err:
                 raise ValueError(f"non-finite {err.what} for query rows {err.rows} of this batch") from None
+            if refine:  # solved below, for every query at once, once the hooks are off
+                taken.append(grads)
+                continue
             rows, raw_sq, pre_sq = query_rows(computer, grads, preconditioner, basis)
             out.append(rows.float().cpu())
             norms.append(torch.stack([raw_sq.sqrt(), pre_sq.clamp(min=0).sqrt()], dim=1).float().cpu())
+    if taken:
+        assert refiner is not None
+        grads = _joined(taken)
+        b = {name: grads.curvature_grads.get(name, gp) for name, gp in grads.factor_grads.items()}
+        rows, pre_sq = _from_factors(computer, grads, preconditioner, basis, solved=refiner.solve(b))
+        out.append(rows.float().cpu())
+        norms.append(torch.stack([gradient_norm_sq(grads).sqrt(), pre_sq.clamp(min=0).sqrt()], dim=1).float().cpu())
     if not out:
         return QueryVectors(torch.empty(0, computer.row_dim), torch.empty(0, 2))
     return QueryVectors(torch.cat(out), torch.cat(norms))
+
+
+def _joined(parts: list[BatchGradients]) -> BatchGradients:
+    """The factor (and curvature) gradients of several batches as one batch's."""
+    first = parts[0]
+
+    def cat(field: str) -> dict[str, torch.Tensor]:
+        return {name: torch.cat([getattr(p, field)[name] for p in parts]) for name in getattr(first, field)}
+
+    return dataclasses.replace(first, losses=torch.cat([p.losses for p in parts]), factor_grads=cat("factor_grads"),
+                               curvature_grads=cat("curvature_grads"))  # fmt: skip
 
 
 def in_factor_space(preconditioner: Preconditioner, basis: Eigenbasis | None) -> bool:
@@ -103,7 +132,15 @@ def preconditioned_factor(
     gradient ``grad`` (``curvature``: a hashed module's gradient in curvature coordinates, hashed
     after preconditioning, with the query's weights), then into the cache's whitened basis. Linear
     in ``grad``."""
-    pre = preconditioner.apply(name, grad)
+    return query_side(computer, name, preconditioner.apply(name, grad), basis, curvature)
+
+
+def query_side(
+    computer: GradientComputer, name: str, pre: torch.Tensor, basis: Eigenbasis | None, curvature: bool = False
+) -> torch.Tensor:
+    """Module ``name``'s preconditioned query side ``pre`` (``H^-1 g'``) before the final projection:
+    hashed after preconditioning with the query's weights (``curvature``), then into the cache's
+    whitened basis."""
     if curvature:
         pre = computer.compressors[name].to_factor_space(pre, query=True)  # type: ignore[attr-defined]
     if basis is not None:
@@ -112,10 +149,14 @@ def preconditioned_factor(
 
 
 def _from_factors(
-    computer: GradientComputer, grads: BatchGradients, preconditioner: Preconditioner, basis: Eigenbasis | None
+    computer: GradientComputer,
+    grads: BatchGradients,
+    preconditioner: Preconditioner,
+    basis: Eigenbasis | None,
+    solved: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows [n, dim] float64, squared whitened norms [n])`` of queries preconditioned in the factor
-    space (see ``query_vectors``)."""
+    space (see ``query_vectors``); ``solved``: ``H^-1 g'`` per module, already computed (refined)."""
     factor_grads, curvature = grads.factor_grads, grads.curvature_grads
     n = next(iter(factor_grads.values())).shape[0]
     pre_sq = torch.zeros(n, dtype=torch.float64, device=computer.device)
@@ -126,7 +167,10 @@ def _from_factors(
         comp = computer.compressors[name]
         assert isinstance(comp, FactorisedCompressor)
         gp = factor_grads[name]
-        pre = preconditioned_factor(computer, name, curvature.get(name, gp), preconditioner, basis, name in curvature)
+        if solved is not None:
+            pre = query_side(computer, name, solved[name], basis, name in curvature)
+        else:
+            pre = preconditioned_factor(computer, name, curvature.get(name, gp), preconditioner, basis, name in curvature)
         if basis is not None:
             pre_sq += basis.whitened_norm_sq(name, basis.rotate(name, gp))
         else:
