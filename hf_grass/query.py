@@ -451,13 +451,14 @@ def find_influential(
 ) -> InfluenceResult:
     """One call from a prompt to its influential training documents (cache: object, path or Hub id).
 
-    ``tokens`` / ``train_dataset``: token scores, as in ``Attributor.find_influential``.
+    ``tokens`` / ``train_dataset``: token scores, as in ``Attributor.find_influential``; the dataset
+    also serves ``refine_steps`` (``Attributor``).
     ``kwargs``: the ``Attributor``'s (``check_model``, ``per_example_loss``, and the ``ScoringOptions``
     fields: ``preconditioner``, ``damping``, ``cosine``, ``search``, ...); the others go to
     ``model.generate`` when the completion is generated (``max_new_tokens=``, ...).
     """
     attributor_keys = {"check_model", "per_example_loss"} | {f.name for f in dataclasses.fields(ScoringOptions)}
     mine = {key: kwargs.pop(key) for key in list(kwargs) if key in attributor_keys}
-    attributor = Attributor(model, tokenizer, cache, **mine)
+    attributor = Attributor(model, tokenizer, cache, train_dataset=train_dataset, **mine)
     return attributor.find_influential(prompt, k=k, completion=completion, tokens=tokens,
                                        train_dataset=train_dataset, **kwargs)  # fmt: skip

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_")}
 # gpu_suite's --dry-run runs in tests/test_gpu_suite.py
 TESTED = {"attribution_pass", "batched", "compress", "coverage", "during_pass", "gpu_kernels", "gpu_suite", "index",
-          "kronfluence_oracle", "lds", "quality", "query", "real_llm", "real_model", "real_rows", "selection",
+          "kronfluence_oracle", "lds", "quality", "query", "real_llm", "real_model", "real_rows", "refine", "selection",
           "tokens", "warmup_memory"}  # fmt: skip
 # kronfluence is a benchmark-only package (CI does not install it): the scripts that compare against it
 # then run without it and report it under "skipped"
@@ -188,6 +188,18 @@ def test_quality(tmp_path: Path) -> None:
         "recall@1", "recall@10", "find_influential recall@1", "find_influential recall@10"
     }  # fmt: skip
     assert all(finite(*r["metrics"].values(), r["bytes_per_document"], r["pass_s"]) for r in rows.values())
+
+
+def test_refine(tmp_path: Path) -> None:
+    report = smoke("refine", tmp_path)  # bench-dev's stand-ins
+    assert set(report["benches"]) == {"tinylm", "fact_tracing", "digits_mlp"}
+    for r in report["benches"].values():
+        assert finite(*r["curvature_ratio"], *r["effective_dimension_rows"].values())
+        assert set(r["steps"]) == {"0", "1", "2"}
+        assert all(finite(s["relative_residual"], s["cosine_to_ekfac"]) for s in r["steps"].values())
+        # 0 steps is EK-FAC's answer itself
+        assert abs(r["steps"]["0"]["cosine_to_ekfac"] - 1) < 1e-9
+        assert r["damping_for_one_row"] is None or r["damping_for_one_row"] > 0
 
 
 def test_real_model(tmp_path: Path) -> None:

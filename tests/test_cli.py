@@ -281,6 +281,14 @@ def test_query_generates_the_completion_and_scoring_overrides(
         "--preconditioner", "identity",
     )  # fmt: skip
     assert code == 1 and "preconditioner='identity'" in err
+    # the refined iHVP: re-runs a sample of the cache's documents from their text
+    code, out, err = run(
+        capsys, "query", "--cache", str(setup.cache), "--prompt", setup.facts[1]["prompt"], "--completion",
+        " " + setup.facts[1]["answer"], "-k", "2", "--json", "--refine-steps", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    (refined,) = json.loads(out)
+    assert refined["documents"] and all(d["score"] > 0 for d in refined["documents"])
 
 
 def test_query_refuses_other_weights_unless_told(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
@@ -327,6 +335,7 @@ def test_query_refuses_other_weights_unless_told(setup: Setup, capsys: pytest.Ca
             "does not exist",
         ),
         (["query", "--cache", "{cache}", "--prompts-file", "{root}/none.txt"], "prompts file"),
+        (["query", "--cache", "{cache}", "--prompt", "p", "--refine-steps", "2", "--tokens"], "--refine-steps cannot"),
         (["info", "{root}/missing"], "no gradient cache at"),
         (["push", "{cache}", "not a repo id"], "is not a Hub repo id"),
         (["pull", "a/b/c"], "is not a Hub repo id"),

@@ -65,6 +65,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         matplotlib_classes()  # fail now, not after the work
     if args.damping is not None and (not math.isfinite(args.damping) or args.damping < 0):
         raise UsageError(f"--damping must be a finite number >= 0, got {args.damping}")
+    if args.refine_steps < 0:
+        raise UsageError(f"--refine-steps must be >= 0, got {args.refine_steps}")
+    if args.refine_steps and (args.tokens or args.html):
+        raise UsageError("--refine-steps cannot be combined with --tokens / --html (token scores split the EK-FAC query)")
     cache = open_cache_arg(args.cache, lazy=args.lazy)
     from hf_grass.scoring import check_k
 
@@ -86,6 +90,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         check_model=not args.no_check_model,
         search="exact" if args.exact else args.search,
         candidates=args.candidates,
+        refine_steps=args.refine_steps,
     )
     results, panels = [], []
     for prompt, completion in pairs:
@@ -149,6 +154,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     g = p.add_argument_group("scoring overrides (default: the cache's configuration)")
     g.add_argument("--preconditioner", choices=list(PRECONDITIONERS), help="fim, kfac, ekfac or identity")
     g.add_argument("--damping", type=float, help="damping as a fraction of the mean eigenvalue")
+    g.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="refine each query's EK-FAC iHVP by this many conjugate-gradient steps with exact Gauss-Newton "
+        "products over 32 of the cache's documents (query time grows with each; default 0: EK-FAC alone)",
+    )
     g.add_argument(
         "--cosine",
         action=argparse.BooleanOptionalAction,
