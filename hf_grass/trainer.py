@@ -121,6 +121,8 @@ class AttributionMixin(AttributionLookups):
             if not os.path.isfile(os.path.join(path, "manifest.json")):
                 raise ValueError(f"no gradient cache at {path!r}: call trainer.build_gradient_cache() first")
             cache = self.gradient_cache = open_cache(path)
+        # the dataset the cache was built from, for a refined iHVP (refine_steps) to re-run a sample of
+        kwargs.setdefault("train_dataset", getattr(self, "_cache_dataset", None))
         return Attributor(
             self.model,
             self.processing_class,
