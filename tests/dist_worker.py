@@ -160,6 +160,9 @@ def main() -> None:
                 },
                 fh,
             )
+    # a clean shutdown: every rank is past its last collective before the group goes
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,11 @@ def launch(out: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(WORKER), "--out", str(out), *extra]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # DeepSpeed's CPU shared-memory comm op can abort a worker at interpreter exit ("terminate called
+    # without an active exception") after the job has finished; rank 0 writes info.json last, after
+    # the last collective both ranks take part in, so the results are whole. Any other failure fails.
+    teardown = "terminate called without an active exception" in proc.stderr and (out / "info.json").exists()
+    assert proc.returncode == 0 or teardown, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((out / "info.json").read_text())
 
 
