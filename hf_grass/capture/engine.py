@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +152,24 @@ def _batch_size(batch: Mapping[str, torch.Tensor]) -> int | None:
     """The number of examples in a batch (its tensors' first dimension)."""
     sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
     return sizes.pop() if len(sizes) == 1 else None
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module, trainable: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Eval mode with every parameter frozen but ``trainable``; the mode and flags restored on exit."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def _forward_signature(model: nn.Module) -> inspect.Signature:
@@ -315,24 +333,16 @@ class GradientComputer:
     def session(self) -> Iterator[GradientComputer]:
         """Attribution mode: eval, parameters frozen, input embeddings' output requiring grad, hooks
         attached; restored on exit."""
-        model = self.model
-        was_training = model.training
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        embeddings = input_embeddings(model)
-        handle = embeddings.register_forward_hook(_require_grad) if embeddings is not None else None
-        try:
-            with self.capture:
-                yield self
-        finally:
-            if handle is not None:
-                handle.remove()
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            model.train(was_training)
-            self.capture.reset()
+        with frozen_eval(self.model):
+            embeddings = input_embeddings(self.model)
+            handle = embeddings.register_forward_hook(_require_grad) if embeddings is not None else None
+            try:
+                with self.capture:
+                    yield self
+            finally:
+                if handle is not None:
+                    handle.remove()
+                self.capture.reset()
 
     def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the forward gets: tokens, mask, position ids (so left padding changes nothing), and

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from hf_grass.capture.engine import GradientComputer
+from hf_grass.capture.engine import GradientComputer, _batch_size, frozen_eval
 from hf_grass.capture.hooks import CaptureRequest
 from hf_grass.capture.loss import model_logits, per_example_loss
 from hf_grass.capture.target_module import TargetModule
@@ -133,8 +133,7 @@ class GaussNewtonProducts:
         self.maps = maps
         self.batches = list(batches)
         self.targets: dict[str, TargetModule] = {t.name: t for t in computer.targets if t.name in maps.maps}
-        self.n = sum(int(b["input_ids"].shape[0]) if "input_ids" in b else len(next(iter(b.values())))
-                     for b in self.batches)  # fmt: skip
+        self.n = sum(_batch_size(b) or 0 for b in self.batches)
         names = {id(p): n for n, p in computer.model.named_parameters()}
         self.params: dict[str, nn.Parameter] = {}  # parameter name -> parameter, each once
         for t in self.targets.values():
@@ -144,18 +143,18 @@ class GaussNewtonProducts:
                         raise ValueError("refine_curvature='gauss-newton' cannot run on ZeRO-3 partitioned weights; "
                                          "query on one process with the full model")  # fmt: skip
                     self.params[names[id(p)]] = p
+        self.name_of = {id(p): name for name, p in self.params.items()}  # a target's parameter -> its name
 
     def _tangents(self, x: Blocks, j: int) -> dict[str, torch.Tensor]:
         """Query ``j``'s ``C^T x`` as one tangent per parameter (targets sharing one add up)."""
         out = {name: torch.zeros_like(p) for name, p in self.params.items()}
-        by_id = {id(p): name for name, p in self.params.items()}
         for name, t in self.targets.items():
             v = self.maps.lift(name, x[name][j])
             weight = v[:, :-1] if t.bias else v
-            w = by_id[id(t.weight_parameter)]
+            w = self.name_of[id(t.weight_parameter)]
             t.weight_of(out[w]).add_((weight.T if t.transposed else weight).to(out[w].dtype))
             if t.bias:
-                b = by_id[id(t.bias_parameter)]
+                b = self.name_of[id(t.bias_parameter)]
                 out[b].add_(v[:, -1].to(out[b].dtype))
         return out
 
@@ -163,22 +162,21 @@ class GaussNewtonProducts:
         """Each target's weight gradient ``[d_out, d_in]`` (bias column last) from parameter grads."""
         out = {}
         for name, t in self.targets.items():
-            w = t.weight_of(grads[self._name(t.weight_parameter)])
+            w = t.weight_of(grads[self.name_of[id(t.weight_parameter)]])
             g = w.T if t.transposed else w
             if t.bias:
-                g = torch.cat([g, grads[self._name(t.bias_parameter)][..., None]], dim=-1)
+                g = torch.cat([g, grads[self.name_of[id(t.bias_parameter)]][..., None]], dim=-1)
             out[name] = g
         return out
-
-    def _name(self, p: nn.Parameter | None) -> str:
-        return next(name for name, q in self.params.items() if q is p)
 
     def __call__(self, x: Blocks) -> Blocks:
         n_query = next(iter(x.values())).shape[0]
         out = {name: torch.zeros_like(v, dtype=torch.float64) for name, v in x.items()}
         computer, model = self.computer, self.computer.model
         names = list(self.params)
-        with _refining(model, list(self.params.values())):
+        primals = tuple(p.detach() for p in self.params.values())
+        # eval mode, only the targets' weights requiring grad (the J^T products), hooks off
+        with frozen_eval(model, self.params.values()), torch.enable_grad():
             for batch in self.batches:
                 inputs = {**computer.model_inputs(batch), **computer._forward_flags}
                 labels = batch["labels"].to(computer.device)
@@ -192,7 +190,6 @@ class GaussNewtonProducts:
                 def forward(*ps: torch.Tensor, inputs: dict = inputs) -> torch.Tensor:
                     return model_logits(torch.func.functional_call(model, dict(zip(names, ps)), (), inputs))
 
-                primals = tuple(p.detach() for p in self.params.values())
                 for j in range(n_query):
                     tangents = self._tangents(x, j)
                     with torch.no_grad(), _math_attention():
@@ -205,25 +202,6 @@ class GaussNewtonProducts:
                     for name, g in self._gradients(grads).items():
                         out[name][j] += self.maps.to_curvature(name, g)
         return {name: v / self.n for name, v in out.items()}
-
-
-@contextmanager
-def _refining(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
-    """Eval mode with only ``params`` requiring grad; restored on exit."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 @contextmanager
