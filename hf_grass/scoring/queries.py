@@ -52,7 +52,8 @@ def query_vectors(
     """
     request = query_request(computer, preconditioner, basis)
     refine = refiner is not None and refiner.steps > 0
-    out, norms, taken = [], [], []
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []  # each batch's rows and norms, float32 on the CPU
+    taken: list[BatchGradients] = []
     with computer.session():
         for batch in batches:
             try:
@@ -62,19 +63,21 @@ def query_vectors(
             if refine:  # solved below, for every query at once, once the hooks are off
                 taken.append(grads)
                 continue
-            rows, raw_sq, pre_sq = query_rows(computer, grads, preconditioner, basis)
-            out.append(rows.float().cpu())
-            norms.append(torch.stack([raw_sq.sqrt(), pre_sq.clamp(min=0).sqrt()], dim=1).float().cpu())
+            found.append(_on_cpu(*query_rows(computer, grads, preconditioner, basis)))
     if taken:
         assert refiner is not None
         grads = _joined(taken)
         b = {name: grads.curvature_grads.get(name, gp) for name, gp in grads.factor_grads.items()}
-        rows, pre_sq = _from_factors(computer, grads, preconditioner, basis, solved=refiner.solve(b))
-        out.append(rows.float().cpu())
-        norms.append(torch.stack([gradient_norm_sq(grads).sqrt(), pre_sq.clamp(min=0).sqrt()], dim=1).float().cpu())
-    if not out:
+        found.append(_on_cpu(*query_rows(computer, grads, preconditioner, basis, solved=refiner.solve(b))))
+    if not found:
         return QueryVectors(torch.empty(0, computer.row_dim), torch.empty(0, 2))
-    return QueryVectors(torch.cat(out), torch.cat(norms))
+    return QueryVectors(torch.cat([rows for rows, _ in found]), torch.cat([norms for _, norms in found]))
+
+
+def _on_cpu(rows: torch.Tensor, raw_sq: torch.Tensor, pre_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``query_rows``' output as float32 rows and ``[n, 2]`` norms on the CPU."""
+    norms = torch.stack([raw_sq.sqrt(), pre_sq.clamp(min=0).sqrt()], dim=1)
+    return rows.float().cpu(), norms.float().cpu()
 
 
 def _joined(parts: list[BatchGradients]) -> BatchGradients:
@@ -107,12 +110,17 @@ def query_request(
 
 
 def query_rows(
-    computer: GradientComputer, grads: BatchGradients, preconditioner: Preconditioner, basis: Eigenbasis | None
+    computer: GradientComputer,
+    grads: BatchGradients,
+    preconditioner: Preconditioner,
+    basis: Eigenbasis | None,
+    solved: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rows [n, dim] float64, squared gradient norms [n], squared preconditioned norms [n])`` of
-    one batch's captured gradients (see ``query_vectors``)."""
+    one batch's captured gradients (see ``query_vectors``); ``solved``: the factor-space ``H^-1 g'``
+    already computed (a refined iHVP)."""
     if in_factor_space(preconditioner, basis):
-        rows, pre_sq = _from_factors(computer, grads, preconditioner, basis)
+        rows, pre_sq = _from_factors(computer, grads, preconditioner, basis, solved)
         return rows, gradient_norm_sq(grads), pre_sq
     assert grads.rows is not None
     rows = preconditioner.precondition_rows(grads.rows, computer.offsets)
