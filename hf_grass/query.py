@@ -139,19 +139,14 @@ class Attributor:
         indices = self.cache.indices
         n = min(opts.refine_examples, len(indices))
         chosen = indices[sample_without_replacement(len(indices), n, make_generator(self.config.seed, "", "refine"))]
-        if train_dataset is not None:
-            rows = [train_dataset[i] for i in chosen.tolist()]
-        else:
-            docs = self.cache.documents(chosen.tolist())
-            if self.per_example_loss is not None or any(doc.get("text") is None for doc in docs.values()):
-                raise ValueError(
-                    "refine_steps re-runs a sample of the training documents, but the cache stores no text for "
-                    "some of them (or a per_example_loss needs other columns): pass train_dataset=... (the "
-                    "dataset the cache was built from)"
-                )
-            rows = [{"text": doc["text"]} for doc in docs.values()]
-        source = example_source(rows, self.tokenizer, self.config, self.model,
-                                all_columns=self.per_example_loss is not None)  # fmt: skip
+        if train_dataset is None and self.per_example_loss is not None:
+            raise ValueError(
+                "refine_steps re-runs a sample of the training documents, which a per_example_loss reads "
+                "from other columns than the cache's text: pass train_dataset=... (the dataset the cache was built from)"
+            )
+        docs = self.cache.documents(chosen.tolist())
+        texts = [docs[i].get("text") if i in docs else None for i in chosen.tolist()]
+        source = self._rerun_source(chosen.tolist(), texts, train_dataset, "sampled documents", "refine_steps")
         batches = list(padded_batches(source, self.tokenizer, self.batch_size))
         return Refiner(self.computer, self.preconditioner, self.basis, batches, opts.refine_steps,
                        opts.refine_curvature)  # fmt: skip
@@ -356,26 +351,34 @@ class Attributor:
         _check_reruns(docs)
 
     def _document_source(self, docs: list[InfluentialDocument], train_dataset: Any) -> ExampleSource:
-        """The listed documents as the pass saw them: rows of ``train_dataset`` (checked against the
-        cache's text), else the cache's text tokenized as the pass tokenizes text."""
+        """The listed documents as the pass saw them (``_rerun_source``)."""
+        return self._rerun_source([d.index for d in docs], [d.text for d in docs], train_dataset,
+                                  "listed documents", "token scores")  # fmt: skip
+
+    def _rerun_source(
+        self, indices: list[int], texts: list[str | None], train_dataset: Any, what: str, purpose: str
+    ) -> ExampleSource:
+        """Cached documents (dataset ``indices``, the ``texts`` the cache holds) as the pass saw them:
+        rows of ``train_dataset`` (checked against the cache's text), else the cache's text tokenized
+        as the pass tokenizes text; ``what`` / ``purpose`` name them in the error without either."""
         if train_dataset is not None:
-            rows = [train_dataset[d.index] for d in docs]
-        elif any(d.text is None for d in docs):
+            rows = [train_dataset[i] for i in indices]
+        elif any(t is None for t in texts):
             raise ValueError(
-                "the cache holds no text for some listed documents, so they cannot be re-run for token scores: "
+                f"the cache holds no text for some {what}, so they cannot be re-run for {purpose}: "
                 "pass train_dataset=... (the dataset the cache was built from)"
             )
         else:
-            rows = [{"text": d.text} for d in docs]
+            rows = [{"text": t} for t in texts]
         source = example_source(rows, self.tokenizer, self.config, self.model,
                                 all_columns=self.per_example_loss is not None)  # fmt: skip
         if train_dataset is not None:
-            for j, doc in enumerate(docs):
+            for j, (index, cached) in enumerate(zip(indices, texts)):
                 text = source.example(j).get("text")
-                if doc.text is not None and text is not None and text != doc.text:
+                if cached is not None and text is not None and text != cached:
                     raise ValueError(
-                        f"train_dataset[{doc.index}] is not the document the cache holds at index {doc.index} "
-                        f"({snippet(text, 40)!r} vs {snippet(doc.text, 40)!r}): pass the dataset the cache was built from"
+                        f"train_dataset[{index}] is not the document the cache holds at index {index} "
+                        f"({snippet(text, 40)!r} vs {snippet(cached, 40)!r}): pass the dataset the cache was built from"
                     )
         return source
 
